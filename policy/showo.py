@@ -1,0 +1,343 @@
+"""The Show-o transformer: Phi-1.5 with the extended vocabulary, per-head QK LayerNorm and omni-attention.
+
+The module tree reproduces the released checkpoints' key layout (``showo.model.layers.N.self_attn.q_proj…``,
+``showo.lm_head``), so `showlab/show-o`, `showlab/show-o-512x512` and the Mask-GRPO `mycheckpoint.pth` load
+strictly and our checkpoints load back in the reference code.
+
+The Phi blocks are written here rather than taken from `transformers.PhiForCausalLM` because Show-o needs three
+things that model does not offer stably across transformers releases: QK LayerNorm applied per head (always on),
+an arbitrary omni-attention mask, and reuse of the text prefix's keys/values while the image block changes
+(text tokens never attend to image tokens). The phi-1.5 architecture values come from its ``config.json``.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers.activations import ACT2FN
+
+from .layout import TokenLayout, omni_attention_mask
+from .weights import CheckpointError, load_strict, read_state_dict, save_state_dict
+
+
+@dataclass
+class PhiArch:
+    """The architecture values of a Phi config.json (defaults: microsoft/phi-1_5)."""
+    hidden_size: int = 2048
+    intermediate_size: int = 8192
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 32
+    partial_rotary_factor: float = 0.5
+    rope_theta: float = 10000.0
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "gelu_new"
+    max_position_embeddings: int = 2048
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "PhiArch":
+        known = {f.name for f in fields(PhiArch)}
+        values = {k: v for k, v in d.items() if k in known}
+        rope = d.get("rope_parameters") or {}
+        if "rope_theta" not in values and "rope_theta" in rope:
+            values["rope_theta"] = rope["rope_theta"]
+        if "partial_rotary_factor" not in values and "partial_rotary_factor" in rope:
+            values["partial_rotary_factor"] = rope["partial_rotary_factor"]
+        if d.get("num_key_value_heads") not in (None, d.get("num_attention_heads", PhiArch.num_attention_heads)):
+            raise ValueError("grouped-query attention (num_key_value_heads != num_attention_heads) is not Show-o's Phi")
+        return PhiArch(**values)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class ShowoConfig:
+    """Show-o's config.json values that shape the model, plus the phi architecture."""
+    vocab_size: int = 58498
+    llm_vocab_size: int = 50295
+    codebook_size: int = 8192
+    num_vq_tokens: int = 256
+    num_new_special_tokens: int = 10
+    max_seq_length: int = 128
+    bos_id: int = 50256
+    eos_id: int = 50256
+    phi: PhiArch = field(default_factory=PhiArch)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.phi, dict):
+            self.phi = PhiArch.from_dict(self.phi)
+        expected = self.llm_vocab_size + self.num_new_special_tokens + self.codebook_size + 1
+        if self.vocab_size != expected:
+            raise ValueError(f"vocab_size {self.vocab_size} != llm_vocab_size + special + codebook + mask = {expected}")
+        if self.phi.hidden_size % self.phi.num_attention_heads:
+            raise ValueError("hidden_size must be divisible by num_attention_heads")
+        side = math.isqrt(self.num_vq_tokens)
+        if side * side != self.num_vq_tokens:
+            raise ValueError(f"num_vq_tokens {self.num_vq_tokens} is not a square grid")
+
+    @property
+    def layout(self) -> TokenLayout:
+        return TokenLayout(self.llm_vocab_size, self.codebook_size, self.num_vq_tokens, self.max_seq_length,
+                           self.bos_id, self.eos_id, self.num_new_special_tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "ShowoConfig":
+        known = {f.name for f in fields(ShowoConfig)}
+        return ShowoConfig(**{k: v for k, v in d.items() if k in known})
+
+    @staticmethod
+    def from_release(release_dir: str | Path, phi_config: str | Path | dict | None = None,
+                     max_seq_length: int | None = None, bos_id: int = 50256, eos_id: int = 50256) -> "ShowoConfig":
+        """Read a Show-o release's config.json (diffusers-style: vocab_size, llm_vocab_size, codebook_size,
+        num_vq_tokens, ...). The phi architecture comes from `phi_config` (a phi-1.5 config.json path or dict),
+        else from a ``phi`` entry in the file, else phi-1.5's defaults. ``max_seq_length`` is a training-config
+        value of Show-o (128 for show-o-512x512, 128 for show-o); it is not in config.json."""
+        path = Path(release_dir) / "config.json"
+        if not path.is_file():
+            raise CheckpointError(f"{str(path)!r} not found: a Show-o release directory holds config.json "
+                                  f"and pytorch_model.bin or *.safetensors")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{str(path)!r} is not valid JSON: {e}") from e
+        if isinstance(phi_config, (str, Path)):
+            phi_config = json.loads(Path(phi_config).read_text())
+        phi = phi_config or raw.get("phi") or {}
+        values = {k: raw[k] for k in ("vocab_size", "llm_vocab_size", "codebook_size", "num_vq_tokens",
+                                      "num_new_special_tokens", "max_seq_length", "bos_id", "eos_id") if k in raw}
+        values.setdefault("bos_id", bos_id)
+        values.setdefault("eos_id", eos_id)
+        if max_seq_length is not None:
+            values["max_seq_length"] = max_seq_length
+        return ShowoConfig(phi=PhiArch.from_dict(phi) if isinstance(phi, dict) else phi, **values)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RotaryEmbedding(nn.Module):
+    """Partial rotary embedding of Phi (the first `dim` channels of each head rotate)."""
+
+    def __init__(self, dim: int, base: float):
+        super().__init__()
+        self.dim = dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rot, rest = x[..., : self.dim], x[..., self.dim:]
+        rot = rot * cos.to(x.dtype) + _rotate_half(rot) * sin.to(x.dtype)
+        return torch.cat((rot, rest), dim=-1)
+
+
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+class PhiAttention(nn.Module):
+    def __init__(self, arch: PhiArch):
+        super().__init__()
+        h, d = arch.hidden_size, arch.head_dim
+        self.num_heads, self.head_dim = arch.num_attention_heads, d
+        self.q_proj = nn.Linear(h, h)
+        self.k_proj = nn.Linear(h, h)
+        self.v_proj = nn.Linear(h, h)
+        self.dense = nn.Linear(h, h)
+        self.q_layernorm = nn.LayerNorm(d, eps=arch.layer_norm_eps)
+        self.k_layernorm = nn.LayerNorm(d, eps=arch.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor, past: Optional[KV] = None) -> tuple[torch.Tensor, KV]:
+        b, length, _ = x.shape
+        shape = (b, length, self.num_heads, self.head_dim)
+        q = self.q_layernorm(self.q_proj(x).view(shape)).transpose(1, 2)
+        k = self.k_layernorm(self.k_proj(x).view(shape)).transpose(1, 2)
+        v = self.v_proj(x).view(shape).transpose(1, 2)
+        q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+        new_kv = (k, v)
+        if past is not None:
+            k = torch.cat([past[0].expand(b, -1, -1, -1), k], dim=2)
+            v = torch.cat([past[1].expand(b, -1, -1, -1), v], dim=2)
+        # Phi computes attention scores in fp32 to avoid overflow.
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(x.dtype)
+        return self.dense(out.transpose(1, 2).reshape(b, length, -1)), new_kv
+
+
+class PhiMLP(nn.Module):
+    def __init__(self, arch: PhiArch):
+        super().__init__()
+        self.fc1 = nn.Linear(arch.hidden_size, arch.intermediate_size)
+        self.fc2 = nn.Linear(arch.intermediate_size, arch.hidden_size)
+        self.act = ACT2FN[arch.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class PhiDecoderLayer(nn.Module):
+    """Phi's parallel block: x + attn(ln(x)) + mlp(ln(x))."""
+
+    def __init__(self, arch: PhiArch):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(arch.hidden_size, eps=arch.layer_norm_eps)
+        self.self_attn = PhiAttention(arch)
+        self.mlp = PhiMLP(arch)
+
+    def forward(self, x, rope, cos, sin, mask, past=None):
+        h = self.input_layernorm(x)
+        attn, kv = self.self_attn(h, rope, cos, sin, mask, past)
+        return x + attn + self.mlp(h), kv
+
+
+class PhiModel(nn.Module):
+    def __init__(self, arch: PhiArch, vocab_size: int):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(vocab_size, arch.hidden_size)
+        self.layers = nn.ModuleList(PhiDecoderLayer(arch) for _ in range(arch.num_hidden_layers))
+        self.final_layernorm = nn.LayerNorm(arch.hidden_size, eps=arch.layer_norm_eps)
+        self.rotary_emb = RotaryEmbedding(int(arch.partial_rotary_factor * arch.head_dim), arch.rope_theta)
+
+
+class PhiForCausalLM(nn.Module):
+    def __init__(self, arch: PhiArch, vocab_size: int):
+        super().__init__()
+        self.model = PhiModel(arch, vocab_size)
+        self.lm_head = nn.Linear(arch.hidden_size, vocab_size)
+
+
+@dataclass
+class TextPrefix:
+    """Keys/values of the text area, computed once per prompt and reused by every unmasking step."""
+    kv: list[KV]                 # per layer, each [B, heads, text_len, head_dim]
+    not_pad: torch.Tensor        # bool [B, text_len]
+
+    def repeat_interleave(self, repeats: int) -> "TextPrefix":
+        """Each prompt's prefix `repeats` times (e.g. for the G samples of a group or S replayed steps)."""
+        if repeats == 1:
+            return self
+        return TextPrefix([(k.repeat_interleave(repeats, 0), v.repeat_interleave(repeats, 0)) for k, v in self.kv],
+                          self.not_pad.repeat_interleave(repeats, 0))
+
+
+class Showo(nn.Module):
+    """Show-o for text-to-image: full-sequence logits, and image-block logits with a reusable text prefix."""
+
+    def __init__(self, config: ShowoConfig):
+        super().__init__()
+        self.config = config
+        self.layout = config.layout
+        self.showo = PhiForCausalLM(config.phi, config.vocab_size)
+        self.gradient_checkpointing = False
+
+    # ----- building blocks -------------------------------------------------------------------------------
+    def _run_layers(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                    past: Optional[list[KV]] = None) -> tuple[torch.Tensor, list[KV]]:
+        rope = self.showo.model.rotary_emb
+        cos, sin = rope(positions)
+        kvs: list[KV] = []
+        for i, layer in enumerate(self.showo.model.layers):
+            p = past[i] if past is not None else None
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x, kv = checkpoint(layer, x, rope, cos, sin, mask, p, use_reentrant=False)
+            else:
+                x, kv = layer(x, rope, cos, sin, mask, p)
+            kvs.append(kv)
+        return self.showo.model.final_layernorm(x), kvs
+
+    def codebook_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits over the image codebook only (the sampler's and the loss's softmax excludes text and mask)."""
+        lo, hi = self.layout.image_offset, self.layout.mask_id
+        head = self.showo.lm_head
+        return F.linear(hidden, head.weight[lo:hi], head.bias[lo:hi])
+
+    # ----- public API ---------------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Full-vocabulary logits [B, L, V]. `attention_mask`: bool (True = attend) or additive float
+        [B, 1, L, L]; default: omni-attention for t2i sequences."""
+        if attention_mask is None:
+            attention_mask = omni_attention_mask(input_ids, self.layout)
+        elif attention_mask.dtype != torch.bool:
+            attention_mask = attention_mask.float().clamp(min=torch.finfo(torch.float32).min)
+        x = self.showo.model.embed_tokens(input_ids)
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        hidden, _ = self._run_layers(x, positions, attention_mask)
+        return self.showo.lm_head(hidden)
+
+    def encode_text(self, text_area: torch.Tensor) -> TextPrefix:
+        """Keys/values of the text area [B, text_len] (causal; independent of the image tokens)."""
+        length = text_area.shape[1]
+        x = self.showo.model.embed_tokens(text_area)
+        positions = torch.arange(length, device=text_area.device)
+        _, kvs = self._run_layers(x, positions, omni_attention_mask(text_area, self.layout))
+        return TextPrefix(kvs, text_area != self.layout.pad_id)
+
+    def image_logits(self, prefix: TextPrefix, codes: torch.Tensor) -> torch.Tensor:
+        """Codebook logits [B, N, C] at the image positions, given the text prefix and current codes [B, N]
+        (-1 = masked). The prefix's batch must be B or 1."""
+        block = self.layout.image_block(codes)
+        b, n2 = block.shape
+        text_len = prefix.not_pad.shape[1]
+        not_pad = prefix.not_pad.expand(b, -1)
+        mask = torch.cat([not_pad, torch.ones(b, n2, dtype=torch.bool, device=block.device)], dim=1)
+        positions = torch.arange(text_len, text_len + n2, device=block.device)
+        x = self.showo.model.embed_tokens(block)
+        hidden, _ = self._run_layers(x, positions, mask.view(b, 1, 1, -1), past=prefix.kv)
+        return self.codebook_logits(hidden[:, 1:-1])
+
+    def image_logits_full(self, text_area: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """The same logits as `image_logits`, by one pass over the whole sequence (no prefix reuse)."""
+        ids = self.layout.sequence(text_area, codes)
+        x = self.showo.model.embed_tokens(ids)
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        hidden, _ = self._run_layers(x, positions, omni_attention_mask(ids, self.layout))
+        return self.codebook_logits(hidden[:, self.layout.text_len + 1:-1])
+
+    # ----- checkpoints ----------------------------------------------------------------------------------------
+    def load_released_state_dict(self, state_dict: dict[str, torch.Tensor], what: str = "Show-o checkpoint") -> None:
+        load_strict(self, state_dict, what)
+
+    @staticmethod
+    def from_pretrained(path: str | Path, config: ShowoConfig | None = None, phi_config: str | Path | None = None,
+                        max_seq_length: int | None = None) -> "Showo":
+        """Load a Show-o release directory (config.json + weights), our saved checkpoint, or a plain state-dict
+        file such as the Mask-GRPO authors' `mycheckpoint.pth` (then `config` must be given)."""
+        p = Path(path).expanduser()
+        if not p.exists():
+            raise CheckpointError(f"Show-o checkpoint {str(p)!r} does not exist: give the local path of "
+                                  f"showlab/show-o, showlab/show-o-512x512 or a mycheckpoint.pth")
+        if config is None:
+            if p.is_file():
+                raise CheckpointError(f"{str(p)!r} is a plain state dict: also give the model config "
+                                      f"(policy.config or the release's config.json) to build the model")
+            config = ShowoConfig.from_release(p, phi_config=phi_config, max_seq_length=max_seq_length)
+        model = Showo(config)
+        model.load_released_state_dict(read_state_dict(p), what=f"Show-o checkpoint {str(p)!r}")
+        return model
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """config.json (Show-o's fields plus ``phi``) and model.safetensors in the released key layout."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        cfg = self.config.to_dict()
+        cfg["_class_name"] = "Showo"
+        cfg["mask_token_id"] = self.layout.mask_id
+        (d / "config.json.tmp").write_text(json.dumps(cfg, indent=1))
+        (d / "config.json.tmp").replace(d / "config.json")
+        save_state_dict(self.state_dict(), d / "model.safetensors")

@@ -1,0 +1,88 @@
+"""The record of a batch of unmasking rollouts: what crosses from rollout workers to rewards and learner.
+
+Everything is a dense, contiguous CPU tensor so that a trajectory pickles into the Ray object store as a
+handful of buffers (zero-copy reads), never as Python lists of tensors.
+
+Shapes: B rollouts (e.g. the G samples of one GRPO group), T unmasking steps, N image tokens, L text-area tokens.
+A position is *masked at the start of step t* iff ``unmask_step >= t``; it is *kept* (committed) at step t iff
+``unmask_step == t`` and *re-masked* at step t iff ``unmask_step > t``. ``unmask_step == T`` marks a position that
+was never committed by a keep (the reference sampler re-masks one token at its last step and still emits the
+last sample there; our own sampler commits every position by the last step).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+
+TRANSITIONS = ("candidate1", "candidate2", "ar_style")
+
+
+@dataclass
+class Trajectory:
+    text_ids: torch.Tensor          # long [B, L]   the t2i text area `[pad…] <t2i> <bos> text <eos>`
+    uncond_text_ids: torch.Tensor   # long [B, L]   the empty prompt's text area (classifier-free guidance)
+    unmask_step: torch.Tensor       # long [B, N]   step at which each position was committed (T = never)
+    sampled_codes: torch.Tensor     # long [B, T, N] code drawn at each still-masked position at each step (else -1)
+    token_logprob: torch.Tensor     # float [B, T, N] behaviour log p(sampled code) where masked at step start (else 0)
+    remask_logprob: torch.Tensor    # float [B, T, N] behaviour log Σ_{v: p(v) < threshold} p(v) where re-masked (else 0)
+    threshold: torch.Tensor         # float [B, T]  confidence threshold probability of each step (candidate 1)
+    final_codes: torch.Tensor       # long [B, N]   the image's codes
+    guidance_scale: float = 0.0
+    policy_version: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)  # prompt id, group id, timings: small values only
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.final_codes.shape[0])
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.sampled_codes.shape[1])
+
+    @property
+    def num_image_tokens(self) -> int:
+        return int(self.final_codes.shape[1])
+
+    def step_masks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Bool [B, T, N] masks: (masked at start of step, kept at step, re-masked at step)."""
+        t = torch.arange(self.num_steps).view(1, -1, 1)
+        u = self.unmask_step.unsqueeze(1)
+        return u >= t, u == t, u > t
+
+    def input_codes(self, steps: torch.Tensor, mask_code: int = -1) -> torch.Tensor:
+        """Image codes the sampler fed the model at the start of each step: long [B, S, N] for steps [S]."""
+        committed = self.unmask_step.unsqueeze(1) < steps.view(1, -1, 1)
+        codes = self.final_codes.unsqueeze(1).expand(-1, steps.numel(), -1)
+        return torch.where(committed, codes, torch.full_like(codes, mask_code))
+
+    def behaviour_step_logprob(self, transition: str) -> torch.Tensor:
+        """The behaviour policy's per-step transition log-probability, float [B, T]."""
+        masked, kept, remasked = self.step_masks()
+        if transition == "ar_style":
+            return (self.token_logprob * masked).sum(-1)
+        if transition == "candidate2":
+            return (self.token_logprob * kept).sum(-1)
+        if transition == "candidate1":
+            return (self.token_logprob * kept).sum(-1) + (self.remask_logprob * remasked).sum(-1)
+        raise ValueError(f"unknown transition {transition!r}; expected one of {TRANSITIONS}")
+
+    def to(self, device: torch.device | str) -> "Trajectory":
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
+    def select(self, index: torch.Tensor | slice) -> "Trajectory":
+        """A sub-batch of rollouts."""
+        return replace(self, **{f.name: getattr(self, f.name)[index].contiguous() for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)})
+
+    @staticmethod
+    def concat(parts: list["Trajectory"]) -> "Trajectory":
+        """Stack rollouts of the same shape (same T, N, L) into one batch; metadata of the first part is kept."""
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        first = parts[0]
+        return replace(first, **{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(first)
+                                 if isinstance(getattr(first, f.name), torch.Tensor)},
+                       policy_version=min(p.policy_version for p in parts))

@@ -1,0 +1,48 @@
+"""Shared test helpers: the reference-vector directory, the tiny Show-o of the fixtures, a tiny tokenizer."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+def parity_dir() -> Path:
+    """Reference vectors: $MASKGRPO_PARITY_DIR, default ../shared/fixtures/showo."""
+    return Path(os.environ.get("MASKGRPO_PARITY_DIR", REPO.parent / "shared" / "fixtures" / "showo"))
+
+
+@pytest.fixture(scope="session")
+def fixture_dir() -> Path:
+    d = parity_dir()
+    if not d.is_dir():
+        pytest.fail(f"reference vectors not found at {d}: set MASKGRPO_PARITY_DIR")
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_config_dict(fixture_dir) -> dict:
+    return json.loads((fixture_dir / "tiny_config.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def showo_vectors(fixture_dir) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(str(fixture_dir / "tiny_showo_vectors.safetensors"))
+
+
+@pytest.fixture()
+def tiny_showo(tiny_config_dict, showo_vectors):
+    """The fixtures' tiny Show-o with the reference weights loaded through the strict loader."""
+    from policy.showo import Showo, ShowoConfig
+    from policy.tiny import showo_config_from_fixture
+    model = Showo(showo_config_from_fixture(tiny_config_dict))
+    weights = {k[len("weights."):]: v for k, v in showo_vectors.items() if k.startswith("weights.")}
+    model.load_released_state_dict(weights)
+    return model.eval()
