@@ -131,7 +131,7 @@ class UnmaskingSampler:
             logp = code_logprob(probs, drawn)
             # Re-mask the least confident samples: confidence = log p + annealed Gumbel noise; committed = +inf.
             temp = cfg.temperature * (1.0 - (t + 1) / steps)
-            gumbel = -torch.log(-torch.log(u[:, t, 1].clamp(1e-20, 1.0)).clamp(min=1e-20))
+            gumbel = -torch.log((-torch.log(u[:, t, 1].clamp(1e-20, 1.0))).clamp(min=1e-20))
             confidence = torch.where(unknown, logp + temp * gumbel, torch.full_like(logp, math.inf))
             order = confidence.argsort(dim=-1)
             keep_masked = counts[t]

@@ -1,0 +1,68 @@
+"""The `maskgrpo` command: generate | pretrain | train | eval | bench, each with --config and key=value overrides."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+from .config import ConfigError, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="maskgrpo", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in [("generate", "sample images for prompts"), ("pretrain", "train the tiny base model"),
+                        ("train", "Mask-GRPO training (local or on a Ray cluster)"),
+                        ("eval", "GenEval-style evaluation of a checkpoint"), ("bench", "benchmarks")]:
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("--config", default=None, help="YAML config (see configs/)")
+        s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output_dir=runs/x seed=1 max_steps=5")
+        if name == "generate":
+            s.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+            s.add_argument("--prompts", default=None, help="a prompt file (.txt, .jsonl, .parquet)")
+            s.add_argument("--num-images", type=int, default=4, help="images per prompt")
+        if name == "eval":
+            s.add_argument("--checkpoint", default=None, help="checkpoint dir (default: policy.init)")
+            s.add_argument("--prompts", default=None, help="GenEval metadata .jsonl (default: data.eval_prompts)")
+        if name == "bench":
+            s.add_argument("what", nargs="?", default="sampler", choices=["sampler", "learner", "rewards", "pipeline"])
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "bench":
+        from benchmarks import run_benchmark
+        return run_benchmark(args.what, args.overrides)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"maskgrpo: {e}", file=sys.stderr)
+        return 2
+    if args.command == "generate":
+        from .generate import generate
+        from .prompts import read_prompts
+        prompts = list(args.prompt) + ([it.prompt for it in read_prompts(args.prompts)] if args.prompts else [])
+        if not prompts:
+            print("maskgrpo generate: give --prompt TEXT (repeatable) or --prompts FILE", file=sys.stderr)
+            return 2
+        grid = generate(cfg, prompts, num_images=args.num_images)
+        print(f"wrote {grid}")
+        return 0
+    if args.command == "pretrain":
+        from .pretrain import pretrain
+        pretrain(cfg)
+        return 0
+    if args.command == "train":
+        from .train import train
+        train(cfg)
+        return 0
+    if args.command == "eval":
+        from .evaluate import evaluate_command
+        evaluate_command(cfg, checkpoint=args.checkpoint, prompts=args.prompts)
+        return 0
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""`maskgrpo generate`: prompts → a PNG grid and the codes, with a progress bar over the unmasking steps."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from policy.bundle import PolicyConfig, load_policy
+from policy.images import save_grid
+from policy.sampler import SamplerConfig, UnmaskingSampler
+
+from .config import to_dataclass
+from .runtime import pick_device
+
+
+def generate(cfg: DictConfig, prompts: list[str], num_images: int = 1, out_name: str = "generate") -> Path:
+    device = pick_device(cfg.device)
+    policy = load_policy(to_dataclass(cfg.policy, PolicyConfig), device)
+    sampler_cfg = to_dataclass(cfg.sampler, SamplerConfig)
+    sampler = UnmaskingSampler(policy.model.eval(), sampler_cfg)
+    seeds = [cfg.seed * 1_000_003 + i for i in range(len(prompts) * num_images)]
+    with tqdm(total=sampler_cfg.steps, desc="unmasking", unit="step", disable=not cfg.logging.progress) as bar:
+        traj = sampler.sample(policy.text_areas(prompts), seeds, group_size=num_images, on_step=lambda t: bar.update())
+    images = policy.decode(traj.final_codes.to(device))
+    out = Path(cfg.output_dir) / out_name
+    out.mkdir(parents=True, exist_ok=True)
+    grid = save_grid(images, out / "grid.png", nrow=num_images, scale=max(1, 256 // images.shape[1]))
+    torch.save({"codes": traj.final_codes, "prompts": prompts, "num_images": num_images, "seeds": seeds},
+               out / "codes.pt")
+    (out / "prompts.json").write_text(json.dumps(prompts, indent=1))
+    return grid

@@ -1,0 +1,71 @@
+"""Prompt datasets: plain text (one prompt a line), JSONL (GenEval metadata or any object with "prompt"), or
+Parquet (a `prompt` column, read with pyarrow). Malformed files fail with the file, line and fix."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class PromptFileError(ValueError):
+    pass
+
+
+@dataclass
+class PromptItem:
+    prompt: str
+    metadata: dict[str, Any] = field(default_factory=dict)   # GenEval fields (tag, include, exclude) when present
+
+
+def read_prompts(path: str | Path) -> list[PromptItem]:
+    p = Path(path)
+    if not p.is_file():
+        raise PromptFileError(f"prompt file {str(p)!r} not found")
+    suffix = p.suffix.lower()
+    if suffix == ".parquet":
+        items = _read_parquet(p)
+    elif suffix in (".jsonl", ".json"):
+        items = _read_jsonl(p)
+    else:
+        items = [PromptItem(line.strip()) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not items:
+        raise PromptFileError(f"prompt file {str(p)!r} holds no prompts")
+    return items
+
+
+def _read_jsonl(p: Path) -> list[PromptItem]:
+    items = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PromptFileError(f"{p}:{n}: not valid JSON ({e.msg}); each line must be one JSON object "
+                                  f"with a \"prompt\" field") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
+            raise PromptFileError(f"{p}:{n}: each line needs a non-empty string field \"prompt\"")
+        items.append(PromptItem(obj["prompt"], {k: v for k, v in obj.items() if k != "prompt"}))
+    return items
+
+
+def _read_parquet(p: Path) -> list[PromptItem]:
+    import pyarrow.parquet as pq
+    try:
+        table = pq.read_table(p)
+    except Exception as e:
+        raise PromptFileError(f"{p}: not a readable Parquet file ({e})") from None
+    if "prompt" not in table.column_names:
+        raise PromptFileError(f"{p}: no 'prompt' column (columns: {table.column_names})")
+    rows = table.to_pylist()
+    items = []
+    for n, row in enumerate(rows):
+        prompt = row.pop("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise PromptFileError(f"{p}: row {n} has an empty or non-string prompt")
+        for key in ("include", "exclude"):   # GenEval clauses stored as JSON strings
+            if isinstance(row.get(key), str):
+                row[key] = json.loads(row[key])
+        items.append(PromptItem(prompt, row))
+    return items

@@ -1,0 +1,127 @@
+"""Building the policy a process needs (Show-o, text tokenizer, image decoder) from the `policy` config section.
+
+Every process (driver, rollout workers, reward actors, learner ranks) builds its policy through `load_policy`,
+so they all agree on architecture, token layout and decoder.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from .showo import PhiArch, Showo, ShowoConfig
+from .tokenizer import HFTextTokenizer, TextTokenizer, WordTokenizer
+
+ImageDecoder = Callable[[torch.Tensor], torch.Tensor]   # codes long [B, N] -> uint8 [B, H, W, 3]
+
+
+@dataclass
+class TokenizerConfig:
+    kind: str = "words"                 # "hf": phi-1.5 tokenizer from `path`; "words": in-process word list
+    path: Optional[str] = None
+    words: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DecoderConfig:
+    kind: str = "shapes"                # "magvit": MAGVIT-v2 from `path`; "shapes": the exact shapes-world decoder
+    path: Optional[str] = None
+    shapes: dict[str, Any] = field(default_factory=dict)   # ShapesWorld keyword arguments
+
+
+@dataclass
+class PolicyConfig:
+    init: str = "random"                # "random", a Show-o release dir, one of our checkpoints, or a .pth state dict
+    arch: ShowoConfig = field(default_factory=ShowoConfig)   # used for "random" and plain state-dict files
+    phi_config: Optional[str] = None    # phi-1.5 config.json for a release dir (default: phi-1.5's values)
+    max_seq_length: Optional[int] = None
+    init_seed: int = 0
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+
+
+def build_showo(cfg: PolicyConfig) -> Showo:
+    arch = cfg.arch if isinstance(cfg.arch, ShowoConfig) else ShowoConfig(**_plain(cfg.arch))
+    if cfg.init == "random":
+        torch.manual_seed(cfg.init_seed)
+        return Showo(arch)
+    path = Path(cfg.init).expanduser()
+    has_config = path.is_dir() and (path / "config.json").is_file()
+    return Showo.from_pretrained(path, config=None if has_config else arch, phi_config=cfg.phi_config,
+                                 max_seq_length=cfg.max_seq_length)
+
+
+def build_tokenizer(cfg: PolicyConfig, llm_vocab_size: int) -> TextTokenizer:
+    tok = cfg.tokenizer
+    if tok.kind == "hf":
+        if not tok.path:
+            raise ValueError("policy.tokenizer.path is required for kind 'hf' (a local microsoft/phi-1_5 copy)")
+        return HFTextTokenizer(tok.path)
+    if tok.kind == "words":
+        words = list(tok.words)
+        if not words:
+            from rewards.shapes.world import all_prompts, as_world
+            items = all_prompts(as_world(**_plain(cfg.decoder.shapes)))
+            words = sorted({w for item in items for w in item.prompt.lower().split()})
+        return WordTokenizer(words, llm_vocab_size)
+    raise ValueError(f"policy.tokenizer.kind must be 'hf' or 'words', not {tok.kind!r}")
+
+
+def build_decoder(cfg: PolicyConfig, device: torch.device | str = "cpu") -> ImageDecoder:
+    dec = cfg.decoder
+    if dec.kind == "magvit":
+        from .magvit import MagvitV2
+        if not dec.path:
+            raise ValueError("policy.decoder.path is required for kind 'magvit' (a local showlab/magvitv2 copy)")
+        vq = MagvitV2.from_pretrained(dec.path, device=device)
+        return vq.decode_uint8
+    if dec.kind == "shapes":
+        from rewards.shapes.tokenizer import ShapesTokenizer
+        return ShapesImageDecoder(ShapesTokenizer(**_plain(dec.shapes)))
+    raise ValueError(f"policy.decoder.kind must be 'magvit' or 'shapes', not {dec.kind!r}")
+
+
+class ShapesImageDecoder:
+    """The shapes world's exact decoder for a policy whose codebook may be larger than the world's: codes the world
+    does not define decode as empty (background) patches, so they are never detected as objects."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, codes: torch.Tensor) -> torch.Tensor:
+        codes = codes.cpu()
+        return self.tokenizer.decode(torch.where(codes < self.tokenizer.codebook_size, codes, 0))
+
+
+@dataclass
+class Policy:
+    model: Showo
+    tokenizer: TextTokenizer
+    decode: ImageDecoder
+
+    def text_areas(self, prompts: list[str]) -> torch.Tensor:
+        return self.model.layout.text_area(self.tokenizer(prompts))
+
+
+def load_policy(cfg: PolicyConfig, device: torch.device | str = "cpu", with_decoder: bool = True) -> Policy:
+    model = build_showo(cfg).to(device)
+    tokenizer = build_tokenizer(cfg, model.layout.llm_vocab_size)
+    decode = build_decoder(cfg, device) if with_decoder else _no_decoder
+    return Policy(model, tokenizer, decode)
+
+
+def _no_decoder(codes: torch.Tensor) -> torch.Tensor:
+    raise RuntimeError("this process was built without an image decoder")
+
+
+def _plain(obj: Any) -> Any:
+    """OmegaConf containers → plain Python (dicts/lists); dataclasses and plain values pass through."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+        if isinstance(obj, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return obj
