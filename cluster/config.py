@@ -54,6 +54,7 @@ class PretrainConfig:
     lr: float = 3e-3
     weight_decay: float = 0.01
     warmup_steps: int = 20
+    caption_noise: float = 0.3            # fraction of scenes paired with another prompt of the same category
     output: Optional[str] = None          # where the base checkpoint goes (default: <output_dir>/base)
 
 
@@ -63,6 +64,7 @@ class EvalConfig:
     every: int = 0                        # also every N steps (0: only at step 0 and at the last step)
     samples_per_prompt: int = 1
     guidance_scale: float = 0.0
+    rewards: list[dict[str, Any]] = field(default_factory=list)   # empty: the training rewards
 
 
 @dataclass
@@ -79,7 +81,7 @@ def _learner_config_cls():
 
 
 def _default_rewards() -> list[dict[str, Any]]:
-    return [{"name": "geneval", "weight": 1.0, "detector": {"kind": "shapes"}}]
+    return [{"name": "geneval", "weight": 1.0, "detector": {"name": "shapes"}}]
 
 
 @dataclass
@@ -146,6 +148,9 @@ def validate(cfg: DictConfig) -> None:
         problems.append("data.group_size must be >= 2 (GRPO normalises rewards within a group)")
     if cfg.data.prompts_per_step < 1:
         problems.append("data.prompts_per_step must be >= 1")
+    elif cfg.data.prompts_per_step % cfg.cluster.num_learner_ranks:
+        problems.append("data.prompts_per_step must be a multiple of cluster.num_learner_ranks (each rank trains "
+                        "on whole groups)")
     for key in ("num_rollout_workers", "num_reward_actors", "num_learner_ranks"):
         if cfg.cluster[key] < 1:
             problems.append(f"cluster.{key} must be >= 1")
@@ -162,9 +167,9 @@ def validate(cfg: DictConfig) -> None:
         if value is not None and not Path(value).is_file():
             problems.append(f"data.{key}={value!r} does not exist")
     init = cfg.policy.init
-    if init != "random" and not Path(init).expanduser().exists():
-        problems.append(f"policy.init={init!r} does not exist: give 'random' or the local path of a Show-o "
-                        f"release / checkpoint")
+    if init not in ("random", "pretrained") and not Path(init).expanduser().exists():
+        problems.append(f"policy.init={init!r} does not exist: give 'random', 'pretrained' (the shapes-world "
+                        f"base, pretrained on first use) or the local path of a Show-o release / checkpoint")
     for key in ("phi_config",):
         value = cfg.policy[key]
         if value is not None and not Path(value).is_file():

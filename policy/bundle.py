@@ -42,6 +42,20 @@ class PolicyConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
 
+def policy_config_from_dict(cfg: dict[str, Any] | PolicyConfig) -> PolicyConfig:
+    """A plain-dict (or OmegaConf) `policy` section → PolicyConfig with its nested dataclasses."""
+    if isinstance(cfg, PolicyConfig):
+        return cfg
+    kw = dict(_plain(cfg))
+    if isinstance(kw.get("arch"), dict):
+        kw["arch"] = ShowoConfig(**kw["arch"])
+    if isinstance(kw.get("tokenizer"), dict):
+        kw["tokenizer"] = TokenizerConfig(**kw["tokenizer"])
+    if isinstance(kw.get("decoder"), dict):
+        kw["decoder"] = DecoderConfig(**kw["decoder"])
+    return PolicyConfig(**kw)
+
+
 def build_showo(cfg: PolicyConfig) -> Showo:
     arch = cfg.arch if isinstance(cfg.arch, ShowoConfig) else ShowoConfig(**_plain(cfg.arch))
     if cfg.init == "random":
@@ -125,3 +139,8 @@ def _plain(obj: Any) -> Any:
     except ImportError:  # pragma: no cover
         pass
     return obj
+
+
+def make_image_decoder(policy: dict[str, Any], device: str = "cpu") -> ImageDecoder:
+    """Factory for reward actors: the image decoder of a `policy` config section (codes → uint8 images)."""
+    return build_decoder(policy_config_from_dict(policy), device)

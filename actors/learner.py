@@ -1,0 +1,116 @@
+"""Learner ranks as Ray actors: a DeepSpeed data-parallel world, one actor per GPU (or CPU process).
+
+Each actor sets the usual RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT before building its `learner.Learner`; rank 0
+also hosts the weight-sync store and sends the weights. Trajectories arrive as object references, fetched here.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any, Optional, Sequence
+
+import torch
+
+from learner.config import LearnerConfig
+from policy.bundle import load_policy, policy_config_from_dict
+
+from .weight_sync import SyncGroupSpec, WeightSyncGroup, param_digest
+
+
+def node_address() -> str:
+    try:
+        import ray
+        return ray.util.get_node_ip_address()
+    except Exception:
+        return "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+class LearnerWorker:
+    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int,
+                 policy_cfg: dict[str, Any], learner_cfg: dict[str, Any], seed: int = 0,
+                 num_threads: Optional[int] = None):
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0",
+                           "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)})
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        from learner.engine import Learner
+        torch.manual_seed(seed)
+        self.rank = rank
+        model = load_policy(policy_config_from_dict(policy_cfg), "cpu", with_decoder=False).model
+        self.learner = Learner(model, LearnerConfig.from_dict(dict(learner_cfg)))
+        self.sync_group: Optional[WeightSyncGroup] = None
+
+    @staticmethod
+    def rendezvous() -> tuple[str, int]:
+        """Address and a free port on this node, for rank 0's process group (call on rank 0's node)."""
+        return node_address(), free_port()
+
+    def version(self) -> int:
+        return self.learner.version
+
+    def digest(self) -> tuple[int, str]:
+        return self.learner.version, param_digest(self.learner.policy)
+
+    def train_step(self, trajectory_refs: Sequence[Any], rewards: Sequence[torch.Tensor],
+                   prompts: Sequence[str]) -> dict[str, float]:
+        import ray
+        t0 = time.perf_counter()
+        trajectories = ray.get(list(trajectory_refs)) if trajectory_refs else []
+        fetch = time.perf_counter() - t0
+        metrics = self.learner.train_step(trajectories, list(rewards), list(prompts))
+        metrics["fetch_seconds"] = fetch
+        return metrics
+
+    # ----- weights ----------------------------------------------------------------------------------------------
+    def open_sync_group(self, name: str, world_size: int, backend: str, timeout_s: float = 120.0) -> SyncGroupSpec:
+        """Rank 0: choose the store address for a new weight-sync group (joined by `join_sync_group`)."""
+        addr, port = node_address(), free_port()
+        return SyncGroupSpec(name, addr, port, world_size, backend, timeout_s)
+
+    def join_sync_group(self, spec: SyncGroupSpec) -> bool:
+        if self.rank == 0:
+            self.sync_group = WeightSyncGroup(spec, 0)
+        return True
+
+    def broadcast_weights(self, bucket_bytes: int, dtype: Optional[str] = None) -> dict[str, float]:
+        """All ranks: gather the full weights bucket by bucket; rank 0 broadcasts them to the rollout workers."""
+        buckets = self.learner.iter_weight_buckets(bucket_bytes, getattr(torch, dtype) if dtype else None)
+        if self.rank != 0:
+            for _ in buckets:
+                pass
+            return {"bytes": 0.0, "seconds": 0.0}
+        if self.sync_group is None:
+            raise RuntimeError("no weight-sync group: call join_sync_group first")
+        stats = self.sync_group.send(buckets)
+        stats["version"] = float(self.learner.version)
+        return stats
+
+    def export_weights(self, bucket_bytes: int, dtype: Optional[str] = None) -> dict[str, Any]:
+        """All ranks (gathering); rank 0 puts the buckets in the object store and returns their references."""
+        import ray
+        refs, nbytes = [], 0
+        for bucket in self.learner.iter_weight_buckets(bucket_bytes, getattr(torch, dtype) if dtype else None):
+            refs.append(ray.put(bucket))
+            nbytes += bucket.nbytes
+        return {"refs": refs, "bytes": float(nbytes), "version": self.learner.version}
+
+    # ----- checkpoints --------------------------------------------------------------------------------------------
+    def save_checkpoint(self, root: str, driver_state: Optional[dict[str, Any]] = None) -> Optional[str]:
+        if driver_state is not None:
+            self.learner.driver_state = driver_state
+        path = self.learner.save_checkpoint(root)
+        return str(path) if path is not None else None
+
+    def resume(self, path: str) -> dict[str, Any]:
+        loaded = self.learner.resume(path)
+        return {"path": str(loaded), "version": self.learner.version,
+                "driver_state": getattr(self.learner, "driver_state", None)}

@@ -1,0 +1,73 @@
+"""Starting the run's actors on a Ray cluster (or a local Ray instance): rollout workers, reward actors and the
+learner ranks (kept together by a placement group). Counts and resources come from the `cluster` section."""
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+from omegaconf import DictConfig, OmegaConf
+from ray.util.placement_group import placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from actors.learner import LearnerWorker
+from actors.rollout import RolloutWorker
+
+
+def plain(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def rollout_device(cfg: DictConfig) -> str:
+    return "cuda" if cfg.cluster.rollout_gpus > 0 else "cpu"
+
+
+def start_rollout_worker(cfg: DictConfig, worker_id: int):
+    c = cfg.cluster
+    cls = ray.remote(num_gpus=c.rollout_gpus, num_cpus=c.cpus_per_actor, max_restarts=c.max_restarts,
+                     max_task_retries=0)(RolloutWorker)
+    threads = max(1, int(c.cpus_per_actor)) if c.rollout_gpus == 0 else None
+    return cls.options(name=None).remote(worker_id, plain(cfg.policy), plain(cfg.sampler), rollout_device(cfg),
+                                         None, threads)
+
+
+def start_learner_ranks(cfg: DictConfig) -> list[Any]:
+    """All learner ranks in one placement group (STRICT_PACK on GPUs: one node; PACK on CPU)."""
+    c = cfg.cluster
+    n = c.num_learner_ranks
+    bundle = {"CPU": c.cpus_per_actor, **({"GPU": c.learner_gpus} if c.learner_gpus > 0 else {})}
+    pg = placement_group([bundle] * n, strategy="STRICT_PACK" if c.learner_gpus > 0 else "PACK")
+    ray.get(pg.ready(), timeout=600)
+    cls = ray.remote(num_gpus=c.learner_gpus, num_cpus=c.cpus_per_actor, max_restarts=0)(LearnerWorker)
+    strategy = lambda i: PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
+    probe = ray.remote(num_cpus=0)(LearnerWorker.rendezvous).options(scheduling_strategy=strategy(0))
+    master_addr, master_port = ray.get(probe.remote())
+    threads = max(1, int(c.cpus_per_actor)) if c.learner_gpus == 0 else None
+    return [cls.options(scheduling_strategy=strategy(i)).remote(
+        i, n, master_addr, master_port, plain(cfg.policy), plain(cfg.learner), cfg.seed, threads) for i in range(n)]
+
+
+def reward_decoder_spec(cfg: DictConfig) -> dict[str, Any]:
+    """The reward actors decode codes with the policy's image decoder (MAGVIT-v2 or the shapes world)."""
+    return {"factory": "policy.bundle:make_image_decoder", "policy": plain(cfg.policy),
+            "device": "cuda" if cfg.cluster.reward_gpus > 0 else "cpu"}
+
+
+def reward_specs(cfg: DictConfig, specs: Any) -> list[dict[str, Any]]:
+    """Reward specs with the shapes-world detector bound to the policy's world (grid, colours, shapes)."""
+    out = []
+    for spec in plain(specs):
+        spec = dict(spec)
+        det = spec.get("detector")
+        if isinstance(det, dict) and det.get("name") == "shapes" and len(det) == 1:
+            spec["detector"] = {"name": "shapes", **(plain(cfg.policy.decoder.shapes) or {})}
+        out.append(spec)
+    return out
+
+
+def start_reward_pool(cfg: DictConfig, specs: Any = None):
+    from rewards.actor import RewardPool
+    c = cfg.cluster
+    return RewardPool.create(reward_specs(cfg, cfg.rewards if specs is None else specs),
+                             num_actors=c.num_reward_actors, decoder=reward_decoder_spec(cfg),
+                             num_gpus=c.reward_gpus, num_cpus=c.cpus_per_actor, max_restarts=c.max_restarts,
+                             device="cuda" if c.reward_gpus > 0 else "cpu")

@@ -1,0 +1,240 @@
+"""The training driver: one process that dispatches rollouts, rewards and learner updates to Ray actors.
+
+Trajectories never pass through the driver: rollout workers return them as object references that the driver
+owns, hands to reward actors and learner ranks, and forgets. Per step:
+
+    rollouts (workers, batched)  →  rewards (reward actors, batched across groups)  →  update (learner ranks)
+    →  weight broadcast (collective group, object-store fallback)  →  metrics / samples / eval / checkpoint
+
+`cluster.max_staleness = n > 0` launches the rollouts of the next n steps before the current update, so sampling
+overlaps training; a trajectory more than n versions older than the learner is dropped and re-sampled.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import ray
+import torch
+from omegaconf import DictConfig
+
+from actors.types import GroupRequest
+
+from .actors import plain, start_learner_ranks, start_reward_pool
+from .data import PromptSchedule, train_prompts
+from .fleet import ACTOR_ERRORS, GroupResult, PendingRollout, RolloutFleet, RolloutStats
+from .metrics import MetricsLogger
+
+
+class LearnerFailure(RuntimeError):
+    pass
+
+
+def score_groups(pool, groups: list[GroupResult], group_size: int) -> list[dict[str, Any]]:
+    """Rewards of each group, the groups spread over the pool's actors (each batches across its groups)."""
+    items = [{"trajectory": g.traj_ref, "prompts": [g.meta.prompt] * group_size,
+              "metadata": [g.meta.metadata] * group_size} for g in groups]
+    n = max(1, min(len(pool.actors), len(items)))
+    scored = pool.map([items[k::n] for k in range(n)])
+    out: list[Any] = [None] * len(items)
+    for k, batch in enumerate(scored):
+        for j, r in enumerate(batch):
+            out[k + j * n] = r
+    return out
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.prompts = train_prompts(cfg)
+        self.schedule = PromptSchedule(len(self.prompts), cfg.data.prompts_per_step, cfg.seed)
+        self.bucket_bytes = int(cfg.cluster.weight_bucket_mb) << 20
+        self.learners = start_learner_ranks(cfg)
+        self.fleet = RolloutFleet(cfg, weights=self.export_weights)
+        self.rewards = start_reward_pool(cfg)
+        self._eval_pool = None
+        self.worker_pids: dict[int, int] = {}
+        self.sync_group_epoch = 0
+        self.sync_group_ready = False
+        self.step = 0                      # next training step to run
+        self.inflight: dict[int, list[PendingRollout]] = {}
+        self.accepted_groups: set[int] = set()
+        self.counters = {"groups_trained": 0, "groups_reissued": 0, "groups_stale_dropped": 0}
+        self.last_checkpoint: Optional[str] = None
+        self.last_groups: list[GroupResult] = []
+        self.metrics = MetricsLogger(self.out, cfg.logging.tensorboard, cfg.logging.wandb_project, config=plain(cfg))
+
+    @property
+    def version(self) -> int:
+        return self.fleet.version
+
+    # ----- weights -------------------------------------------------------------------------------------------------
+    def export_weights(self) -> tuple[int, list[Any]]:
+        """Every learner rank takes part (ZeRO-3 gathers); rank 0's bucket references are returned."""
+        exports = ray.get([l.export_weights.remote(self.bucket_bytes) for l in self.learners])
+        return self.version, exports[0]["refs"]
+
+    def _form_sync_group(self) -> None:
+        backend = "nccl" if self.cfg.cluster.rollout_gpus > 0 and self.cfg.cluster.learner_gpus > 0 else "gloo"
+        self.sync_group_epoch += 1
+        ids = sorted(self.fleet.workers)
+        spec = ray.get(self.learners[0].open_sync_group.remote(f"wsync{self.sync_group_epoch}", len(ids) + 1,
+                                                                backend))
+        ray.get([self.learners[0].join_sync_group.remote(spec)] +
+                [self.fleet.workers[i].join_sync_group.remote(spec, rank) for rank, i in enumerate(ids, start=1)],
+                timeout=300)
+        self.sync_group_ready = True
+
+    def sync_weights(self) -> dict[str, float]:
+        """Publish the learner's weights to every rollout worker; returns seconds and bytes moved."""
+        t0 = time.perf_counter()
+        pids = {i: s["pid"] for i, s in self.fleet.wait_ready().items()}
+        if pids != self.worker_pids:            # a worker (re)started: its group membership is gone
+            self.sync_group_ready = False
+            self.worker_pids = pids
+        self.fleet.version = ray.get(self.learners[0].version.remote())
+        mode, nbytes = self.cfg.cluster.weight_sync, 0.0
+        if mode == "collective":
+            try:
+                if not self.sync_group_ready:
+                    self._form_sync_group()
+                results = ray.get([l.broadcast_weights.remote(self.bucket_bytes) for l in self.learners] +
+                                  [w.receive_weights.remote(self.version, self.bucket_bytes)
+                                   for w in self.fleet.workers.values()], timeout=900)
+                nbytes = results[0]["bytes"]
+            except Exception as e:  # a member died or timed out: fall back to the object store this time
+                print(f"[maskgrpo] collective weight sync failed ({type(e).__name__}: {e}); using the object store",
+                      flush=True)
+                self.sync_group_ready = False
+                mode = "object_store"
+        if mode == "object_store":
+            exports = ray.get([l.export_weights.remote(self.bucket_bytes) for l in self.learners])
+            ray.get([w.load_weights.remote(exports[0]["refs"]) for w in self.fleet.workers.values()], timeout=900)
+            nbytes = exports[0]["bytes"]
+        seconds = time.perf_counter() - t0
+        return {"sync_seconds": seconds, "sync_bytes": nbytes, "sync_collective": float(mode == "collective")}
+
+    # ----- one training step -----------------------------------------------------------------------------------------
+    def _requests(self, step: int) -> list[GroupRequest]:
+        g = self.cfg.data.group_size
+        return [GroupRequest(group_id=step * self.cfg.data.prompts_per_step + slot, step=step, prompt_index=idx,
+                             prompt=self.prompts[idx].prompt, metadata=self.prompts[idx].metadata,
+                             seeds=self.schedule.seeds(step, slot, g))
+                for slot, idx in enumerate(self.schedule.indices(step))]
+
+    def _launch_ahead(self) -> None:
+        last = min(self.step + self.cfg.cluster.max_staleness, self.cfg.max_steps - 1)
+        for s in range(self.step, last + 1):
+            if s not in self.inflight:
+                self.inflight[s] = self.fleet.dispatch(self._requests(s))
+
+    def train_step(self) -> dict[str, Any]:
+        step, t_step = self.step, time.perf_counter()
+        stats = RolloutStats()
+        self._launch_ahead()
+        t0 = time.perf_counter()
+        groups = self.fleet.gather(self.inflight.pop(step), stats, max_staleness=self.cfg.cluster.max_staleness)
+        groups = [g for g in groups if g.meta.group_id not in self.accepted_groups]   # never train twice
+        rollout_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        scores = score_groups(self.rewards, groups, self.cfg.data.group_size)
+        reward_s = time.perf_counter() - t0
+        stats.staleness = [self.version - g.meta.policy_version for g in groups]
+        rewards = [s["rewards"] for s in scores]
+        n = len(self.learners)
+        t0 = time.perf_counter()
+        try:
+            results = ray.get([l.train_step.remote([g.traj_ref for g in groups[r::n]], rewards[r::n],
+                                                   [g.meta.prompt for g in groups[r::n]])
+                               for r, l in enumerate(self.learners)])
+        except ACTOR_ERRORS as e:
+            raise LearnerFailure(f"a learner rank died at step {step} ({type(e).__name__}); nothing after the last "
+                                 f"checkpoint was saved: resume with resume=auto "
+                                 f"({self.last_checkpoint or 'no checkpoint yet'})") from e
+        self.accepted_groups.update(g.meta.group_id for g in groups)
+        learner_s = time.perf_counter() - t0
+        sync = self.sync_weights()
+        self.counters["groups_trained"] += len(groups)
+        self.counters["groups_reissued"] += stats.reissued
+        self.counters["groups_stale_dropped"] += stats.stale_dropped
+        all_r = torch.cat(rewards) if rewards else torch.zeros(0)
+        components = scores[0]["components"] if scores else {}
+        hist = np.unique(np.asarray(stats.staleness, dtype=np.int64), return_counts=True)
+        record: dict[str, Any] = {
+            "step": step, "version": self.version,
+            "reward_mean": float(all_r.mean()) if all_r.numel() else float("nan"),
+            "reward_std": float(all_r.std()) if all_r.numel() > 1 else 0.0,
+            **{f"reward/{k}_mean": float(torch.cat([s["components"][k] for s in scores]).mean())
+               for k in components},
+            **{f"reward/{k}_std": float(torch.cat([s["components"][k] for s in scores]).std())
+               for k in components},
+            "loss": results[0].get("loss"),
+            **{f"learner/{k}": v for k, v in results[0].items() if k != "loss" and isinstance(v, (int, float))},
+            "rollout_seconds": rollout_s, "reward_seconds": reward_s, "learner_seconds": learner_s, **sync,
+            "staleness_mean": float(np.mean(stats.staleness)) if stats.staleness else 0.0,
+            "staleness_max": int(max(stats.staleness)) if stats.staleness else 0,
+            "staleness_hist": {str(int(k)): int(v) for k, v in zip(*hist)},
+            "groups": len(groups), "groups_reissued": stats.reissued, "groups_stale_dropped": stats.stale_dropped,
+        }
+        record["step_seconds"] = time.perf_counter() - t_step
+        record["images_per_second"] = len(groups) * self.cfg.data.group_size / max(record["step_seconds"], 1e-9)
+        self.step += 1
+        self.last_groups = groups
+        return record
+
+    # ----- state ---------------------------------------------------------------------------------------------------
+    def driver_state(self) -> dict[str, Any]:
+        return {"step": self.step, "counters": dict(self.counters)}
+
+    def save_checkpoint(self) -> str:
+        root = str(self.out / "checkpoints")
+        paths = ray.get([l.save_checkpoint.remote(root, self.driver_state()) for l in self.learners])
+        self.last_checkpoint = paths[0]
+        return paths[0]
+
+    def resume(self, path: str) -> None:
+        infos = ray.get([l.resume.remote(path) for l in self.learners])
+        state = infos[0].get("driver_state") or {}
+        self.step = int(state.get("step", infos[0]["version"]))
+        self.counters.update(state.get("counters", {}))
+        self.last_checkpoint = infos[0]["path"]
+        self.metrics.truncate_after(self.step - 1)
+
+    # ----- samples and evaluation --------------------------------------------------------------------------------------
+    def decoder(self):
+        if not hasattr(self, "_decoder"):
+            from policy.bundle import build_decoder, policy_config_from_dict
+            self._decoder = build_decoder(policy_config_from_dict(plain(self.cfg.policy)), "cpu")
+        return self._decoder
+
+    def save_samples(self, step: int, groups: list[GroupResult], max_groups: int = 4) -> Optional[Path]:
+        import json
+        from policy.images import save_grid
+        if not groups:
+            return None
+        trajs = ray.get([g.traj_ref for g in groups[:max_groups]])
+        images = self.decoder()(torch.cat([t.final_codes for t in trajs]))
+        path = save_grid(images, self.out / "samples" / f"step_{step:06d}.png", nrow=self.cfg.data.group_size,
+                         scale=max(1, 128 // images.shape[1]))
+        (self.out / "samples" / f"step_{step:06d}.json").write_text(
+            json.dumps([g.meta.prompt for g in groups[:max_groups]], indent=1))
+        return path
+
+    def eval_pool(self):
+        if self._eval_pool is None:
+            specs = plain(self.cfg.eval.rewards) or plain(self.cfg.rewards)
+            self._eval_pool = self.rewards if specs == plain(self.cfg.rewards) else start_reward_pool(self.cfg, specs)
+        return self._eval_pool
+
+    def shutdown(self) -> None:
+        self.metrics.close()
+        self.fleet.shutdown()
+        for a in list(self.learners) + list(self.rewards.actors) + \
+                (list(self._eval_pool.actors) if self._eval_pool not in (None, self.rewards) else []):
+            try:
+                ray.kill(a)
+            except Exception:
+                pass

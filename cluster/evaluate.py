@@ -1,0 +1,99 @@
+"""Evaluation: N images per held-out prompt from the rollout workers, scored by the (GenEval) reward actors.
+
+Writes ``eval/step_NNNNNN.json`` (``{"overall": x, "categories": {...}, ...}``) and an image grid per category.
+Seeds depend only on the prompt and sample index, so evaluations at different steps compare like with like.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import ray
+import torch
+from omegaconf import DictConfig
+
+from actors.types import GroupRequest
+
+from .data import eval_prompts
+from .fleet import RolloutFleet, RolloutStats
+
+
+def eval_requests(cfg: DictConfig) -> list[GroupRequest]:
+    k = cfg.eval.samples_per_prompt
+    return [GroupRequest(group_id=-(i + 1), step=-1, prompt_index=i, prompt=it.prompt, metadata=it.metadata,
+                         seeds=[(cfg.seed + 7919) * 100_003 + i * 101 + j for j in range(k)])
+            for i, it in enumerate(eval_prompts(cfg))]
+
+
+def evaluate(cfg: DictConfig, fleet: RolloutFleet, pool, step: int, decoder=None) -> dict[str, Any]:
+    from rewards.geneval import summarize_geneval
+    from .driver import score_groups
+    k = cfg.eval.samples_per_prompt
+    overrides = {"guidance_scale": float(cfg.eval.guidance_scale)}
+    groups = fleet.gather(fleet.dispatch(eval_requests(cfg), overrides), RolloutStats(), overrides)
+    scores = score_groups(pool, groups, k)
+    tags, verdicts, rewards = [], [], []
+    for g, s in zip(groups, scores):
+        tags += [str(g.meta.metadata.get("tag", "all"))] * k
+        verdicts += (s["details"]["strict"] if "strict" in s["details"] else s["rewards"]).tolist()
+        rewards += s["rewards"].tolist()
+    report = summarize_geneval(tags, verdicts)
+    report.update({"step": step, "reward_mean": float(torch.tensor(rewards).mean()) if rewards else float("nan"),
+                   "samples_per_prompt": k, "guidance_scale": float(cfg.eval.guidance_scale)})
+    out = Path(cfg.output_dir) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f"step_{step:06d}.json.tmp"
+    tmp.write_text(json.dumps(report, indent=1))
+    tmp.replace(out / f"step_{step:06d}.json")
+    if decoder is not None and groups:
+        _category_grids(groups, tags, k, decoder, out / f"step_{step:06d}")
+    return report
+
+
+def _category_grids(groups, tags, k, decoder, directory: Path, per_category: int = 8) -> None:
+    from policy.images import save_grid
+    by_tag: dict[str, list] = {}
+    for i, g in enumerate(groups):
+        by_tag.setdefault(tags[i * k], []).append(g)
+    for tag, gs in by_tag.items():
+        trajs = ray.get([g.traj_ref for g in gs[:per_category]])
+        images = decoder(torch.cat([t.final_codes for t in trajs]))
+        save_grid(images, directory / f"{tag}.png", nrow=max(k, min(8, len(trajs) * k)),
+                  scale=max(1, 128 // images.shape[1]))
+
+
+def format_table(report: dict[str, Any], title: str = "") -> str:
+    cats = report.get("categories", {})
+    lines = [title] if title else []
+    lines.append(" | ".join(f"{c:>13}" for c in list(cats) + ["overall"]))
+    lines.append(" | ".join(f"{v:13.3f}" for v in list(cats.values()) + [report["overall"]]))
+    return "\n".join(lines)
+
+
+def evaluate_command(cfg: DictConfig, checkpoint: Optional[str] = None, prompts: Optional[str] = None) -> dict:
+    """`maskgrpo eval`: rollout workers with the checkpoint's weights + reward actors; prints the table."""
+    from omegaconf import OmegaConf
+    from .actors import plain, start_reward_pool
+    from .train import init_ray
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        if not path.exists():
+            raise FileNotFoundError(f"checkpoint {checkpoint!r} not found")
+        cfg.policy.init = str(path)   # a training checkpoint holds config.json + model.safetensors
+    if prompts is not None:
+        cfg.data.eval_prompts = prompts
+    init_ray(cfg)
+    fleet = RolloutFleet(cfg)
+    specs = plain(cfg.eval.rewards) or plain(cfg.rewards)
+    pool = start_reward_pool(cfg, specs)
+    try:
+        from policy.bundle import build_decoder, policy_config_from_dict
+        decoder = build_decoder(policy_config_from_dict(plain(cfg.policy)), "cpu")
+        report = evaluate(cfg, fleet, pool, step=0, decoder=decoder)
+    finally:
+        fleet.shutdown()
+        pool.shutdown()
+    print(format_table(report, f"GenEval ({cfg.policy.init})"))
+    print(f"reward mean {report['reward_mean']:.4f}; report in {Path(cfg.output_dir) / 'eval'}")
+    return report

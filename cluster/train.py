@@ -1,0 +1,115 @@
+"""`maskgrpo train` / `python -m cluster.train`: Mask-GRPO training on a Ray cluster or on this machine.
+
+Local single-node mode (no `cluster.address`, no RAY_ADDRESS): a private Ray instance is started here and shut
+down at the end. Under `ray job submit` (RAY_ADDRESS set) or with `cluster.address`, it joins that cluster.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omegaconf import DictConfig
+
+from .config import ConfigError, load_config, save_resolved
+from .runtime import cpu_deepspeed_env
+
+
+def init_ray(cfg: DictConfig) -> bool:
+    """Connect to (or start) Ray; returns True when this process started a local instance."""
+    import ray
+    if ray.is_initialized():
+        return False
+    repo = str(Path(__file__).resolve().parents[1])
+    env = {"env_vars": {"PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                        **({"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"]} if "DS_ACCELERATOR" in os.environ else {})}}
+    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=env if not os.environ.get("RAY_JOB_ID") else None,
+                 log_to_driver=True)
+        return False
+    ray.init(num_cpus=cfg.cluster.local_num_cpus, include_dashboard=False, runtime_env=env,
+             log_to_driver=True, configure_logging=False)
+    return True
+
+
+def _resume_path(cfg: DictConfig) -> Optional[str]:
+    from learner.checkpoint import latest_checkpoint
+    if cfg.resume is None:
+        return None
+    if cfg.resume == "auto":
+        found = latest_checkpoint(Path(cfg.output_dir) / "checkpoints")
+        return str(found) if found else None
+    return str(cfg.resume)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run training to `max_steps`; returns a summary (evaluations before and after, last checkpoint)."""
+    import ray
+    from tqdm import tqdm
+    from .driver import Trainer
+    from .evaluate import evaluate, format_table
+    from .pretrain import ensure_base_policy
+
+    cpu_deepspeed_env()
+    ensure_base_policy(cfg)
+    save_resolved(cfg, cfg.output_dir)
+    started = init_ray(cfg)
+    trainer = Trainer(cfg)
+    summary: dict[str, Any] = {"output_dir": cfg.output_dir}
+    try:
+        resume = _resume_path(cfg)
+        if resume:
+            trainer.resume(resume)
+            print(f"[maskgrpo] resumed from {resume} at step {trainer.step}", flush=True)
+        trainer.sync_weights()
+        if cfg.eval.at_start and trainer.step == 0:
+            summary["eval_start"] = evaluate(cfg, trainer.fleet, trainer.eval_pool(), 0, trainer.decoder())
+            print(format_table(summary["eval_start"], "evaluation at step 0"), flush=True)
+        bar = tqdm(range(trainer.step, cfg.max_steps), initial=trainer.step, total=cfg.max_steps, desc="train",
+                   disable=not cfg.logging.progress, dynamic_ncols=True)
+        try:
+            for _ in bar:
+                record = trainer.train_step()
+                step = record["step"]
+                last = step == cfg.max_steps - 1
+                if cfg.logging.sample_every and step % cfg.logging.sample_every == 0 or step == 0 or last:
+                    trainer.save_samples(step, trainer.last_groups)
+                if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and not last:
+                    rep = evaluate(cfg, trainer.fleet, trainer.eval_pool(), step + 1, trainer.decoder())
+                    record["eval_overall"] = rep["overall"]
+                if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
+                    record["checkpoint"] = trainer.save_checkpoint()
+                trainer.metrics.log(record)
+                bar.set_postfix(r=f"{record['reward_mean']:.3f}±{record['reward_std']:.3f}",
+                                learn=f"{record['learner_seconds']:.1f}s", roll=f"{record['rollout_seconds']:.1f}s",
+                                stale=f"{record['staleness_mean']:.1f}")
+                if not cfg.logging.progress:
+                    print(f"[maskgrpo] step {step} reward {record['reward_mean']:.4f} ± {record['reward_std']:.4f} "
+                          f"loss {record['loss']} rollout {record['rollout_seconds']:.2f}s learner "
+                          f"{record['learner_seconds']:.2f}s sync {record['sync_seconds']:.2f}s "
+                          f"staleness {record['staleness_mean']:.2f}", flush=True)
+        except KeyboardInterrupt:
+            print("[maskgrpo] interrupted: saving a checkpoint before shutting down", flush=True)
+            summary["checkpoint"] = trainer.save_checkpoint()
+            raise
+        summary["checkpoint"] = trainer.save_checkpoint()
+        summary["eval_end"] = evaluate(cfg, trainer.fleet, trainer.eval_pool(), trainer.step, trainer.decoder())
+        print(format_table(summary["eval_end"], f"evaluation at step {trainer.step}"), flush=True)
+        summary["counters"] = dict(trainer.counters)
+        return summary
+    finally:
+        trainer.shutdown()
+        if started:
+            ray.shutdown()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .cli import main as cli_main
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
