@@ -81,7 +81,7 @@ def main(argv=None) -> int:
         rows = bench(size, args.prompts, args.group, args.steps, device, dtype)
         base = rows[0][4]
         for s, label, n, sec, ips in rows:
-            print(f"{s:9} {label:34} {n:6d} {sec:8.3f} {ips:9.2f} {ips / base:7.2f}x")
+            print(f"{s:9} {label:34} {n:6d} {sec:8.3f} {ips:9.2f} {ips / base:7.2f}x", flush=True)
     return 0
 
 

@@ -30,8 +30,11 @@ def init_ray(cfg: DictConfig) -> bool:
         ray.init(address=address, runtime_env=env if not os.environ.get("RAY_JOB_ID") else None,
                  log_to_driver=True)
         return False
-    ray.init(num_cpus=cfg.cluster.local_num_cpus, include_dashboard=False, runtime_env=env,
-             log_to_driver=True, configure_logging=False)
+    c = cfg.cluster
+    # Logical CPUs: enough for every actor (Ray only counts them; each actor limits its own torch threads).
+    needed = int(c.cpus_per_actor * (c.num_learner_ranks + c.num_rollout_workers + 2 * c.num_reward_actors)) + 1
+    ray.init(num_cpus=max(needed, c.local_num_cpus or os.cpu_count() or 1), include_dashboard=False,
+             runtime_env=env, log_to_driver=True, configure_logging=False)
     return True
 
 
