@@ -116,8 +116,11 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--transition", default="candidate1")
     p.add_argument("--zero-stage", type=int, default=0)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     args = p.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     model_cfg = tiny_showo_config(hidden=args.hidden, layers=args.layers, heads=args.heads,
                                   num_vq_tokens=args.tokens, codebook_size=args.codebook)

@@ -1,7 +1,9 @@
 """`maskgrpo train` / `python -m cluster.train`: Mask-GRPO training on a Ray cluster or on this machine.
 
 Local single-node mode (no `cluster.address`, no RAY_ADDRESS): a private Ray instance is started here and shut
-down at the end. Under `ray job submit` (RAY_ADDRESS set) or with `cluster.address`, it joins that cluster.
+down at the end. Under `ray job submit` it joins the job's cluster (the job's `--working-dir` ships the code; the
+head's Python, e.g. the venv `ray start` ran from, runs the entry point); with `cluster.address` or RAY_ADDRESS it
+joins that cluster. If Ray is already initialized in this process, it is used as it is.
 """
 from __future__ import annotations
 
@@ -17,6 +19,11 @@ from .config import ConfigError, load_config, save_resolved
 from .runtime import cpu_deepspeed_env
 
 
+def in_ray_job() -> bool:
+    """True in the driver of a `ray job submit` (its supervisor passes the job's config in this variable)."""
+    return bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or os.environ.get("RAY_JOB_ID"))
+
+
 def init_ray(cfg: DictConfig) -> bool:
     """Connect to (or start) Ray; returns True when this process started a local instance."""
     import ray
@@ -25,10 +32,15 @@ def init_ray(cfg: DictConfig) -> bool:
     repo = str(Path(__file__).resolve().parents[1])
     env = {"env_vars": {"PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
                         **({"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"]} if "DS_ACCELERATOR" in os.environ else {})}}
+    if in_ray_job():
+        # The driver of a `ray job submit`: join the job's cluster with the job's runtime env (its working_dir
+        # carries this repository to every node), whatever cluster.address says.
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=True)
+        return False
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env=env if not os.environ.get("RAY_JOB_ID") else None,
-                 log_to_driver=True)
+        # An existing cluster: its nodes must see this repository at the same path (shared disk or image).
+        ray.init(address=address, runtime_env=env, log_to_driver=True)
         return False
     c = cfg.cluster
     # Logical CPUs: enough for every actor (Ray only counts them; each actor limits its own torch threads).
@@ -101,6 +113,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         summary["checkpoint"] = trainer.save_checkpoint()
         summary["eval_end"] = evaluate(cfg, trainer.fleet, trainer.eval_pool(), trainer.step, trainer.decoder())
         print(format_table(summary["eval_end"], f"evaluation at step {trainer.step}"), flush=True)
+        from .plots import reward_curve
+        summary["reward_curve"] = str(reward_curve(cfg.output_dir))
         summary["counters"] = dict(trainer.counters)
         return summary
     finally:

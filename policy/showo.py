@@ -142,7 +142,7 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos(), emb.sin()
 
-    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         rot, rest = x[..., : self.dim], x[..., self.dim:]
         rot = rot * cos.to(x.dtype) + _rotate_half(rot) * sin.to(x.dtype)
         return torch.cat((rot, rest), dim=-1)
@@ -170,7 +170,7 @@ class PhiAttention(nn.Module):
         q = self.q_layernorm(self.q_proj(x).view(shape)).transpose(1, 2)
         k = self.k_layernorm(self.k_proj(x).view(shape)).transpose(1, 2)
         v = self.v_proj(x).view(shape).transpose(1, 2)
-        q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+        q, k = rope.rotate(q, cos, sin), rope.rotate(k, cos, sin)
         new_kv = (k, v)
         if past is not None:
             k = torch.cat([past[0].expand(b, -1, -1, -1), k], dim=2)

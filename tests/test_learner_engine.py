@@ -14,6 +14,15 @@ from learner.testing import random_showo, sample_groups
 from policy.showo import Showo
 from policy.weights import CheckpointError
 
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_torch_thread():
+    """Tiny models run best on one thread; two OpenMP threads on a busy 2-core machine spin for ages."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 Z3_SMALL = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}   # really partition the tiny model
 
 
@@ -118,6 +127,7 @@ def _resume_round_trip(data, tmp_path, **kw):
     a = Learner(_model(data), _config(**kw))
     for _ in range(2):
         a.train_step(trajs, rewards, prompts)
+    a.driver_state = {"step": 2, "counters": {"groups_trained": 4}}    # the caller's state rides along
     path = a.save_checkpoint(tmp_path / "checkpoints")
     assert path.name == "step_000002" and latest_checkpoint(tmp_path / "checkpoints") == path
     tail_a = [a.train_step(trajs, rewards, prompts) for _ in range(2)]
@@ -125,6 +135,7 @@ def _resume_round_trip(data, tmp_path, **kw):
     b = Learner(_model(data), _config(**kw))
     assert b.resume(tmp_path / "checkpoints") == path
     assert b.step == 2 and b.version == 2 and b.calls == 2 and b.lr == tail_a[0]["lr"]
+    assert b.driver_state == {"step": 2, "counters": {"groups_trained": 4}}
     assert b.tracker.history.keys() == {"prompt 0", "prompt 1"}
     tail_b = [b.train_step(trajs, rewards, prompts) for _ in range(2)]
     sa, sb = _state(a), _state(b)

@@ -1,0 +1,268 @@
+"""Learner checkpoints: ``<root>/step_NNNNNN/`` holds
+
+- ``model.safetensors`` + ``config.json``: the policy in the released key layout (``Showo.from_pretrained`` loads
+  it; gathered from all ranks under ZeRO-3), in the training dtype;
+- ``engine/``: DeepSpeed's engine state (fp32 master weights, optimizer moments, LR scheduler; partitioned per
+  rank under ZeRO);
+- ``trainer_state.json``: step / weight version / call counter / non-finite counters / advantage tracker;
+- ``rng_rankNNN.pt``: each rank's RNG states;
+- ``manifest.json`` (written last): format, step, world size, ZeRO stage, model config, parameter shapes,
+  and the size (and sha256) of every file.
+
+Everything is written under a hidden temporary name (``.step_NNNNNN.tmp``) and renamed into place once complete,
+so a crash never leaves a half-written directory under a checkpoint name; `latest_checkpoint` only returns
+directories whose manifest is present. A corrupted or mismatched checkpoint raises `CheckpointError` before
+anything is loaded, and loading never writes to the checkpoint directory.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+
+from policy.weights import CheckpointError, save_state_dict
+
+from . import dist
+
+if TYPE_CHECKING:
+    from .engine import Learner
+
+FORMAT = "maskgrpo-learner-checkpoint/1"
+MANIFEST = "manifest.json"
+ENGINE_TAG = "engine"
+_NAME = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    m = path / MANIFEST
+    if not m.is_file():
+        raise CheckpointError(f"{str(path)!r} is not a complete learner checkpoint (no {MANIFEST}): it was "
+                              f"interrupted while being written, or is not a checkpoint directory")
+    try:
+        manifest = json.loads(m.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{str(m)!r} is corrupted ({e})") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{str(m)!r}: unknown checkpoint format {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
+                              f"expected {FORMAT!r}")
+    return manifest
+
+
+def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of the directories under `root` named like checkpoints and holding a manifest, by step."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for p in root.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_dir() and (p / MANIFEST).is_file():
+            out.append((int(m.group(1)), p))
+    return sorted(out)
+
+
+def latest_checkpoint(root: str | Path) -> Optional[Path]:
+    """The newest complete checkpoint under `root` (None if there is none)."""
+    for _, p in reversed(list_checkpoints(root)):
+        try:
+            _read_manifest(p)
+        except CheckpointError:
+            continue
+        return p
+    return None
+
+
+def verify_checkpoint(path: str | Path, check_hash: bool = True) -> dict[str, Any]:
+    """The manifest, after checking that every listed file exists with its size (and sha256)."""
+    path = Path(path)
+    manifest = _read_manifest(path)
+    for rel, info in manifest["files"].items():
+        f = path / rel
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: {rel!r} is missing")
+        if f.stat().st_size != info["size"]:
+            raise CheckpointError(f"checkpoint {str(path)!r} is corrupted: {rel!r} has {f.stat().st_size} bytes, "
+                                  f"the manifest says {info['size']}")
+        if check_hash and info.get("sha256") and _sha256(f) != info["sha256"]:
+            raise CheckpointError(f"checkpoint {str(path)!r} is corrupted: {rel!r} does not match its sha256")
+    return manifest
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    try:
+        import numpy as np
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # pragma: no cover
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "numpy" in state:
+        import numpy as np
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _param_shapes(learner: "Learner") -> dict[str, list[int]]:
+    return {n: list(getattr(p, "ds_shape", p.shape)) for n, p in learner.policy.named_parameters()}
+
+
+def save_checkpoint(learner: "Learner", root: str | Path, keep_last: int = 0, hash_files: bool = True) -> Path:
+    """Write ``root/step_NNNNNN`` (all ranks call this). `keep_last` > 0 deletes older complete checkpoints
+    beyond that many, after the new one is in place."""
+    root = Path(root)
+    trainer_state = learner.trainer_state()
+    try:
+        json.dumps(trainer_state)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"the learner's trainer state (incl. driver_state) is not JSON-serialisable: {e}") from e
+    name = checkpoint_name(learner.step)
+    final, tmp = root / name, root / f".{name}.tmp"
+    rank = learner.rank
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)          # left by a crashed save: never a checkpoint
+        tmp.mkdir()
+    dist.barrier()
+
+    state_dict = learner.gathered_state_dict()          # collective under ZeRO-3
+    if rank == 0:
+        save_state_dict(state_dict, tmp / "model.safetensors")
+        cfg = learner.policy.config.to_dict()
+        cfg["_class_name"] = "Showo"
+        cfg["mask_token_id"] = learner.policy.layout.mask_id
+        _write_json(tmp / "config.json", cfg)
+        _write_json(tmp / "trainer_state.json", trainer_state)
+    del state_dict
+    try:
+        learner.engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
+    except Exception as e:
+        raise CheckpointError(f"DeepSpeed could not write the engine state to {str(tmp)!r}: {e}; the previous "
+                              f"checkpoints are untouched") from e
+    torch.save(_rng_state(), tmp / f"rng_rank{rank:03d}.pt")
+    dist.barrier()
+
+    if rank == 0:
+        files = {}
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file():
+                rel = f.relative_to(tmp).as_posix()
+                files[rel] = {"size": f.stat().st_size, **({"sha256": _sha256(f)} if hash_files else {})}
+        manifest = {"format": FORMAT, "step": learner.step, "version": learner.version,
+                    "world_size": learner.world_size, "zero_stage": learner.config.zero_stage,
+                    "bf16": learner.bf16, "transition": learner.config.transition,
+                    "model_config": learner.policy.config.to_dict(), "param_shapes": _param_shapes(learner),
+                    "files": files}
+        _write_json(tmp / MANIFEST, manifest)
+        old = None
+        if final.exists():              # re-saving the same step: swap, then drop the old copy
+            old = root / f".{name}.old"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        if keep_last > 0:
+            for _, p in list_checkpoints(root)[:-keep_last]:
+                if p != final:
+                    shutil.rmtree(p, ignore_errors=True)
+    dist.barrier()
+    learner.last_checkpoint = str(final)
+    return final
+
+
+def _check_compatible(learner: "Learner", manifest: dict[str, Any], path: Path) -> None:
+    problems = []
+    if manifest["model_config"] != learner.policy.config.to_dict():
+        problems.append("the model config differs from the learner's policy")
+    shapes = _param_shapes(learner)
+    if manifest["param_shapes"] != shapes:
+        diff = sorted(set(manifest["param_shapes"]) ^ set(shapes)) or \
+            sorted(k for k in shapes if manifest["param_shapes"].get(k) != shapes[k])
+        problems.append(f"parameter names/shapes differ (e.g. {diff[:3]})")
+    if manifest["zero_stage"] != learner.config.zero_stage:
+        problems.append(f"saved with ZeRO stage {manifest['zero_stage']}, the learner uses {learner.config.zero_stage}")
+    if manifest["zero_stage"] > 0 and manifest["world_size"] != learner.world_size:
+        problems.append(f"ZeRO-partitioned state saved by {manifest['world_size']} ranks, loading on "
+                        f"{learner.world_size}")
+    if problems:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not match this learner: " + "; ".join(problems)
+                              + ". Use the same model, ZeRO stage and number of ranks (or start from its "
+                                "model.safetensors with a fresh optimizer)")
+
+
+def load_checkpoint(learner: "Learner", path: str | Path, check_hash: bool = True) -> Path:
+    """Restore `learner` (all ranks call this) from a checkpoint directory, or from the latest complete one
+    under a checkpoints root. Raises CheckpointError, before loading anything, for a corrupted or mismatched
+    checkpoint."""
+    path = Path(path)
+    if not (path / MANIFEST).exists() and not _NAME.match(path.name):
+        found = latest_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"no complete learner checkpoint under {str(path)!r}")
+        path = found
+    error = None
+    manifest: dict[str, Any] = {}
+    if learner.rank == 0:
+        try:
+            manifest = verify_checkpoint(path, check_hash)
+            _check_compatible(learner, manifest, path)
+        except CheckpointError as e:
+            error = str(e)
+    error = dist.broadcast_object(error)
+    if error is not None:
+        raise CheckpointError(error)
+    try:
+        load_path, _ = learner.engine.load_checkpoint(str(path), tag=ENGINE_TAG, load_optimizer_states=True,
+                                                      load_lr_scheduler_states=True)
+    except Exception as e:
+        raise CheckpointError(f"DeepSpeed could not load the engine state of {str(path)!r}: {e}") from e
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed found no engine state in {str(path / ENGINE_TAG)!r}")
+    try:
+        learner.load_trainer_state(json.loads((path / "trainer_state.json").read_text()))
+        rng = path / f"rng_rank{learner.rank:03d}.pt"
+        if rng.is_file():
+            _set_rng_state(torch.load(rng, weights_only=False))
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"cannot read the trainer state of {str(path)!r}: {e}") from e
+    learner.last_checkpoint = str(path)
+    dist.barrier()
+    return path

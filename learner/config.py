@@ -1,0 +1,101 @@
+"""The learner's configuration: objective, advantages, step reduction, optimizer and DeepSpeed settings."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional
+
+from policy.trajectory import TRANSITIONS
+
+LOSS_AVERAGES = ("sequence", "token")
+REDUCTIONS = ("all", "first_k", "random_k", "every_n")
+ADVANTAGES = ("group", "running")
+
+
+@dataclass
+class LearnerConfig:
+    """Everything the Mask-GRPO learner needs; defaults follow the paper / the authors' release.
+
+    Objective (per scored (trajectory, step) row, see `learner.loss`):
+      ``loss_row = -min(A·r, A·clamp(r, clip_low, clip_high)) + kl_beta·k3(ref, cur)``, r = exp(cur − behaviour).
+
+    ``loss_average``:
+      - ``"sequence"`` (authors): every row is scaled by 1/T (T = the trajectory's total sampler steps, even when
+        only some steps are trained), summed over the trajectory's trained steps, then averaged over the
+        trajectories (kept samples) of the whole global batch, all ranks together.
+      - ``"token"``: the rows' losses are summed and divided by the total number of scored positions
+        (``num_terms``: kept tokens for candidate 2, still-masked positions for candidate 1 and the AR-style
+        transition) in the global batch: a per-token mean, so transitions that decide many tokens weigh more.
+    """
+    # ----- objective ---------------------------------------------------------------------------------------
+    transition: str = "candidate1"          # "candidate1" | "candidate2" | "ar_style"
+    clip_low: float = 0.9                   # ratio clamp range [clip_low, clip_high] (authors: [0.9, 1.2])
+    clip_high: float = 1.2
+    kl_beta: float = 0.0                    # k3 KL to a frozen reference policy; 0 = no reference model at all
+    loss_average: str = "sequence"          # "sequence" | "token" (see the class docstring)
+    # ----- which unmasking steps are trained (the sampler still runs all T) ------------------------------------
+    reduction: str = "all"                  # "all" | "first_k" | "random_k" | "every_n"
+    reduction_k: int = 25                   # first_k / random_k: how many steps (release: first 25 of 50)
+    reduction_n: int = 2                    # every_n: train steps 0, n, 2n, ...
+    # ----- advantages and filtering ----------------------------------------------------------------------------
+    advantage: str = "group"                # "group": (r - mean_G)/(std_G + eps); "running": per-prompt history
+    adv_eps: float = 1e-4
+    adv_std_unbiased: bool = True           # torch.std's default (Bessel's correction) for the group std
+    running_buffer: int = 64                # "running": how many past rewards per prompt are remembered
+    running_min_count: int = 2              # "running": below this history length the group's own stats are used
+    filter_min_std: float = 0.0             # drop groups whose reward std < this (0 = keep every group)
+    filter_top_bottom: int = 0              # keep only the top k and bottom k samples of each group (0 = all)
+    reward_name: str = "reward"             # names the reward in error messages and metrics
+    # ----- optimizer and schedule ---------------------------------------------------------------------------
+    lr: float = 3e-6
+    betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.02              # none on biases and 1-D tensors (LayerNorm weights)
+    warmup_steps: int = 1000
+    total_steps: int = 16000
+    min_lr_ratio: float = 0.0               # cosine decays to lr·min_lr_ratio at total_steps
+    grad_clip: float = 1.0                  # global gradient-norm clip (0 = off)
+    # ----- execution -------------------------------------------------------------------------------------------
+    zero_stage: int = 0                     # DeepSpeed ZeRO stage 0..3
+    micro_batch_rows: int = 64              # (trajectory, step) rows per forward/backward
+    gradient_checkpointing: bool = False
+    bf16: Optional[bool] = None             # None = auto: on with CUDA, off on the CPU
+    prefix_reuse: bool = True               # encode each trajectory's text prefix once per micro-batch
+    max_consecutive_nonfinite: int = 3      # this many skipped (NaN/inf) updates in a row raise an error
+    seed: int = 0
+    extra_deepspeed: dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed config
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        checks = [
+            (self.transition in TRANSITIONS, f"transition must be one of {TRANSITIONS}, got {self.transition!r}"),
+            (self.loss_average in LOSS_AVERAGES, f"loss_average must be one of {LOSS_AVERAGES}"),
+            (self.reduction in REDUCTIONS, f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}"),
+            (self.advantage in ADVANTAGES, f"advantage must be one of {ADVANTAGES}, got {self.advantage!r}"),
+            (0.0 < self.clip_low <= 1.0 <= self.clip_high, "need 0 < clip_low <= 1 <= clip_high"),
+            (self.kl_beta >= 0.0, "kl_beta must be >= 0"),
+            (self.reduction_k >= 1 and self.reduction_n >= 1, "reduction_k and reduction_n must be >= 1"),
+            (self.adv_eps > 0.0, "adv_eps must be > 0"),
+            (self.filter_min_std >= 0.0 and self.filter_top_bottom >= 0, "filters must be >= 0"),
+            (self.zero_stage in (0, 1, 2, 3), "zero_stage must be 0, 1, 2 or 3"),
+            (self.micro_batch_rows >= 1, "micro_batch_rows must be >= 1"),
+            (self.warmup_steps >= 0 and self.total_steps >= 1, "warmup_steps >= 0 and total_steps >= 1"),
+            (0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio must lie in [0, 1]"),
+            (self.max_consecutive_nonfinite >= 1, "max_consecutive_nonfinite must be >= 1"),
+            (self.running_buffer >= 1 and self.running_min_count >= 1, "running_buffer/min_count must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"LearnerConfig: {message}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> "LearnerConfig":
+        known = {f.name for f in fields(LearnerConfig)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"LearnerConfig: unknown keys {unknown}")
+        return LearnerConfig(**d)
