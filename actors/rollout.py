@@ -40,7 +40,7 @@ class RolloutWorker:
     # ----- status ------------------------------------------------------------------------------------------------
     def ready(self) -> dict[str, Any]:
         return {"worker_id": self.worker_id, "version": self.version, "pid": os.getpid(),
-                "device": str(self.device)}
+                "device": str(self.device), "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch.")}
 
     def digest(self) -> tuple[int, str]:
         return self.version, param_digest(self.model)

@@ -6,7 +6,8 @@ from typing import Any
 
 import ray
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from ray.util.placement_group import placement_group
+from ray.exceptions import GetTimeoutError
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from actors.learner import LearnerWorker
@@ -30,20 +31,30 @@ def start_rollout_worker(cfg: DictConfig, worker_id: int):
                                          None, threads)
 
 
-def start_learner_ranks(cfg: DictConfig) -> list[Any]:
-    """All learner ranks in one placement group (STRICT_PACK on GPUs: one node; PACK on CPU)."""
+def start_learner_ranks(cfg: DictConfig, timeout_s: float = 600.0) -> tuple[list[Any], PlacementGroup]:
+    """All learner ranks in one placement group (STRICT_PACK on GPUs: one node; PACK on CPU). Returns the ranks
+    and the placement group (the caller removes it when done)."""
     c = cfg.cluster
     n = c.num_learner_ranks
     bundle = {"CPU": c.cpus_per_actor, **({"GPU": c.learner_gpus} if c.learner_gpus > 0 else {})}
     pg = placement_group([bundle] * n, strategy="STRICT_PACK" if c.learner_gpus > 0 else "PACK")
-    ray.get(pg.ready(), timeout=600)
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+    except GetTimeoutError:
+        remove_placement_group(pg)
+        raise RuntimeError(f"the learner's placement group ({n} x {bundle}, "
+                           f"{'one node' if c.learner_gpus > 0 else 'packed'}) could not be placed within "
+                           f"{timeout_s:.0f} s; the cluster has {ray.cluster_resources()} (available: "
+                           f"{ray.available_resources()}): lower cluster.num_learner_ranks / learner_gpus / "
+                           f"cpus_per_actor or add nodes") from None
     cls = ray.remote(num_gpus=c.learner_gpus, num_cpus=c.cpus_per_actor, max_restarts=0)(LearnerWorker)
     strategy = lambda i: PlacementGroupSchedulingStrategy(placement_group=pg, placement_group_bundle_index=i)
     probe = ray.remote(num_cpus=0)(LearnerWorker.rendezvous).options(scheduling_strategy=strategy(0))
     master_addr, master_port = ray.get(probe.remote())
     threads = max(1, int(c.cpus_per_actor)) if c.learner_gpus == 0 else None
     return [cls.options(scheduling_strategy=strategy(i)).remote(
-        i, n, master_addr, master_port, plain(cfg.policy), plain(cfg.learner), cfg.seed, threads) for i in range(n)]
+        i, n, master_addr, master_port, plain(cfg.policy), plain(cfg.learner), cfg.seed, threads)
+        for i in range(n)], pg
 
 
 def reward_decoder_spec(cfg: DictConfig) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import sys
 from typing import Optional, Sequence
 
 from .config import ConfigError, load_config
+from .prompts import PromptFileError, read_prompts
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,12 +37,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return run_benchmark(args.what, args.overrides)
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
+        if args.command == "generate" and args.prompts:
+            read_prompts(args.prompts)
+    except (ConfigError, PromptFileError) as e:
         print(f"maskgrpo: {e}", file=sys.stderr)
         return 2
     if args.command == "generate":
         from .generate import generate
-        from .prompts import read_prompts
         prompts = list(args.prompt) + ([it.prompt for it in read_prompts(args.prompts)] if args.prompts else [])
         if not prompts:
             print("maskgrpo generate: give --prompt TEXT (repeatable) or --prompts FILE", file=sys.stderr)

@@ -14,6 +14,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from policy.bundle import PolicyConfig
 from policy.sampler import SamplerConfig
+from rewards.base import reward_names
+
+from .prompts import PromptFileError, read_prompts
 
 
 class ConfigError(ValueError):
@@ -164,8 +167,15 @@ def validate(cfg: DictConfig) -> None:
         problems.append(f"resume={cfg.resume!r}: no such checkpoint (use resume=auto or a checkpoints/step_N path)")
     for key in ("train_prompts", "eval_prompts"):
         value = cfg.data[key]
-        if value is not None and not Path(value).is_file():
+        if value is None:
+            continue
+        if not Path(value).is_file():
             problems.append(f"data.{key}={value!r} does not exist")
+            continue
+        try:                               # read now: a malformed file fails here, not after the actors start
+            read_prompts(value)
+        except PromptFileError as e:
+            problems.append(f"data.{key}: {e}")
     init = cfg.policy.init
     if init not in ("random", "pretrained") and not Path(init).expanduser().exists():
         problems.append(f"policy.init={init!r} does not exist: give 'random', 'pretrained' (the shapes-world "
@@ -180,9 +190,14 @@ def validate(cfg: DictConfig) -> None:
         problems.append(f"policy.decoder.path={cfg.policy.decoder.path!r} must be a local showlab/magvitv2 directory")
     if cfg.policy.tokenizer.kind == "hf" and not (cfg.policy.tokenizer.path and Path(cfg.policy.tokenizer.path).is_dir()):
         problems.append(f"policy.tokenizer.path={cfg.policy.tokenizer.path!r} must be a local phi-1.5 tokenizer dir")
-    for i, spec in enumerate(cfg.rewards):
-        if "name" not in spec:
-            problems.append(f"rewards[{i}] needs a 'name'")
+    for key, specs in (("rewards", cfg.rewards), ("eval.rewards", cfg.eval.rewards)):
+        for i, spec in enumerate(specs):
+            name = spec.get("name") if isinstance(spec, (dict, DictConfig)) else None
+            if not isinstance(name, str):
+                problems.append(f"{key}[{i}] needs a 'name' (one of {reward_names()} or 'package.module:Factory')")
+            elif name not in reward_names() and ":" not in name and "." not in name:
+                problems.append(f"{key}[{i}]: unknown reward {name!r}; known rewards are {reward_names()}, or give "
+                                f"an import path 'package.module:Factory'")
     if problems:
         raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
 

@@ -19,6 +19,7 @@ import numpy as np
 import ray
 import torch
 from omegaconf import DictConfig
+from ray.util.placement_group import remove_placement_group
 
 from actors.types import GroupRequest
 
@@ -29,7 +30,7 @@ from .metrics import MetricsLogger
 
 
 class LearnerFailure(RuntimeError):
-    pass
+    """A learner rank died: the run cannot go on (its optimizer state is gone); resume from the last checkpoint."""
 
 
 def score_groups(pool, groups: list[GroupResult], group_size: int) -> list[dict[str, Any]]:
@@ -48,16 +49,17 @@ def score_groups(pool, groups: list[GroupResult], group_size: int) -> list[dict[
 class Trainer:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
-        self.out = Path(cfg.output_dir)
+        self.out = Path(cfg.output_dir).resolve()     # absolute: learner ranks write the checkpoints
         self.prompts = train_prompts(cfg)
         self.schedule = PromptSchedule(len(self.prompts), cfg.data.prompts_per_step, cfg.seed)
         self.bucket_bytes = int(cfg.cluster.weight_bucket_mb) << 20
-        self.learners = start_learner_ranks(cfg)
+        self.learners, self._learner_pg = start_learner_ranks(cfg)
         self.fleet = RolloutFleet(cfg, weights=self.export_weights)
         self.rewards = start_reward_pool(cfg)
         self._eval_pool = None
         self.worker_pids: dict[int, int] = {}
         self.sync_group_epoch = 0
+        self.weight_dtype: Optional[str] = None   # the workers' parameter dtype: weights travel in it
         self.sync_group_ready = False
         self.step = 0                      # next training step to run
         self.inflight: dict[int, list[PendingRollout]] = {}
@@ -71,11 +73,24 @@ class Trainer:
     def version(self) -> int:
         return self.fleet.version
 
+    def _learner_get(self, refs: Any, what: str, timeout: Optional[float] = None) -> Any:
+        """`ray.get` of learner calls; a dead learner rank stops the run with LearnerFailure."""
+        try:
+            return ray.get(refs, timeout=timeout)
+        except ACTOR_ERRORS as e:
+            raise LearnerFailure(f"a learner rank died during {what} at step {self.step} ({type(e).__name__}); "
+                                 f"nothing after the last checkpoint was saved: resume with resume=auto "
+                                 f"({self.last_checkpoint or 'no checkpoint yet'})") from e
+
     # ----- weights -------------------------------------------------------------------------------------------------
+    def _export(self) -> dict[str, Any]:
+        """Every learner rank takes part (ZeRO-3 gathers); rank 0 returns its bucket references and bytes."""
+        return self._learner_get([l.export_weights.remote(self.bucket_bytes, self.weight_dtype)
+                                  for l in self.learners], "the weight export")[0]
+
     def export_weights(self) -> tuple[int, list[Any]]:
-        """Every learner rank takes part (ZeRO-3 gathers); rank 0's bucket references are returned."""
-        exports = ray.get([l.export_weights.remote(self.bucket_bytes) for l in self.learners])
-        return self.version, exports[0]["refs"]
+        """The current (version, bucket references), for workers that Ray restarted."""
+        return self.version, self._export()["refs"]
 
     def _form_sync_group(self) -> None:
         backend = "nccl" if self.cfg.cluster.rollout_gpus > 0 and self.cfg.cluster.learner_gpus > 0 else "gloo"
@@ -89,31 +104,48 @@ class Trainer:
         self.sync_group_ready = True
 
     def sync_weights(self) -> dict[str, float]:
-        """Publish the learner's weights to every rollout worker; returns seconds and bytes moved."""
+        """Publish the learner's weights to every rollout worker; returns seconds and bytes moved. A failed
+        collective broadcast (a member died or timed out) falls back to the object store; a worker that dies
+        during the transfer is waited for (Ray restarts it) and served again."""
         t0 = time.perf_counter()
-        pids = {i: s["pid"] for i, s in self.fleet.wait_ready().items()}
-        if pids != self.worker_pids:            # a worker (re)started: its group membership is gone
-            self.sync_group_ready = False
-            self.worker_pids = pids
-        self.fleet.version = ray.get(self.learners[0].version.remote())
+        self.fleet.version = self._learner_get(self.learners[0].version.remote(), "the weight sync")
         mode, nbytes = self.cfg.cluster.weight_sync, 0.0
-        if mode == "collective":
+        for attempt in range(3):
+            status = self.fleet.wait_ready()
+            pids = {i: s["pid"] for i, s in status.items()}
+            # Sender and receivers must plan the buckets with one dtype: the workers' (e.g. a bf16 learner
+            # sending to fp32 workers converts on the way).
+            dtypes = {s.get("dtype") for s in status.values()}
+            if len(dtypes) != 1:
+                raise RuntimeError(f"rollout workers hold their weights in different dtypes {sorted(map(str, dtypes))}")
+            self.weight_dtype = dtypes.pop()
+            if pids != self.worker_pids:            # a worker (re)started or left: its group membership is gone
+                self.sync_group_ready = False
+                self.worker_pids = pids
             try:
-                if not self.sync_group_ready:
-                    self._form_sync_group()
-                results = ray.get([l.broadcast_weights.remote(self.bucket_bytes) for l in self.learners] +
-                                  [w.receive_weights.remote(self.version, self.bucket_bytes)
-                                   for w in self.fleet.workers.values()], timeout=900)
-                nbytes = results[0]["bytes"]
-            except Exception as e:  # a member died or timed out: fall back to the object store this time
-                print(f"[maskgrpo] collective weight sync failed ({type(e).__name__}: {e}); using the object store",
-                      flush=True)
+                if mode == "collective":
+                    if not self.sync_group_ready:
+                        self._form_sync_group()
+                    results = ray.get([l.broadcast_weights.remote(self.bucket_bytes, self.weight_dtype)
+                                       for l in self.learners] +
+                                      [w.receive_weights.remote(self.version, self.bucket_bytes, self.weight_dtype)
+                                       for w in self.fleet.workers.values()], timeout=900)
+                    nbytes = results[0]["bytes"]
+                else:
+                    export = self._export()
+                    ray.get([w.load_weights.remote(export["refs"]) for w in self.fleet.workers.values()],
+                            timeout=900)
+                    nbytes = export["bytes"]
+                break
+            except LearnerFailure:
+                raise
+            except Exception as e:
+                if mode == "object_store" and (attempt == 2 or not isinstance(e, ACTOR_ERRORS)):
+                    raise
+                print(f"[maskgrpo] {mode} weight sync failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                      f"retrying through the object store", flush=True)
                 self.sync_group_ready = False
                 mode = "object_store"
-        if mode == "object_store":
-            exports = ray.get([l.export_weights.remote(self.bucket_bytes) for l in self.learners])
-            ray.get([w.load_weights.remote(exports[0]["refs"]) for w in self.fleet.workers.values()], timeout=900)
-            nbytes = exports[0]["bytes"]
         seconds = time.perf_counter() - t0
         return {"sync_seconds": seconds, "sync_bytes": nbytes, "sync_collective": float(mode == "collective")}
 
@@ -127,6 +159,8 @@ class Trainer:
 
     def _launch_ahead(self) -> None:
         last = min(self.step + self.cfg.cluster.max_staleness, self.cfg.max_steps - 1)
+        if any(s not in self.inflight for s in range(self.step, last + 1)):
+            self.fleet.resync_restarted()   # a worker Ray restarted since the last sync gets the weights first
         for s in range(self.step, last + 1):
             if s not in self.inflight:
                 self.inflight[s] = self.fleet.dispatch(self._requests(s))
@@ -146,14 +180,9 @@ class Trainer:
         rewards = [s["rewards"] for s in scores]
         n = len(self.learners)
         t0 = time.perf_counter()
-        try:
-            results = ray.get([l.train_step.remote([g.traj_ref for g in groups[r::n]], rewards[r::n],
-                                                   [g.meta.prompt for g in groups[r::n]])
-                               for r, l in enumerate(self.learners)])
-        except ACTOR_ERRORS as e:
-            raise LearnerFailure(f"a learner rank died at step {step} ({type(e).__name__}); nothing after the last "
-                                 f"checkpoint was saved: resume with resume=auto "
-                                 f"({self.last_checkpoint or 'no checkpoint yet'})") from e
+        results = self._learner_get([l.train_step.remote([g.traj_ref for g in groups[r::n]], rewards[r::n],
+                                                         [g.meta.prompt for g in groups[r::n]])
+                                     for r, l in enumerate(self.learners)], "the update")
         self.accepted_groups.update(g.meta.group_id for g in groups)
         learner_s = time.perf_counter() - t0
         sync = self.sync_weights()
@@ -191,12 +220,13 @@ class Trainer:
 
     def save_checkpoint(self) -> str:
         root = str(self.out / "checkpoints")
-        paths = ray.get([l.save_checkpoint.remote(root, self.driver_state()) for l in self.learners])
+        paths = self._learner_get([l.save_checkpoint.remote(root, self.driver_state()) for l in self.learners],
+                                  "a checkpoint save")
         self.last_checkpoint = paths[0]
         return paths[0]
 
     def resume(self, path: str) -> None:
-        infos = ray.get([l.resume.remote(path) for l in self.learners])
+        infos = self._learner_get([l.resume.remote(path) for l in self.learners], "the resume")
         state = infos[0].get("driver_state") or {}
         self.step = int(state.get("step", infos[0]["version"]))
         self.counters.update(state.get("counters", {}))
@@ -238,3 +268,7 @@ class Trainer:
                 ray.kill(a)
             except Exception:
                 pass
+        try:
+            remove_placement_group(self._learner_pg)
+        except Exception:
+            pass

@@ -7,7 +7,7 @@ from typing import Any, Callable, Optional
 
 import ray
 from omegaconf import DictConfig
-from ray.exceptions import RayActorError
+from ray.exceptions import ActorDiedError, RayActorError
 
 from actors.types import GroupMeta, GroupRequest
 
@@ -98,15 +98,29 @@ class RolloutFleet:
         return results
 
     def wait_ready(self, timeout_s: float = 300.0) -> dict[int, dict[str, Any]]:
-        """Statuses of all workers, waiting while Ray restarts a dead one."""
+        """Statuses of all workers, waiting while Ray restarts a dead one. A worker dead for good (its restarts
+        used up) leaves the fleet, as long as another one remains."""
         deadline = time.monotonic() + timeout_s
         while True:
-            try:
-                return self.status()
-            except ACTOR_ERRORS:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
+            ids = sorted(self.workers)
+            refs = [self.workers[i].ready.remote() for i in ids]
+            status, restarting = {}, []
+            for i, ref in zip(ids, refs):
+                try:
+                    status[i] = ray.get(ref, timeout=600)
+                except ActorDiedError:
+                    if len(self.workers) == 1:
+                        raise
+                    print(f"[maskgrpo] rollout worker {i} is dead for good (restarts used up); continuing with "
+                          f"{len(self.workers) - 1} workers", flush=True)
+                    del self.workers[i]
+                except ACTOR_ERRORS:
+                    restarting.append(i)
+            if not restarting:
+                return status
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rollout workers {restarting} did not come back within {timeout_s:.0f} s")
+            time.sleep(0.5)
 
     def resync_restarted(self) -> list[int]:
         """Give workers that came back without the current weights the learner's weights (object store)."""

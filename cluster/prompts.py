@@ -66,6 +66,9 @@ def _read_parquet(p: Path) -> list[PromptItem]:
             raise PromptFileError(f"{p}: row {n} has an empty or non-string prompt")
         for key in ("include", "exclude"):   # GenEval clauses stored as JSON strings
             if isinstance(row.get(key), str):
-                row[key] = json.loads(row[key])
+                try:
+                    row[key] = json.loads(row[key])
+                except json.JSONDecodeError as e:
+                    raise PromptFileError(f"{p}: row {n}: column {key!r} is not valid JSON ({e.msg})") from None
         items.append(PromptItem(prompt, row))
     return items

@@ -46,3 +46,12 @@ def tiny_showo(tiny_config_dict, showo_vectors):
     weights = {k[len("weights."):]: v for k, v in showo_vectors.items() if k.startswith("weights.")}
     model.load_released_state_dict(weights)
     return model.eval()
+
+
+@pytest.fixture(scope="module")
+def single_torch_thread():
+    """Tiny models run best on one thread; two OpenMP threads on a busy 2-core machine spin for ages."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

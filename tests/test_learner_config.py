@@ -11,13 +11,7 @@ from learner.engine import WarmupCosine, deepspeed_config, param_groups, plan_ch
 from learner.testing import random_showo, sample_groups
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_torch_thread():
-    """Tiny models run best on one thread; two OpenMP threads on a busy 2-core machine spin for ages."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def test_config_defaults_validation_and_round_trip():

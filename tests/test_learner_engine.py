@@ -15,13 +15,7 @@ from policy.showo import Showo
 from policy.weights import CheckpointError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_torch_thread():
-    """Tiny models run best on one thread; two OpenMP threads on a busy 2-core machine spin for ages."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 Z3_SMALL = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}   # really partition the tiny model
 

@@ -12,13 +12,7 @@ from learner.loss import k3_kl, scored_terms
 from learner.testing import random_showo, sample_groups
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_torch_thread():
-    """Tiny models run best on one thread; two OpenMP threads on a busy 2-core machine spin for ages."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 # ----- hand-computed rows -------------------------------------------------------------------------------------
 # (ratio, advantage, loss, d loss / d logp, clipped)  with clip range [0.9, 1.2]

@@ -12,13 +12,7 @@ from learner import Learner, LearnerConfig, policy_step_logprobs
 from reference_trajectories import load_reference_trajectories
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_torch_thread():
-    """Tiny models run best on one thread; two OpenMP threads on a busy 2-core machine spin for ages."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 VARIANTS = {"ar_style": "ar_style", "candidate2": "candidate2", "candidate1": "candidate1_fixed"}
 
