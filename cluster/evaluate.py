@@ -36,7 +36,7 @@ def evaluate(cfg: DictConfig, fleet: RolloutFleet, pool, step: int, decoder=None
     tags, verdicts, rewards = [], [], []
     for g, s in zip(groups, scores):
         tags += [str(g.meta.metadata.get("tag", "all"))] * k
-        verdicts += (s["details"]["strict"] if "strict" in s["details"] else s["rewards"]).tolist()
+        verdicts += _strict_verdicts(s).tolist()
         rewards += s["rewards"].tolist()
     report = summarize_geneval(tags, verdicts)
     report.update({"step": step, "reward_mean": float(torch.tensor(rewards).mean()) if rewards else float("nan"),
@@ -49,6 +49,15 @@ def evaluate(cfg: DictConfig, fleet: RolloutFleet, pool, step: int, decoder=None
     if decoder is not None and groups:
         _category_grids(groups, tags, k, decoder, out / f"step_{step:06d}")
     return report
+
+
+def _strict_verdicts(scored: dict[str, Any]) -> torch.Tensor:
+    """GenEval's 0/1 verdicts of a scored group (the `<label>/strict` detail of the GenEval reward); without a
+    GenEval reward, the reward itself thresholded at 0.5."""
+    keys = [k for k in scored["details"] if k == "strict" or k.endswith("/strict")]
+    if keys:
+        return scored["details"][keys[0]]
+    return (scored["rewards"] >= 0.5).float()
 
 
 def _category_grids(groups, tags, k, decoder, directory: Path, per_category: int = 8) -> None:

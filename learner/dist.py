@@ -41,6 +41,12 @@ def init_distributed() -> None:
     import deepspeed
     if use_cuda():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    else:
+        # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce kernel at every first start (about a
+        # minute, and again whenever the build environment differs, e.g. inside Ray actors). gloo's all-reduce
+        # is all the learner needs on a CPU, so skip the kernel (the backend falls back when it is None).
+        import deepspeed.comm.torch as ds_torch_comm
+        ds_torch_comm.build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda() else "gloo", auto_mpi_discovery=False)
 
 

@@ -248,7 +248,14 @@ class GenEvalReward(Reward):
     def __init__(self, detector: Mapping[str, Any] | Detector, color_classifier: Mapping[str, Any] | None = None,
                  strict: bool = False, threshold: float = THRESHOLD, counting_threshold: float = COUNTING_THRESHOLD,
                  max_objects: int = MAX_OBJECTS, position_margin: float = POSITION_MARGIN,
-                 batch_size: Optional[int] = None, device: Optional[str] = None):
+                 batch_size: Optional[int] = None, device: Optional[str] = None,
+                 max_extra_objects: Optional[int] = None):
+        """`max_extra_objects`: when set, one more requirement — at most this many detected objects (above the
+        confidence threshold) beyond the objects the prompt asks for. GenEval itself has no such rule, so a policy
+        trained on it can flood the image with objects to satisfy "at least" clauses; this closes that loophole
+        for training (keep it unset to reproduce GenEval's verdicts)."""
+        self.max_extra_objects = max_extra_objects
+        self.threshold = threshold
         if device is not None:   # e.g. set by a RewardWorker: the models' device, unless their spec names one
             detector, color_classifier = (
                 dict(s, device=s.get("device", device)) if isinstance(s, Mapping) and s.get("name") in MODEL_SPECS
@@ -266,7 +273,17 @@ class GenEvalReward(Reward):
         detections = self.detector.detect(images)
         if len(detections) != len(items):
             raise ValueError(f"detector returned {len(detections)} lists for {len(items)} images")
-        return self.engine.evaluate_batch(items, detections, images)
+        results = self.engine.evaluate_batch(items, detections, images)
+        if self.max_extra_objects is None:
+            return results
+        out = []
+        for item, dets, r in zip(items, detections, results):
+            asked = sum(int(c.get("count", 1)) for c in item.include)
+            found = sum(1 for d in dets if d.score > self.threshold)
+            ok = found - asked <= self.max_extra_objects
+            reason = r.reason if ok else "; ".join(x for x in (r.reason, f"{found - asked} extra objects") if x)
+            out.append(GenEvalResult(r.correct and ok, r.met + int(ok), r.total + 1, reason))
+        return out
 
     def _score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]):
         results = self.evaluate(images, prompts, metadata)

@@ -15,8 +15,8 @@ import pytest
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CI_OVERRIDES = [
-    "max_steps=12", "learner.total_steps=12", "learner.warmup_steps=2", "learner.lr=3e-4",
-    "pretrain.steps=150", "data.prompts_per_step=4", "data.group_size=8", "save_every=0",
+    "max_steps=16", "learner.total_steps=16", "learner.warmup_steps=2", "learner.lr=3e-4",
+    "pretrain.steps=200", "data.prompts_per_step=8", "data.group_size=8", "save_every=0",
     "data.eval_max_prompts=6", "eval.samples_per_prompt=2", "logging.sample_every=0", "seed=0",
 ]
 
@@ -30,7 +30,7 @@ def test_default_run_learns(tmp_path):
     summary = train(cfg)
 
     records = read_metrics(tmp_path)
-    assert [r["step"] for r in records] == list(range(12))
+    assert [r["step"] for r in records] == list(range(16))
     k, n = 4, cfg.data.prompts_per_step * cfg.data.group_size
     first, last = records[:k], records[-k:]
     gain = sum(r["reward_mean"] for r in last) / k - sum(r["reward_mean"] for r in first) / k
@@ -40,8 +40,8 @@ def test_default_run_learns(tmp_path):
 
     # the run directory a researcher expects
     for name in ("config.yaml", "metrics.jsonl", "reward_curve.png", "base/model.safetensors",
-                 "eval/step_000000.json", "eval/step_000012.json", "samples/step_000000.png"):
+                 "eval/step_000000.json", "eval/step_000016.json", "samples/step_000000.png"):
         assert (tmp_path / name).exists(), name
-    report = json.loads((tmp_path / "eval" / "step_000012.json").read_text())
+    report = json.loads((tmp_path / "eval" / "step_000016.json").read_text())
     assert set(report) >= {"overall", "categories"} and 0.0 <= report["overall"] <= 1.0
     assert (tmp_path / "checkpoints").is_dir() and summary["checkpoint"].startswith(str(tmp_path))

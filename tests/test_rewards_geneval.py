@@ -320,3 +320,28 @@ def test_worker_device_reaches_model_specs_only():
     from rewards.actor import RewardWorker
     worker = RewardWorker([{"name": "geneval", "detector": {"name": "shapes"}}], device="cpu")
     assert worker.labels() == ["geneval"]
+
+
+def test_max_extra_objects_closes_the_flooding_loophole():
+    """GenEval passes an image flooded with objects for "a photo of a circle"; with max_extra_objects it fails."""
+    import torch
+    from rewards.geneval import GenEvalReward
+    from rewards.types import Detection
+
+    class Fixed:
+        def __init__(self, dets):
+            self.dets = dets
+
+        def detect(self, images):
+            return [list(self.dets) for _ in range(len(images))]
+
+    flood = [Detection("circle", 1.0, (4 * i, 0, 4 * i + 4, 4), color="red") for i in range(6)]
+    meta = [{"tag": "single_object", "include": [{"class": "circle", "count": 1}]}]
+    images = torch.zeros(1, 8, 8, 3, dtype=torch.uint8)
+    plain = GenEvalReward(detector=Fixed(flood), strict=True)
+    assert plain.score(images, ["a photo of a circle"], meta).scores.tolist() == [1.0]
+    guarded = GenEvalReward(detector=Fixed(flood), strict=True, max_extra_objects=1)
+    assert guarded.score(images, ["a photo of a circle"], meta).scores.tolist() == [0.0]
+    lenient = GenEvalReward(detector=Fixed(flood[:2]), max_extra_objects=1)
+    out = lenient.evaluate(images, ["a photo of a circle"], meta)[0]
+    assert out.correct and out.met == out.total == 2
