@@ -250,10 +250,10 @@ class GenEvalReward(Reward):
                  max_objects: int = MAX_OBJECTS, position_margin: float = POSITION_MARGIN,
                  batch_size: Optional[int] = None, device: Optional[str] = None,
                  max_extra_objects: Optional[int] = None):
-        """`max_extra_objects`: when set, one more requirement — at most this many detected objects (above the
-        confidence threshold) beyond the objects the prompt asks for. GenEval itself has no such rule, so a policy
-        trained on it can flood the image with objects to satisfy "at least" clauses; this closes that loophole
-        for training (keep it unset to reproduce GenEval's verdicts)."""
+        """`max_extra_objects`: when set, an image showing more than this many detected objects (above the
+        confidence threshold) beyond those the prompt asks for fails and meets none of its requirements (fraction
+        0). GenEval itself has no such rule, so a policy trained on its partial credit learns to flood the image
+        with objects to satisfy "at least N" clauses; this closes that loophole (unset: GenEval's verdicts)."""
         self.max_extra_objects = max_extra_objects
         self.threshold = threshold
         if device is not None:   # e.g. set by a RewardWorker: the models' device, unless their spec names one
@@ -282,7 +282,7 @@ class GenEvalReward(Reward):
             found = sum(1 for d in dets if d.score > self.threshold)
             ok = found - asked <= self.max_extra_objects
             reason = r.reason if ok else "; ".join(x for x in (r.reason, f"{found - asked} extra objects") if x)
-            out.append(GenEvalResult(r.correct and ok, r.met + int(ok), r.total + 1, reason))
+            out.append(GenEvalResult(r.correct and ok, r.met if ok else 0, r.total, reason))
         return out
 
     def _score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]):

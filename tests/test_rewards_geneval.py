@@ -344,4 +344,6 @@ def test_max_extra_objects_closes_the_flooding_loophole():
     assert guarded.score(images, ["a photo of a circle"], meta).scores.tolist() == [0.0]
     lenient = GenEvalReward(detector=Fixed(flood[:2]), max_extra_objects=1)
     out = lenient.evaluate(images, ["a photo of a circle"], meta)[0]
-    assert out.correct and out.met == out.total == 2
+    assert out.correct and out.met == out.total == 1
+    flooded = guarded.evaluate(images, ["a photo of a circle"], meta)[0]
+    assert not flooded.correct and flooded.fraction == 0.0 and "extra objects" in flooded.reason
