@@ -249,12 +249,15 @@ class GenEvalReward(Reward):
                  strict: bool = False, threshold: float = THRESHOLD, counting_threshold: float = COUNTING_THRESHOLD,
                  max_objects: int = MAX_OBJECTS, position_margin: float = POSITION_MARGIN,
                  batch_size: Optional[int] = None, device: Optional[str] = None,
-                 max_extra_objects: Optional[int] = None):
+                 max_extra_objects: Optional[int] = None, precision_weighted: bool = False):
         """`max_extra_objects`: when set, an image showing more than this many detected objects (above the
         confidence threshold) beyond those the prompt asks for fails and meets none of its requirements (fraction
         0). GenEval itself has no such rule, so a policy trained on its partial credit learns to flood the image
         with objects to satisfy "at least N" clauses; this closes that loophole (unset: GenEval's verdicts)."""
         self.max_extra_objects = max_extra_objects
+        # `precision_weighted`: the fraction is multiplied by asked/found objects when more are found than asked,
+        # a dense penalty for unrequested objects (the strict verdict is unchanged).
+        self.precision_weighted = precision_weighted
         self.threshold = threshold
         if device is not None:   # e.g. set by a RewardWorker: the models' device, unless their spec names one
             detector, color_classifier = (
@@ -285,8 +288,21 @@ class GenEvalReward(Reward):
             out.append(GenEvalResult(r.correct and ok, r.met if ok else 0, r.total, reason))
         return out
 
+    def _precision(self, images: torch.Tensor, prompts: Sequence[str],
+                   metadata: Sequence[Mapping[str, Any]]) -> torch.Tensor:
+        """min(1, objects asked / objects detected above the threshold) per image."""
+        items = [item_from_metadata(p, m) for p, m in zip(prompts, metadata)]
+        out = []
+        for item, dets in zip(items, self.detector.detect(images)):
+            asked = sum(int(c.get("count", 1)) for c in item.include)
+            found = sum(1 for d in dets if d.score > self.threshold)
+            out.append(min(1.0, asked / found) if found else 1.0)
+        return torch.tensor(out, dtype=torch.float32)
+
     def _score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]):
         results = self.evaluate(images, prompts, metadata)
         strict = torch.tensor([float(r.correct) for r in results], dtype=torch.float32)
         frac = torch.tensor([r.fraction for r in results], dtype=torch.float32)
+        if self.precision_weighted:
+            frac = frac * self._precision(images, prompts, metadata)
         return RewardOutput(scores=strict if self.strict else frac, details={"strict": strict, "fraction": frac})

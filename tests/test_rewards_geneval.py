@@ -347,3 +347,24 @@ def test_max_extra_objects_closes_the_flooding_loophole():
     assert out.correct and out.met == out.total == 1
     flooded = guarded.evaluate(images, ["a photo of a circle"], meta)[0]
     assert not flooded.correct and flooded.fraction == 0.0 and "extra objects" in flooded.reason
+
+
+def test_precision_weighted_fraction_penalises_unrequested_objects():
+    import torch
+    from rewards.geneval import GenEvalReward
+    from rewards.types import Detection
+
+    class Fixed:
+        def __init__(self, dets):
+            self.dets = dets
+
+        def detect(self, images):
+            return [list(self.dets) for _ in range(len(images))]
+
+    meta = [{"tag": "single_object", "include": [{"class": "circle", "count": 1}]}]
+    images = torch.zeros(1, 8, 8, 3, dtype=torch.uint8)
+    four = [Detection("circle", 1.0, (4 * i, 0, 4 * i + 4, 4), color="red") for i in range(4)]
+    scored = GenEvalReward(detector=Fixed(four), precision_weighted=True).score(images, ["a photo of a circle"], meta)
+    assert scored.scores.tolist() == [0.25] and scored.details["strict"].tolist() == [1.0]
+    exact = GenEvalReward(detector=Fixed(four[:1]), precision_weighted=True).score(images, ["a circle"], meta)
+    assert exact.scores.tolist() == [1.0]
