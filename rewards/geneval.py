@@ -58,6 +58,8 @@ class GenEvalResult:
     met: int
     total: int
     reason: str = ""
+    asked: int = 0     # objects the prompt's include clauses ask for
+    found: int = 0     # objects detected above the confidence threshold
 
     @property
     def fraction(self) -> float:
@@ -276,33 +278,21 @@ class GenEvalReward(Reward):
         detections = self.detector.detect(images)
         if len(detections) != len(items):
             raise ValueError(f"detector returned {len(detections)} lists for {len(items)} images")
-        results = self.engine.evaluate_batch(items, detections, images)
-        if self.max_extra_objects is None:
-            return results
         out = []
-        for item, dets, r in zip(items, detections, results):
-            asked = sum(int(c.get("count", 1)) for c in item.include)
-            found = sum(1 for d in dets if d.score > self.threshold)
-            ok = found - asked <= self.max_extra_objects
-            reason = r.reason if ok else "; ".join(x for x in (r.reason, f"{found - asked} extra objects") if x)
-            out.append(GenEvalResult(r.correct and ok, r.met if ok else 0, r.total, reason))
+        for item, dets, r in zip(items, detections, self.engine.evaluate_batch(items, detections, images)):
+            r.asked = sum(int(c.get("count", 1)) for c in item.include)
+            r.found = sum(1 for d in dets if d.score > self.threshold)
+            if self.max_extra_objects is not None and r.found - r.asked > self.max_extra_objects:
+                reason = "; ".join(x for x in (r.reason, f"{r.found - r.asked} extra objects") if x)
+                r = GenEvalResult(False, 0, r.total, reason, r.asked, r.found)
+            out.append(r)
         return out
-
-    def _precision(self, images: torch.Tensor, prompts: Sequence[str],
-                   metadata: Sequence[Mapping[str, Any]]) -> torch.Tensor:
-        """min(1, objects asked / objects detected above the threshold) per image."""
-        items = [item_from_metadata(p, m) for p, m in zip(prompts, metadata)]
-        out = []
-        for item, dets in zip(items, self.detector.detect(images)):
-            asked = sum(int(c.get("count", 1)) for c in item.include)
-            found = sum(1 for d in dets if d.score > self.threshold)
-            out.append(min(1.0, asked / found) if found else 1.0)
-        return torch.tensor(out, dtype=torch.float32)
 
     def _score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]):
         results = self.evaluate(images, prompts, metadata)
         strict = torch.tensor([float(r.correct) for r in results], dtype=torch.float32)
         frac = torch.tensor([r.fraction for r in results], dtype=torch.float32)
-        if self.precision_weighted:
-            frac = frac * self._precision(images, prompts, metadata)
+        if self.precision_weighted:   # min(1, asked / found): a dense penalty for unrequested objects
+            frac = frac * torch.tensor([min(1.0, r.asked / r.found) if r.found else 1.0 for r in results],
+                                       dtype=torch.float32)
         return RewardOutput(scores=strict if self.strict else frac, details={"strict": strict, "fraction": frac})

@@ -322,27 +322,30 @@ def test_worker_device_reaches_model_specs_only():
     assert worker.labels() == ["geneval"]
 
 
+class FixedDetector:
+    """Returns the same detections for every image."""
+
+    def __init__(self, dets):
+        self.dets = dets
+
+    def detect(self, images):
+        return [list(self.dets) for _ in range(len(images))]
+
+
 def test_max_extra_objects_closes_the_flooding_loophole():
     """GenEval passes an image flooded with objects for "a photo of a circle"; with max_extra_objects it fails."""
     import torch
     from rewards.geneval import GenEvalReward
     from rewards.types import Detection
 
-    class Fixed:
-        def __init__(self, dets):
-            self.dets = dets
-
-        def detect(self, images):
-            return [list(self.dets) for _ in range(len(images))]
-
     flood = [Detection("circle", 1.0, (4 * i, 0, 4 * i + 4, 4), color="red") for i in range(6)]
     meta = [{"tag": "single_object", "include": [{"class": "circle", "count": 1}]}]
     images = torch.zeros(1, 8, 8, 3, dtype=torch.uint8)
-    plain = GenEvalReward(detector=Fixed(flood), strict=True)
+    plain = GenEvalReward(detector=FixedDetector(flood), strict=True)
     assert plain.score(images, ["a photo of a circle"], meta).scores.tolist() == [1.0]
-    guarded = GenEvalReward(detector=Fixed(flood), strict=True, max_extra_objects=1)
+    guarded = GenEvalReward(detector=FixedDetector(flood), strict=True, max_extra_objects=1)
     assert guarded.score(images, ["a photo of a circle"], meta).scores.tolist() == [0.0]
-    lenient = GenEvalReward(detector=Fixed(flood[:2]), max_extra_objects=1)
+    lenient = GenEvalReward(detector=FixedDetector(flood[:2]), max_extra_objects=1)
     out = lenient.evaluate(images, ["a photo of a circle"], meta)[0]
     assert out.correct and out.met == out.total == 1
     flooded = guarded.evaluate(images, ["a photo of a circle"], meta)[0]
@@ -354,17 +357,10 @@ def test_precision_weighted_fraction_penalises_unrequested_objects():
     from rewards.geneval import GenEvalReward
     from rewards.types import Detection
 
-    class Fixed:
-        def __init__(self, dets):
-            self.dets = dets
-
-        def detect(self, images):
-            return [list(self.dets) for _ in range(len(images))]
-
     meta = [{"tag": "single_object", "include": [{"class": "circle", "count": 1}]}]
     images = torch.zeros(1, 8, 8, 3, dtype=torch.uint8)
     four = [Detection("circle", 1.0, (4 * i, 0, 4 * i + 4, 4), color="red") for i in range(4)]
-    scored = GenEvalReward(detector=Fixed(four), precision_weighted=True).score(images, ["a photo of a circle"], meta)
+    scored = GenEvalReward(detector=FixedDetector(four), precision_weighted=True).score(images, ["a photo of a circle"], meta)
     assert scored.scores.tolist() == [0.25] and scored.details["strict"].tolist() == [1.0]
-    exact = GenEvalReward(detector=Fixed(four[:1]), precision_weighted=True).score(images, ["a circle"], meta)
+    exact = GenEvalReward(detector=FixedDetector(four[:1]), precision_weighted=True).score(images, ["a circle"], meta)
     assert exact.scores.tolist() == [1.0]
