@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,7 @@ def slug(name: str) -> str:
 
 def main(argv=None) -> int:
     from cluster.config import load_config
+    from cluster.metrics import read_metrics
     from cluster.train import train
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/ablations.yaml")
@@ -36,23 +38,29 @@ def main(argv=None) -> int:
     for name, overrides in spec.variants.items():
         if args.only and args.only not in name:
             continue
-        before, after = [], []
+        before, after, extras = [], [], []
         for seed in seeds:
             out = Path(args.root) / slug(name) / f"seed{seed}"
             extra = list(spec.common) + list(overrides) + [f"seed={seed}", f"output_dir={out}"]
-            if args.max_steps:
-                extra.append(f"max_steps={args.max_steps}")
+            if args.max_steps:   # a shorter run with a complete learning-rate schedule
+                extra += [f"max_steps={args.max_steps}", f"learner.total_steps={args.max_steps}"]
             cfg = load_config(spec.base, extra)
             summary_path = out / "summary.json"
             if summary_path.exists():
                 summary = json.loads(summary_path.read_text())
             else:
+                t0 = time.perf_counter()
                 summary = train(cfg)
                 summary = {k: summary[k] for k in ("eval_start", "eval_end")}
+                summary["minutes"] = (time.perf_counter() - t0) / 60
+                rewards = [r["reward_mean"] for r in read_metrics(out)]
+                summary["train_reward_first10"] = float(np.mean(rewards[:10]))
+                summary["train_reward_last10"] = float(np.mean(rewards[-10:]))
                 summary_path.write_text(json.dumps(summary, indent=1))
             before.append(summary["eval_start"])
             after.append(summary["eval_end"])
-        rows.append((name, before, after))
+            extras.append(summary)
+        rows.append((name, before, after, extras))
         _print(rows, seeds)
     return 0
 
@@ -60,14 +68,19 @@ def main(argv=None) -> int:
 def _print(rows, seeds) -> None:
     cats = list(rows[0][2][0]["categories"])
     print(f"\n# held-out GenEval-shapes, {len(seeds)} seed(s) {seeds}; mean ± std over seeds")
-    print(f"| variant | before | after | gain | " + " | ".join(cats) + " |")
-    print("|---|---|---|---|" + "---|" * len(cats))
-    for name, before, after in rows:
+    print("| variant | before | after | gain | train reward (first → last 10 steps) | minutes | "
+          + " | ".join(cats) + " |")
+    print("|---|---|---|---|---|---|" + "---|" * len(cats))
+    for name, before, after, extras in rows:
         b = np.array([r["overall"] for r in before])
         a = np.array([r["overall"] for r in after])
         per_cat = [np.mean([r["categories"][c] for r in after]) for c in cats]
+        r0 = np.mean([e.get("train_reward_first10", np.nan) for e in extras])
+        r1 = np.mean([e.get("train_reward_last10", np.nan) for e in extras])
+        minutes = np.mean([e.get("minutes", np.nan) for e in extras])
         print(f"| {name} | {b.mean():.3f} ± {b.std():.3f} | {a.mean():.3f} ± {a.std():.3f} | "
-              f"{(a - b).mean():+.3f} | " + " | ".join(f"{v:.2f}" for v in per_cat) + " |", flush=True)
+              f"{(a - b).mean():+.3f} | {r0:.2f} → {r1:.2f} | {minutes:.1f} | "
+              + " | ".join(f"{v:.2f}" for v in per_cat) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,10 @@
 """A CI-sized version of the default run (configs/default.yaml): pretraining, then Mask-GRPO through the real
 Ray actors (rollout worker, reward actor with the GenEval engine on the shapes world, DeepSpeed learner rank).
 
-Seed 0. The training reward must rise by more than random variation explains: the gain of the mean reward of the
-last steps over the first steps is compared with the standard error of that difference, computed from the
-per-step reward spreads the run itself logs.
-
-The reward here is GenEval's partial credit without the `max_extra_objects` guard of configs/default.yaml: it is
-what the loop demonstrably optimises within a CI budget (the policy can partly satisfy it by adding objects, see
-the README), so this test shows that the distributed RL loop optimises the reward it is given; it does not claim
-that held-out image quality improves.
+Seed 0, the default run's reward (GenEval partial credit, zero for any object beyond those asked for), 40 RL steps
+instead of 150. The training reward must rise by more than random variation explains: the gain of the mean reward
+of the last 8 steps over the first 8 is compared with the standard error of that difference, computed from the
+per-step reward spreads the run itself logs. (The held-out gain of the full run is measured in the README.)
 """
 from __future__ import annotations
 
@@ -20,11 +16,10 @@ import pytest
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CI_OVERRIDES = [
-    "max_steps=16", "learner.total_steps=16", "learner.warmup_steps=2", "learner.lr=3e-4",
-    "pretrain.steps=200", "data.prompts_per_step=8", "data.group_size=8", "save_every=0",
-    "data.eval_max_prompts=6", "eval.samples_per_prompt=2", "logging.sample_every=0", "seed=0",
-    "rewards=[{name: geneval, weight: 1.0, detector: {name: shapes}}]",
+    "max_steps=40", "learner.total_steps=40", "save_every=0", "eval.every=0", "eval.samples_per_prompt=4",
+    "logging.sample_every=0", "seed=0",
 ]
+STEPS = 40
 
 
 def test_default_run_learns(tmp_path):
@@ -36,8 +31,8 @@ def test_default_run_learns(tmp_path):
     summary = train(cfg)
 
     records = read_metrics(tmp_path)
-    assert [r["step"] for r in records] == list(range(16))
-    k, n = 4, cfg.data.prompts_per_step * cfg.data.group_size
+    assert [r["step"] for r in records] == list(range(STEPS))
+    k, n = 8, cfg.data.prompts_per_step * cfg.data.group_size
     first, last = records[:k], records[-k:]
     gain = sum(r["reward_mean"] for r in last) / k - sum(r["reward_mean"] for r in first) / k
     # standard error of a difference of two means of k step-means, each over n images
@@ -46,8 +41,8 @@ def test_default_run_learns(tmp_path):
 
     # the run directory a researcher expects
     for name in ("config.yaml", "metrics.jsonl", "reward_curve.png", "base/model.safetensors",
-                 "eval/step_000000.json", "eval/step_000016.json", "samples/step_000000.png"):
+                 "eval/step_000000.json", f"eval/step_{STEPS:06d}.json", "samples/step_000000.png"):
         assert (tmp_path / name).exists(), name
-    report = json.loads((tmp_path / "eval" / "step_000016.json").read_text())
+    report = json.loads((tmp_path / "eval" / f"step_{STEPS:06d}.json").read_text())
     assert set(report) >= {"overall", "categories"} and 0.0 <= report["overall"] <= 1.0
     assert (tmp_path / "checkpoints").is_dir() and summary["checkpoint"].startswith(str(tmp_path))
