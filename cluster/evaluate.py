@@ -80,6 +80,19 @@ def format_table(report: dict[str, Any], title: str = "") -> str:
     return "\n".join(lines)
 
 
+def format_before_after(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """The held-out table before and after RL, one row each, and the change of the overall score."""
+    cats = list(after.get("categories", {}))
+    rows = [" " * 10 + " | ".join(f"{c:>13}" for c in cats + ["overall"])]
+    for label, rep in ((f"step {before.get('step', 0)}", before), (f"step {after.get('step', '?')}", after)):
+        vals = [rep.get("categories", {}).get(c, float("nan")) for c in cats] + [rep["overall"]]
+        rows.append(f"{label:>10}" + " | ".join(f"{v:13.3f}" for v in vals))
+    b, a = before["overall"], after["overall"]
+    change = f"{a - b:+.3f}" + (f" ({(a - b) / b:+.0%})" if b > 0 else "")
+    rows.append(f"overall {b:.3f} -> {a:.3f}, {change}")
+    return "\n".join(rows)
+
+
 def evaluate_command(cfg: DictConfig, checkpoint: Optional[str] = None, prompts: Optional[str] = None) -> dict:
     """`maskgrpo eval`: rollout workers with the checkpoint's weights + reward actors; prints the table."""
     from omegaconf import OmegaConf

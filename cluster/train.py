@@ -116,11 +116,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         from .plots import reward_curve
         summary["reward_curve"] = str(reward_curve(cfg.output_dir))
         summary["counters"] = dict(trainer.counters)
+        _print_outcome(cfg, summary)
         return summary
     finally:
         trainer.shutdown()
         if started:
             ray.shutdown()
+
+
+def _print_outcome(cfg: DictConfig, summary: dict[str, Any]) -> None:
+    """The run's result for a newcomer: held-out scores before and after RL, and where the pictures are."""
+    import json
+    from .evaluate import format_before_after
+    out = Path(cfg.output_dir)
+    start = out / "eval" / "step_000000.json"      # read from disk: a resumed run evaluated step 0 earlier
+    before = summary.get("eval_start") or (json.loads(start.read_text()) if start.is_file() else None)
+    after = summary["eval_end"]
+    print(f"\n[maskgrpo] held-out evaluation ({cfg.eval.samples_per_prompt} images per prompt), before and after RL:")
+    if before is not None:
+        print(format_before_after(before, after))
+    step = int(after.get("step", 0))
+    print(f"[maskgrpo] reward curve: {summary['reward_curve']}\n[maskgrpo] image grids: {out / 'eval'}/step_000000/ "
+          f"(before), {out / 'eval'}/step_{step:06d}/ (after), {out / 'samples'}/\n"
+          f"[maskgrpo] last checkpoint: {summary['checkpoint']}", flush=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
