@@ -25,3 +25,22 @@ def test_before_after_table_has_both_rows_and_the_relative_change():
     assert "counting" in lines[0] and "overall" in lines[0]
     assert lines[1].split()[:3] == ["step", "0", "0.000"] and lines[2].split()[:3] == ["step", "150", "0.250"]
     assert lines[3] == "overall 0.250 -> 0.500, +0.250 (+100%)"
+
+
+def test_reward_curve_marks_the_held_out_evaluations(tmp_path):
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from cluster.plots import reward_curve
+    (tmp_path / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "reward_mean": 0.3 + 0.01 * s, "reward_std": 0.1}) + "\n" for s in range(20)))
+    (tmp_path / "eval").mkdir()
+    for step, overall in ((0, 0.2), (20, 0.6)):
+        (tmp_path / "eval" / f"step_{step:06d}.json").write_text(json.dumps({"step": step, "overall": overall}))
+    pixels = np.asarray(Image.open(reward_curve(tmp_path)).convert("RGB"))
+    green = (pixels == (0x2C, 0xA0, 0x2C)).all(-1)      # the third series' colour: the evaluations
+    assert green.sum() > 100
+    rows, cols = np.nonzero(green[40:])                  # below the legend: the markers and their line
+    assert cols.max() > pixels.shape[1] - 40 and rows.min() < rows.max()   # reaches step 20, rises
