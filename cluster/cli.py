@@ -37,14 +37,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return run_benchmark(args.what, args.overrides)
     try:
         cfg = load_config(args.config, args.overrides)
-        if args.command == "generate" and args.prompts:
-            read_prompts(args.prompts)
+        file_prompts = read_prompts(args.prompts) if args.command == "generate" and args.prompts else []
     except (ConfigError, PromptFileError) as e:
         print(f"maskgrpo: {e}", file=sys.stderr)
         return 2
     if args.command == "generate":
         from .generate import generate
-        prompts = list(args.prompt) + ([it.prompt for it in read_prompts(args.prompts)] if args.prompts else [])
+        prompts = list(args.prompt) + [it.prompt for it in file_prompts]
         if not prompts:
             print("maskgrpo generate: give --prompt TEXT (repeatable) or --prompts FILE", file=sys.stderr)
             return 2

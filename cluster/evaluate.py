@@ -26,6 +26,11 @@ def eval_requests(cfg: DictConfig) -> list[GroupRequest]:
             for i, it in enumerate(eval_prompts(cfg))]
 
 
+def report_path(output_dir: str | Path, step: int) -> Path:
+    """`eval/step_NNNNNN.json` of a run; its category grids are in the directory of the same name without `.json`."""
+    return Path(output_dir) / "eval" / f"step_{step:06d}.json"
+
+
 def evaluate(cfg: DictConfig, fleet: RolloutFleet, pool, step: int, decoder=None) -> dict[str, Any]:
     from rewards.geneval import summarize_geneval
     from .driver import score_groups
@@ -41,13 +46,13 @@ def evaluate(cfg: DictConfig, fleet: RolloutFleet, pool, step: int, decoder=None
     report = summarize_geneval(tags, verdicts)
     report.update({"step": step, "reward_mean": float(torch.tensor(rewards).mean()) if rewards else float("nan"),
                    "samples_per_prompt": k, "guidance_scale": float(cfg.eval.guidance_scale)})
-    out = Path(cfg.output_dir) / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f"step_{step:06d}.json.tmp"
+    path = report_path(cfg.output_dir, step)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(out / f"step_{step:06d}.json")
+    tmp.replace(path)
     if decoder is not None and groups:
-        _category_grids(groups, tags, k, decoder, out / f"step_{step:06d}")
+        _category_grids(groups, tags, k, decoder, path.with_suffix(""))
     return report
 
 
@@ -72,21 +77,26 @@ def _category_grids(groups, tags, k, decoder, directory: Path, per_category: int
                   scale=max(1, 128 // images.shape[1]))
 
 
+def _header(cats: list[str]) -> str:
+    return " | ".join(f"{c:>13}" for c in cats + ["overall"])
+
+
+def _scores(report: dict[str, Any], cats: list[str]) -> str:
+    vals = [report.get("categories", {}).get(c, float("nan")) for c in cats] + [report["overall"]]
+    return " | ".join(f"{v:13.3f}" for v in vals)
+
+
 def format_table(report: dict[str, Any], title: str = "") -> str:
-    cats = report.get("categories", {})
-    lines = [title] if title else []
-    lines.append(" | ".join(f"{c:>13}" for c in list(cats) + ["overall"]))
-    lines.append(" | ".join(f"{v:13.3f}" for v in list(cats.values()) + [report["overall"]]))
-    return "\n".join(lines)
+    cats = list(report.get("categories", {}))
+    return "\n".join(([title] if title else []) + [_header(cats), _scores(report, cats)])
 
 
 def format_before_after(before: dict[str, Any], after: dict[str, Any]) -> str:
     """The held-out table before and after RL, one row each, and the change of the overall score."""
     cats = list(after.get("categories", {}))
-    rows = [" " * 10 + " | ".join(f"{c:>13}" for c in cats + ["overall"])]
-    for label, rep in ((f"step {before.get('step', 0)}", before), (f"step {after.get('step', '?')}", after)):
-        vals = [rep.get("categories", {}).get(c, float("nan")) for c in cats] + [rep["overall"]]
-        rows.append(f"{label:>10}" + " | ".join(f"{v:13.3f}" for v in vals))
+    rows = [" " * 10 + _header(cats)]
+    for rep in (before, after):
+        rows.append(f"{'step ' + str(rep.get('step', '?')):>10}" + _scores(rep, cats))
     b, a = before["overall"], after["overall"]
     change = f"{a - b:+.3f}" + (f" ({(a - b) / b:+.0%})" if b > 0 else "")
     rows.append(f"overall {b:.3f} -> {a:.3f}, {change}")

@@ -48,11 +48,6 @@ class RolloutFleet:
         self.version = 0
         self.failures = 0
 
-    def status(self) -> dict[int, dict[str, Any]]:
-        ids = sorted(self.workers)
-        refs = [self.workers[i].ready.remote() for i in ids]
-        return {i: ray.get(r, timeout=600) for i, r in zip(ids, refs)}
-
     def dispatch(self, requests: list[GroupRequest], overrides: Optional[dict[str, Any]] = None,
                  exclude: tuple[int, ...] = ()) -> list[PendingRollout]:
         """Spread groups over the workers, one batched `rollout` call per worker."""

@@ -127,18 +127,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 def _print_outcome(cfg: DictConfig, summary: dict[str, Any]) -> None:
     """The run's result for a newcomer: held-out scores before and after RL, and where the pictures are."""
     import json
-    from .evaluate import format_before_after
-    out = Path(cfg.output_dir)
-    start = out / "eval" / "step_000000.json"      # read from disk: a resumed run evaluated step 0 earlier
+    from .evaluate import format_before_after, report_path
+    start, end = report_path(cfg.output_dir, 0), report_path(cfg.output_dir, int(summary["eval_end"]["step"]))
+    # read step 0 from disk when this process did not evaluate it (a resumed run)
     before = summary.get("eval_start") or (json.loads(start.read_text()) if start.is_file() else None)
     after = summary["eval_end"]
-    print(f"\n[maskgrpo] held-out evaluation ({cfg.eval.samples_per_prompt} images per prompt), before and after RL:")
     if before is not None:
-        print(format_before_after(before, after))
-    step = int(after.get("step", 0))
-    print(f"[maskgrpo] reward curve: {summary['reward_curve']}\n[maskgrpo] image grids: {out / 'eval'}/step_000000/ "
-          f"(before), {out / 'eval'}/step_{step:06d}/ (after), {out / 'samples'}/\n"
-          f"[maskgrpo] last checkpoint: {summary['checkpoint']}", flush=True)
+        print(f"\n[maskgrpo] held-out evaluation ({cfg.eval.samples_per_prompt} images per prompt), "
+              f"before and after RL:\n{format_before_after(before, after)}")
+    grids = f"{end.with_suffix('')}/" + (f" (after), {start.with_suffix('')}/ (before)" if before is not None else "")
+    print(f"[maskgrpo] reward curve: {summary['reward_curve']}\n[maskgrpo] image grids: {grids}, "
+          f"{Path(cfg.output_dir) / 'samples'}/\n[maskgrpo] last checkpoint: {summary['checkpoint']}", flush=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
