@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from learner.config import LearnerConfig
-from policy.bundle import load_policy, policy_config_from_dict
+from policy.factory import load_policy, policy_config_from_dict
 
 from .weight_sync import SyncGroupSpec, WeightSyncGroup, param_digest
 

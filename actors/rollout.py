@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from learner.weights_export import WeightBucket, apply_weight_bucket
-from policy.bundle import load_policy, policy_config_from_dict
+from policy.factory import load_policy, policy_config_from_dict
 from policy.sampler import SamplerConfig, UnmaskingSampler
 
 from .types import GroupMeta, GroupRequest

@@ -77,14 +77,14 @@ def bench_ray_pipeline(out: str, overrides: list[str], steps: int, warmup: int) 
 
 def bench_in_process(out: str, overrides: list[str], steps: int, warmup: int, threads: int) -> dict[str, Any]:
     """The same work as one synchronous pipeline step, in this process, with no Ray."""
-    from cluster.actors import plain, reward_decoder_spec, reward_specs
+    from cluster.launch import plain, reward_decoder_spec, reward_specs
     from cluster.data import PromptSchedule, train_prompts
     from learner.config import LearnerConfig
     from learner.engine import Learner
     from learner.weights_export import apply_weight_bucket
-    from policy.bundle import load_policy, policy_config_from_dict
+    from policy.factory import load_policy, policy_config_from_dict
     from policy.sampler import SamplerConfig, UnmaskingSampler
-    from rewards.actor import RewardWorker
+    from rewards.worker import RewardWorker
 
     torch.set_num_threads(threads)
     cfg = _cfg(out, overrides)

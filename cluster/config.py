@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from policy.bundle import PolicyConfig
+from policy.factory import PolicyConfig
 from policy.sampler import SamplerConfig
 from rewards.base import reward_names
 

@@ -23,7 +23,7 @@ from ray.util.placement_group import remove_placement_group
 
 from actors.types import GroupRequest
 
-from .actors import plain, start_learner_ranks, start_reward_pool
+from .launch import plain, start_learner_ranks, start_reward_pool
 from .data import PromptSchedule, train_prompts
 from .fleet import ACTOR_ERRORS, GroupResult, PendingRollout, RolloutFleet, RolloutStats
 from .metrics import MetricsLogger
@@ -236,7 +236,7 @@ class Trainer:
     # ----- samples and evaluation --------------------------------------------------------------------------------------
     def decoder(self):
         if not hasattr(self, "_decoder"):
-            from policy.bundle import build_decoder, policy_config_from_dict
+            from policy.factory import build_decoder, policy_config_from_dict
             self._decoder = build_decoder(policy_config_from_dict(plain(self.cfg.policy)), "cpu")
         return self._decoder
 

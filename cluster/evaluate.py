@@ -106,7 +106,7 @@ def format_before_after(before: dict[str, Any], after: dict[str, Any]) -> str:
 def evaluate_command(cfg: DictConfig, checkpoint: Optional[str] = None, prompts: Optional[str] = None) -> dict:
     """`maskgrpo eval`: rollout workers with the checkpoint's weights + reward actors; prints the table."""
     from omegaconf import OmegaConf
-    from .actors import plain, start_reward_pool
+    from .launch import plain, start_reward_pool
     from .train import init_ray
     if checkpoint is not None:
         path = Path(checkpoint)
@@ -120,7 +120,7 @@ def evaluate_command(cfg: DictConfig, checkpoint: Optional[str] = None, prompts:
     specs = plain(cfg.eval.rewards) or plain(cfg.rewards)
     pool = start_reward_pool(cfg, specs)
     try:
-        from policy.bundle import build_decoder, policy_config_from_dict
+        from policy.factory import build_decoder, policy_config_from_dict
         decoder = build_decoder(policy_config_from_dict(plain(cfg.policy)), "cpu")
         report = evaluate(cfg, fleet, pool, step=0, decoder=decoder)
     finally:

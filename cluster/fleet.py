@@ -11,7 +11,7 @@ from ray.exceptions import ActorDiedError, RayActorError
 
 from actors.types import GroupMeta, GroupRequest
 
-from .actors import start_rollout_worker
+from .launch import start_rollout_worker
 
 ACTOR_ERRORS = (RayActorError,)
 

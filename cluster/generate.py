@@ -8,7 +8,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from policy.bundle import PolicyConfig, load_policy
+from policy.factory import PolicyConfig, load_policy
 from policy.images import save_grid
 from policy.sampler import SamplerConfig, UnmaskingSampler
 

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from policy.bundle import load_policy, policy_config_from_dict
+from policy.factory import load_policy, policy_config_from_dict
 
-from .actors import plain
+from .launch import plain
 from .data import shapes_world_kwargs, train_prompts
 from .runtime import seed_everything
 

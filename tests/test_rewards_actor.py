@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from rewards.actor import RewardPool, RewardPoolError, RewardWorker, build_decoder, make_reward_actor_cls
+from rewards.pool import RewardPool, RewardPoolError
+from rewards.worker import RewardWorker, decoder_from_spec, make_reward_actor_cls
 from rewards.testing import make_palette_decoder
 
 PIX = {"name": "rewards.testing:PixelMeanReward", "label": "pix", "weight": 2.0}
@@ -50,11 +51,11 @@ def test_worker_accepts_images_and_mixed_groups():
 
 
 def test_build_decoder_errors():
-    assert build_decoder(None) is None
+    assert decoder_from_spec(None) is None
     with pytest.raises(ValueError, match="factory"):
-        build_decoder({"height": 3})
+        decoder_from_spec({"height": 3})
     with pytest.raises(ValueError, match="cannot import"):
-        build_decoder("no_such_module_xyz:make")
+        decoder_from_spec("no_such_module_xyz:make")
 
 
 # ---------------------------------------------------------------------------------------------- Ray
@@ -130,7 +131,7 @@ def test_worker_decodes_shapes_world_codes_for_geneval():
     items = all_prompts()[:12]
     codes = torch.as_tensor(sample_codes(items, np.random.default_rng(0)))
     worker = RewardWorker([{"name": "geneval", "detector": {"name": "shapes"}}],
-                          decoder={"factory": "rewards.shapes.tokenizer:make_decoder"}, batch_size=8)
+                          decoder={"factory": "rewards.shapes.codebook:make_decoder"}, batch_size=8)
     groups = [{"codes": codes[i:i + 3], "prompts": [it.prompt for it in items[i:i + 3]],
                "metadata": [it.to_json() for it in items[i:i + 3]]} for i in range(0, 12, 3)]
     out = worker.score_groups(groups)

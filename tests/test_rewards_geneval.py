@@ -317,7 +317,7 @@ def test_geneval_reward_on_the_shapes_world():
 
 
 def test_worker_device_reaches_model_specs_only():
-    from rewards.actor import RewardWorker
+    from rewards.worker import RewardWorker
     worker = RewardWorker([{"name": "geneval", "detector": {"name": "shapes"}}], device="cpu")
     assert worker.labels() == ["geneval"]
 

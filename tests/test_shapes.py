@@ -13,7 +13,7 @@ import torch
 
 from rewards.shapes.detector import ShapesDetector, make_detector
 from rewards.shapes.render import ShapesRenderer, relation_pairs, render_batch, sample_codes
-from rewards.shapes.tokenizer import ShapesTokenizer, make_decoder
+from rewards.shapes.codebook import ShapesCodebook, make_decoder
 from rewards.shapes.world import (COLOR_RGB, RELATIONS, ShapesWorld, all_prompts, make_splits, read_jsonl,
                                   write_jsonl, write_splits)
 from rewards.types import GENEVAL_TAGS, Detection, GenEvalItem
@@ -217,7 +217,7 @@ def test_world_validation():
 
 # ------------------------------------------------------------------------------------------------- tokenizer
 def test_codebook_layout(world):
-    tok = ShapesTokenizer(world)
+    tok = ShapesCodebook(world)
     assert tok.codebook_size == 1 + len(world.shapes) * len(world.colors) <= 64
     assert tok.codebook.shape == (tok.codebook_size, world.patch_size, world.patch_size, 3)
     assert (tok.codebook[0] == torch.tensor(world.background, dtype=torch.uint8)).all()
@@ -231,7 +231,7 @@ def test_codebook_layout(world):
 
 
 def test_render_tokenize_decode_is_exact(world):
-    tok = ShapesTokenizer(world)
+    tok = ShapesCodebook(world)
     items = all_prompts(world)
     for seed in range(3):
         rng = np.random.default_rng(seed)
@@ -248,7 +248,7 @@ def test_render_tokenize_decode_is_exact(world):
 
 
 def test_any_code_decodes_and_roundtrips(world):
-    tok = ShapesTokenizer(world)
+    tok = ShapesCodebook(world)
     codes = torch.randint(0, tok.codebook_size, (32, world.num_tokens), generator=torch.Generator().manual_seed(0))
     codes[0] = 0
     codes[1] = tok.codebook_size - 1
@@ -265,7 +265,7 @@ def test_any_code_decodes_and_roundtrips(world):
 
 
 def test_encode_strict_and_nearest():
-    tok = ShapesTokenizer()
+    tok = ShapesCodebook()
     codes = torch.randint(0, tok.codebook_size, (4, 64), generator=torch.Generator().manual_seed(1))
     images = tok.decode(codes).clone()
     images[2, 5, 6, 0] ^= 1                                     # one pixel off: patch (row 1, col 1)
@@ -277,7 +277,7 @@ def test_encode_strict_and_nearest():
 
 
 def test_decoder_factory_by_dotted_path_and_pickle():
-    mod, _, name = "rewards.shapes.tokenizer.make_decoder".rpartition(".")
+    mod, _, name = "rewards.shapes.codebook.make_decoder".rpartition(".")
     decode = getattr(importlib.import_module(mod), name)(grid_size=4)
     decode = pickle.loads(pickle.dumps(decode))
     out = decode(torch.zeros(3, 16, dtype=torch.long))
@@ -288,7 +288,7 @@ def test_decoder_factory_by_dotted_path_and_pickle():
 
 # -------------------------------------------------------------------------------------------------- detector
 def _expected_objects(world: ShapesWorld, codes: np.ndarray) -> list[list[tuple]]:
-    tok = ShapesTokenizer(world)
+    tok = ShapesCodebook(world)
     p, g = world.patch_size, world.grid_size
     out = []
     for row in codes:
@@ -305,7 +305,7 @@ def _expected_objects(world: ShapesWorld, codes: np.ndarray) -> list[list[tuple]
 def test_detector_recovers_every_object(world):
     items = all_prompts(world)
     codes = sample_codes(items, np.random.default_rng(7), world, max_distractors=3)
-    images = ShapesTokenizer(world).decode(codes)
+    images = ShapesCodebook(world).decode(codes)
     det = ShapesDetector(world, with_masks=True)
     dets = det.detect(images)
     assert len(dets) == len(items)
@@ -338,7 +338,7 @@ def test_detector_counts_and_colours_match_prompts(world):
 
 
 def test_detector_adjacent_patches_are_separate_objects_and_junk_is_ignored():
-    tok, det = ShapesTokenizer(), ShapesDetector()
+    tok, det = ShapesCodebook(), ShapesDetector()
     codes = torch.zeros(2, 64, dtype=torch.long)
     red_sq = tok.code_for("square", "red")
     codes[0, [0, 1, 8, 9]] = red_sq                                  # a 2x2 block of red squares = 4 objects
@@ -355,7 +355,7 @@ def test_detector_adjacent_patches_are_separate_objects_and_junk_is_ignored():
 
 def test_triangle_boxes_and_small_world_boxes():
     w = WORLDS["4x4_of_8px"]
-    tok = ShapesTokenizer(w)
+    tok = ShapesCodebook(w)
     codes = torch.zeros(1, 16, dtype=torch.long)
     codes[0, 6] = tok.code_for("triangle", "green")                  # row 1, col 2
     (d,), = ShapesDetector(w).detect(tok.decode(codes))

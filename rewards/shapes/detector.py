@@ -7,7 +7,7 @@ detection -- label = its shape, ``color`` = its colour, ``box`` = the tight pixe
 Decisions for arbitrary images (e.g. decoded model samples):
 
 * adjacent patches with the same shape and colour are *separate* objects (one per patch), so counting is the
-  number of such patches -- exactly what the tokenizer and the renderer use;
+  number of such patches -- exactly what the codebook and the renderer use;
 * a patch that is not exactly a codebook pattern (never produced by ``decode``; only possible for foreign images)
   yields no detection, and neither does a background patch.
 
@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from rewards.shapes.tokenizer import ArrayLike, ShapesTokenizer, _as_tensor
+from rewards.shapes.codebook import ArrayLike, ShapesCodebook, _as_tensor
 from rewards.shapes.world import WorldLike
 from rewards.types import Detection
 
@@ -28,13 +28,13 @@ class ShapesDetector:
     """Exact detector for a :class:`~rewards.shapes.world.ShapesWorld` (see the module docstring)."""
 
     def __init__(self, world: WorldLike = None, with_masks: bool = False, **world_kwargs: Any) -> None:
-        self.tokenizer = ShapesTokenizer(world, **world_kwargs)
-        self.world = self.tokenizer.world
+        self.codebook = ShapesCodebook(world, **world_kwargs)
+        self.world = self.codebook.world
         self.with_masks = with_masks
 
     def detect(self, images: ArrayLike) -> list[list[Detection]]:
         """uint8 images ``[B, H, W, 3]`` -> per image, the list of its detections (row-major patch order)."""
-        codes, exact = self.tokenizer.match(images)
+        codes, exact = self.codebook.match(images)
         codes = torch.as_tensor(codes).cpu()
         codes = torch.where(torch.as_tensor(exact).cpu(), codes, torch.full_like(codes, -1))
         return self._from_codes(codes)
@@ -45,15 +45,15 @@ class ShapesDetector:
         c = c.cpu().long()
         if c.ndim != 2 or c.shape[1] != self.world.num_tokens:
             raise ValueError(f"expected codes [B, {self.world.num_tokens}], got {tuple(c.shape)}")
-        if c.numel() and (int(c.min()) < 0 or int(c.max()) >= self.tokenizer.codebook_size):
-            raise ValueError(f"codes must lie in [0, {self.tokenizer.codebook_size})")
+        if c.numel() and (int(c.min()) < 0 or int(c.max()) >= self.codebook.codebook_size):
+            raise ValueError(f"codes must lie in [0, {self.codebook.codebook_size})")
         return self._from_codes(c)
 
     __call__ = detect
 
     def _from_codes(self, codes: torch.Tensor) -> list[list[Detection]]:
         """codes long ``[B, N]`` (-1 = unrecognised patch) -> detections."""
-        tok, w = self.tokenizer, self.world
+        tok, w = self.codebook, self.world
         g, p = w.grid_size, w.patch_size
         b = codes.shape[0]
         obj = codes > 0

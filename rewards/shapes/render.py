@@ -1,7 +1,7 @@
 """Scene renderer of the shapes world: draws, for each prompt, a random scene that satisfies it.
 
 Every object occupies one whole patch (one image token) and is one codebook pattern of
-:class:`~rewards.shapes.tokenizer.ShapesTokenizer`, so a rendered scene is *exactly* its code sequence decoded:
+:class:`~rewards.shapes.codebook.ShapesCodebook`, so a rendered scene is *exactly* its code sequence decoded:
 rendering = sampling a layout of codes (:meth:`ShapesRenderer.sample_codes`) + one batched ``decode``.
 
 Layout rules (all randomness from the caller's ``numpy.random.Generator``, so results are reproducible):
@@ -22,7 +22,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from rewards.shapes.tokenizer import ShapesTokenizer
+from rewards.shapes.codebook import ShapesCodebook
 from rewards.shapes.world import ShapesWorld, WorldLike, as_world
 from rewards.types import GenEvalItem
 
@@ -53,7 +53,7 @@ class ShapesRenderer:
 
     def __init__(self, world: WorldLike = None, **world_kwargs: Any) -> None:
         self.world: ShapesWorld = as_world(world, **world_kwargs)
-        self.tokenizer = ShapesTokenizer(self.world)
+        self.codebook = ShapesCodebook(self.world)
         self._pairs = {rel: relation_pairs(self.world, rel) for rel in self.world.relations}
 
     def _objects(self, item: GenEvalItem) -> tuple[list[int], list[int], Optional[tuple[str, int, int]]]:
@@ -134,7 +134,7 @@ class ShapesRenderer:
     def render_batch(self, items: Sequence[GenEvalItem], rng: np.random.Generator,
                      max_distractors: int = 0) -> np.ndarray:
         """Random prompt-satisfying scenes, uint8 ``[B, H, W, 3]``."""
-        return self.tokenizer.decode(self.sample_codes(items, rng, max_distractors))
+        return self.codebook.decode(self.sample_codes(items, rng, max_distractors))
 
 
 @lru_cache(maxsize=16)

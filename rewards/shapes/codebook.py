@@ -1,4 +1,4 @@
-"""Exact patch tokenizer of the shapes world.
+"""The shapes world's exact image codebook (its patch tokenizer).
 
 Codebook (``K = 1 + n_shapes * n_colors`` codes, 13 by default)::
 
@@ -34,8 +34,8 @@ def _as_tensor(x: ArrayLike) -> tuple[torch.Tensor, bool]:
     raise TypeError(f"expected a torch.Tensor or numpy.ndarray, got {type(x).__name__}")
 
 
-class ShapesTokenizer:
-    """Exact codebook tokenizer for a :class:`ShapesWorld` (see the module docstring for the code layout)."""
+class ShapesCodebook:
+    """Exact image codebook for a :class:`ShapesWorld` (see the module docstring for the code layout)."""
 
     BACKGROUND: int = 0
 
@@ -144,14 +144,9 @@ class ShapesTokenizer:
     __call__ = decode
 
 
-def make_tokenizer(**world_kwargs: Any) -> ShapesTokenizer:
-    """A :class:`ShapesTokenizer` for ``ShapesWorld(**world_kwargs)``."""
-    return ShapesTokenizer(**world_kwargs)
-
-
 def make_decoder(**world_kwargs: Any) -> Callable[[ArrayLike], ArrayLike]:
     """A picklable callable ``codes long [B, N] -> uint8 images [B, H, W, 3]`` for ``ShapesWorld(**world_kwargs)``.
 
-    Meant to be referenced by dotted path (``rewards.shapes.tokenizer.make_decoder``) in reward-actor configs.
+    Meant to be referenced by dotted path (``rewards.shapes.codebook.make_decoder``) in reward-actor configs.
     """
-    return ShapesTokenizer(**world_kwargs).decode
+    return ShapesCodebook(**world_kwargs).decode

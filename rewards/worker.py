@@ -1,31 +1,23 @@
-"""Ray reward actors: a worker that decodes and scores groups of samples in batches, and a driver-side pool.
+"""The reward worker: decodes and scores groups of samples in batches (a Ray actor via `make_reward_actor_cls`).
 
-    pool = RewardPool.create(specs, num_actors=2, num_gpus=1,
-                             decoder={"factory": "policy.bundle:make_image_decoder", "policy": {...}})
-    # the shapes world: decoder={"factory": "rewards.shapes.tokenizer:make_decoder"}
-    out = pool.score_groups([{"codes": codes_g0, "prompts": [...], "metadata": [...]}, ...])
-    out[0]["rewards"]   # float32 [G] for group 0; out[0]["components"]["hpsv2"] its raw HPS scores
-
-Each item is one group: ``codes`` (long [G, N], decoded on the worker by the decoder) or ``images`` (uint8
-[G, H, W, 3]), plus ``prompts`` (G strings) and optionally ``metadata`` (G dicts).
+Each item it scores is one group: ``codes`` (long [G, N], decoded on the worker by the decoder), ``images``
+(uint8 [G, H, W, 3]) or ``trajectory`` (an object reference to a `Trajectory`, fetched here), plus ``prompts``
+(G strings) and optionally ``metadata`` (G dicts). The driver side is `rewards.pool.RewardPool`.
 """
 from __future__ import annotations
 
-import itertools
-import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 
-from rewards.base import RewardError, build_rewards, import_object
+from rewards.base import build_rewards, import_object
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]
-log = logging.getLogger(__name__)
 
 
-def build_decoder(spec: Mapping[str, Any] | str | Decoder | None) -> Optional[Decoder]:
+def decoder_from_spec(spec: Mapping[str, Any] | str | Decoder | None) -> Optional[Decoder]:
     """A codes -> images function from ``{"factory": "pkg.mod:make_decoder", **kwargs}`` (or a dotted path)."""
     if spec is None or callable(spec) and not isinstance(spec, str):
         return spec
@@ -64,7 +56,7 @@ class RewardWorker:
             for s in specs:
                 s.setdefault("device", device)
         self.rewards = build_rewards(specs)
-        self.decoder = build_decoder(decoder)
+        self.decoder = decoder_from_spec(decoder)
         self.batch_size = int(batch_size)
         self._batch_sizes: list[int] = []
         self._calls = 0
@@ -164,118 +156,3 @@ def make_reward_actor_cls(num_gpus: float = 0, num_cpus: float = 1, max_restarts
     import ray
     return ray.remote(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=0,
                       **ray_options)(RewardWorker)
-
-
-class RewardPoolError(RuntimeError):
-    """A scoring call failed twice; ``reward`` names the failing reward (or the pool's rewards if unknown)."""
-
-    def __init__(self, reward: str, message: str):
-        super().__init__(message)
-        self.reward = reward
-
-    def __reduce__(self):
-        return (type(self), (self.reward, str(self)))
-
-
-@dataclass
-class PendingScore:
-    """A submitted call: the Ray object ref, which actor runs it, and the items (kept for a retry)."""
-    ref: Any
-    actor: int
-    items: Sequence[Mapping[str, Any]]
-
-
-def _failed_reward(err: BaseException) -> Optional[str]:
-    """The reward named by a (Ray-wrapped) RewardError, if any."""
-    for e in (err, getattr(err, "cause", None), getattr(err, "__cause__", None)):
-        if isinstance(e, RewardError) or (e is not None and hasattr(e, "reward") and isinstance(e.reward, str)):
-            return e.reward
-    return None
-
-
-class RewardPool:
-    """Driver side: round-robins scoring calls over reward actors; retries a failed call once on the next actor
-    (the same one, once Ray has restarted it, when the pool has only one) and then raises RewardPoolError naming
-    the reward. `timeout_s` bounds each wait for a result (None: no limit)."""
-
-    def __init__(self, actors: Sequence[Any], labels: Optional[Sequence[str]] = None,
-                 timeout_s: Optional[float] = None, restart_timeout_s: float = 120.0):
-        if not actors:
-            raise ValueError("RewardPool needs at least one actor")
-        self.actors = list(actors)
-        self.labels = list(labels) if labels is not None else None
-        self.timeout_s = timeout_s
-        self.restart_timeout_s = restart_timeout_s
-        self._next = itertools.count()
-        self.retries = 0
-
-    @classmethod
-    def create(cls, rewards: Sequence[Mapping[str, Any]], num_actors: int = 1,
-               decoder: Mapping[str, Any] | str | None = None, batch_size: int = 32, num_gpus: float = 0,
-               num_cpus: float = 1, max_restarts: int = 1, device: Optional[str] = None,
-               timeout_s: Optional[float] = None, **ray_options: Any) -> "RewardPool":
-        """Start `num_actors` reward actors with the same rewards and decoder."""
-        actor_cls = make_reward_actor_cls(num_gpus, num_cpus, max_restarts, **ray_options)
-        actors = [actor_cls.remote(list(rewards), decoder, batch_size, device) for _ in range(num_actors)]
-        labels = [r.get("label") or r["name"] for r in rewards]
-        return cls(actors, labels, timeout_s)
-
-    def _names(self) -> str:
-        return ", ".join(self.labels) if self.labels else "the pool's rewards"
-
-    def submit(self, items: Sequence[Mapping[str, Any]], actor: Optional[int] = None) -> PendingScore:
-        """Start scoring `items` on the next actor (round robin) without waiting."""
-        i = next(self._next) % len(self.actors) if actor is None else actor % len(self.actors)
-        return PendingScore(self.actors[i].score_groups.remote(items), i, items)
-
-    def result(self, pending: PendingScore) -> list[dict[str, Any]]:
-        """Wait for a submitted call; on failure retry it once on the next actor, then raise RewardPoolError."""
-        import ray
-        try:
-            return ray.get(pending.ref, timeout=self.timeout_s)
-        except Exception as first:  # RayTaskError (an exception in a reward), RayActorError (actor died), timeout
-            self.retries += 1
-            target = (pending.actor + 1) % len(self.actors)
-            log.warning("reward call failed on actor %d (%s: %s); retrying once on actor %d",
-                        pending.actor, type(first).__name__, str(first).splitlines()[0] if str(first) else "", target)
-            self._wait_ready(target)
-            retry = self.submit(pending.items, actor=target)
-            try:
-                return ray.get(retry.ref, timeout=self.timeout_s)
-            except Exception as second:
-                name = _failed_reward(second) or _failed_reward(first) or self._names()
-                raise RewardPoolError(name, f"reward {name} failed twice (actor {pending.actor}, then actor "
-                                            f"{retry.actor}): {type(second).__name__}: {second}") from second
-
-    def _wait_ready(self, i: int) -> None:
-        """Wait (up to ``restart_timeout_s``) while actor `i` is restarting after its process died."""
-        import ray
-        from ray.exceptions import ActorUnavailableError, GetTimeoutError
-        deadline = time.monotonic() + self.restart_timeout_s
-        while time.monotonic() < deadline:
-            try:
-                ray.get(self.actors[i].ping.remote(), timeout=max(deadline - time.monotonic(), 0.1))
-                return
-            except (ActorUnavailableError, GetTimeoutError):
-                time.sleep(0.2)
-            except Exception:   # dead for good (restarts exhausted) or broken: let the retry report it
-                return
-
-    def score_groups(self, items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        """Score groups on one actor (blocking, with one retry)."""
-        return self.result(self.submit(items))
-
-    def map(self, batches: Sequence[Sequence[Mapping[str, Any]]]) -> list[list[dict[str, Any]]]:
-        """Score several lists of groups concurrently, one call per list spread round robin over the actors."""
-        pending = [self.submit(b) for b in batches]
-        return [self.result(p) for p in pending]
-
-    def stats(self) -> list[dict[str, Any]]:
-        import ray
-        return ray.get([a.stats.remote() for a in self.actors])
-
-    def shutdown(self) -> None:
-        import ray
-        for a in self.actors:
-            ray.kill(a)
-        self.actors = []

@@ -59,7 +59,7 @@ def start_learner_ranks(cfg: DictConfig, timeout_s: float = 600.0) -> tuple[list
 
 def reward_decoder_spec(cfg: DictConfig) -> dict[str, Any]:
     """The reward actors decode codes with the policy's image decoder (MAGVIT-v2 or the shapes world)."""
-    return {"factory": "policy.bundle:make_image_decoder", "policy": plain(cfg.policy),
+    return {"factory": "policy.factory:make_image_decoder", "policy": plain(cfg.policy),
             "device": "cuda" if cfg.cluster.reward_gpus > 0 else "cpu"}
 
 
@@ -76,7 +76,7 @@ def reward_specs(cfg: DictConfig, specs: Any) -> list[dict[str, Any]]:
 
 
 def start_reward_pool(cfg: DictConfig, specs: Any = None):
-    from rewards.actor import RewardPool
+    from rewards.pool import RewardPool
     c = cfg.cluster
     return RewardPool.create(reward_specs(cfg, cfg.rewards if specs is None else specs),
                              num_actors=c.num_reward_actors, decoder=reward_decoder_spec(cfg),

@@ -92,8 +92,8 @@ def build_decoder(cfg: PolicyConfig, device: torch.device | str = "cpu") -> Imag
         vq = MagvitV2.from_pretrained(dec.path, device=device)
         return vq.decode_uint8
     if dec.kind == "shapes":
-        from rewards.shapes.tokenizer import ShapesTokenizer
-        return ShapesImageDecoder(ShapesTokenizer(**_plain(dec.shapes)))
+        from rewards.shapes.codebook import ShapesCodebook
+        return ShapesImageDecoder(ShapesCodebook(**_plain(dec.shapes)))
     raise ValueError(f"policy.decoder.kind must be 'magvit' or 'shapes', not {dec.kind!r}")
 
 
@@ -101,12 +101,12 @@ class ShapesImageDecoder:
     """The shapes world's exact decoder for a policy whose codebook may be larger than the world's: codes the world
     does not define decode as empty (background) patches, so they are never detected as objects."""
 
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
+    def __init__(self, codebook):
+        self.codebook = codebook
 
     def __call__(self, codes: torch.Tensor) -> torch.Tensor:
         codes = codes.cpu()
-        return self.tokenizer.decode(torch.where(codes < self.tokenizer.codebook_size, codes, 0))
+        return self.codebook.decode(torch.where(codes < self.codebook.codebook_size, codes, 0))
 
 
 @dataclass
