@@ -6,14 +6,16 @@ also hosts the weight-sync store and sends the weights. Trajectories arrive as o
 from __future__ import annotations
 
 import os
-import socket
 import time
+from dataclasses import replace
 from typing import Any, Optional, Sequence
 
 import torch
 
 from learner.config import LearnerConfig
-from policy.factory import load_policy, policy_config_from_dict
+from learner.dist import free_port
+from learner.update import GroupUpdate, UpdateStats
+from policy.factory import PolicyConfig, load_policy
 
 from .weight_sync import SyncGroupSpec, WeightSyncGroup, param_digest
 
@@ -26,33 +28,24 @@ def node_address() -> str:
         return "127.0.0.1"
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return int(s.getsockname()[1])
-
-
 class LearnerWorker:
-    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int,
-                 policy_cfg: dict[str, Any], learner_cfg: dict[str, Any], seed: int = 0,
-                 num_threads: Optional[int] = None):
+    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, policy_cfg: PolicyConfig,
+                 learner_cfg: LearnerConfig, device: str = "cpu", seed: int = 0, num_threads: Optional[int] = None):
         if num_threads:
             torch.set_num_threads(num_threads)
         os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0",
                            "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)})
-        if not torch.cuda.is_available():
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         from learner.engine import Learner
         torch.manual_seed(seed)
         self.rank = rank
-        model = load_policy(policy_config_from_dict(policy_cfg), "cpu", with_decoder=False).model
-        self.learner = Learner(model, LearnerConfig.from_dict(dict(learner_cfg)))
+        model = load_policy(policy_cfg, "cpu", with_decoder=False).model
+        self.learner = Learner(model, learner_cfg, device=device)
         self.sync_group: Optional[WeightSyncGroup] = None
 
     @staticmethod
     def rendezvous() -> tuple[str, int]:
         """Address and a free port on this node, for rank 0's process group (call on rank 0's node)."""
-        return node_address(), free_port()
+        return node_address(), free_port("")
 
     def version(self) -> int:
         return self.learner.version
@@ -60,20 +53,20 @@ class LearnerWorker:
     def digest(self) -> tuple[int, str]:
         return self.learner.version, param_digest(self.learner.policy)
 
-    def train_step(self, trajectory_refs: Sequence[Any], rewards: Sequence[torch.Tensor],
-                   prompts: Sequence[str]) -> dict[str, float]:
+    def train_step(self, groups: Sequence[GroupUpdate]) -> UpdateStats:
+        """This rank's groups, their trajectories still object references: fetched here, all at once."""
         import ray
         t0 = time.perf_counter()
-        trajectories = ray.get(list(trajectory_refs)) if trajectory_refs else []
+        trajectories = ray.get([g.trajectory for g in groups]) if groups else []
         fetch = time.perf_counter() - t0
-        metrics = self.learner.train_step(trajectories, list(rewards), list(prompts))
-        metrics["fetch_seconds"] = fetch
-        return metrics
+        stats = self.learner.train_step([replace(g, trajectory=t) for g, t in zip(groups, trajectories)])
+        stats.seconds_fetch = fetch
+        return stats
 
     # ----- weights ----------------------------------------------------------------------------------------------
     def open_sync_group(self, name: str, world_size: int, backend: str, timeout_s: float = 120.0) -> SyncGroupSpec:
         """Rank 0: choose the store address for a new weight-sync group (joined by `join_sync_group`)."""
-        addr, port = node_address(), free_port()
+        addr, port = node_address(), free_port("")
         return SyncGroupSpec(name, addr, port, world_size, backend, timeout_s)
 
     def join_sync_group(self, spec: SyncGroupSpec) -> bool:

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from typing import Any, Optional, Sequence
 
 import torch
 
 from learner.weights_export import WeightBucket, apply_weight_bucket
-from policy.factory import load_policy, policy_config_from_dict
+from policy.device import resolve_device
+from policy.factory import PolicyConfig, load_policy
 from policy.sampler import SamplerConfig, UnmaskingSampler
 
 from .types import GroupMeta, GroupRequest
@@ -22,20 +24,17 @@ from .weight_sync import SyncGroupSpec, WeightSyncGroup, param_digest
 
 
 class RolloutWorker:
-    def __init__(self, worker_id: int, policy_cfg: dict[str, Any], sampler_cfg: dict[str, Any],
-                 device: str = "cpu", weight_dtype: Optional[str] = None, num_threads: Optional[int] = None):
+    def __init__(self, worker_id: int, policy_cfg: PolicyConfig, sampler_cfg: SamplerConfig,
+                 device: str = "cpu", num_threads: Optional[int] = None):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.worker_id = worker_id
-        self.device = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
-        self.policy = load_policy(policy_config_from_dict(policy_cfg), self.device, with_decoder=False)
+        self.device = resolve_device(device)
+        self.policy = load_policy(policy_cfg, self.device, with_decoder=False)
         self.model = self.policy.model.eval().requires_grad_(False)
-        if weight_dtype:
-            self.model.to(getattr(torch, weight_dtype))
-        self.sampler_cfg = SamplerConfig(**sampler_cfg)
+        self.sampler_cfg = sampler_cfg
         self.version = 0             # policy.init's weights: the learner starts from the same ones
         self.sync_group: Optional[WeightSyncGroup] = None
-        self.sync_rank = -1
 
     # ----- status ------------------------------------------------------------------------------------------------
     def ready(self) -> dict[str, Any]:
@@ -48,7 +47,7 @@ class RolloutWorker:
     # ----- sampling ------------------------------------------------------------------------------------------------
     def rollout(self, groups: Sequence[GroupRequest], sampler_overrides: Optional[dict[str, Any]] = None):
         """Sample every group in one batched call. Returns (list[GroupMeta], traj_0, …, traj_{n-1})."""
-        cfg = SamplerConfig(**{**self.sampler_cfg.__dict__, **(sampler_overrides or {})})
+        cfg = replace(self.sampler_cfg, **(sampler_overrides or {}))
         sizes = {len(g.seeds) for g in groups}
         if len(sizes) != 1:
             raise ValueError("all groups of one rollout call must have the same group size")
@@ -71,7 +70,6 @@ class RolloutWorker:
     # ----- weights ----------------------------------------------------------------------------------------------
     def join_sync_group(self, spec: SyncGroupSpec, rank: int) -> bool:
         self.sync_group = WeightSyncGroup(spec, rank)
-        self.sync_rank = rank
         return True
 
     def receive_weights(self, version: int, bucket_bytes: int, dtype: Optional[str] = None) -> int:

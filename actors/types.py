@@ -1,7 +1,7 @@
 """Small records that cross process boundaries between the driver and the actors."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -27,4 +27,3 @@ class GroupMeta:
     policy_version: int
     worker_id: int
     sample_seconds: float
-    extra: dict[str, Any] = field(default_factory=dict)

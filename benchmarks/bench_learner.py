@@ -25,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from cluster.advantages import plan_update  # noqa: E402
 from learner import Learner, LearnerConfig  # noqa: E402
-from learner.dist import use_cuda  # noqa: E402
+from policy.device import resolve_device  # noqa: E402
 from learner.testing import random_showo, sample_groups, tiny_showo_config  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -44,7 +45,7 @@ class PeakMemory:
     """Peak extra memory (bytes) while the block runs."""
 
     def __enter__(self) -> "PeakMemory":
-        self.cuda = torch.cuda.is_available() and use_cuda()
+        self.cuda = resolve_device().type == "cuda"
         gc.collect()
         if self.cuda:
             torch.cuda.synchronize()
@@ -83,14 +84,15 @@ def run_case(model_state, model_cfg, group, steps: int, reduction: bool, checkpo
     cfg = LearnerConfig(transition=args.transition, lr=1e-5, warmup_steps=1, zero_stage=args.zero_stage,
                         micro_batch_rows=args.micro_batch_rows, gradient_checkpointing=checkpointing,
                         reduction="first_k" if reduction else "all", reduction_k=max(1, steps // 2))
-    learner = Learner(model, cfg)
+    learner = Learner(model, cfg, device=resolve_device())
     rewards = [torch.linspace(0.0, 1.0, args.group_size)]
-    learner.train_step(trajs, rewards, prompts)                      # warm-up
+    groups = plan_update(trajs, rewards, prompts, cfg, trajs[0].num_steps).groups
+    learner.train_step(groups)                                       # warm-up
     times, rows, micro = [], 0.0, 0.0
     with PeakMemory() as mem:
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            m = learner.train_step(trajs, rewards, prompts)
+            m = learner.train_step(groups).metrics()
             if mem.cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)
@@ -127,7 +129,7 @@ def main(argv=None) -> list[dict]:
     base = random_showo(seed=0, config=model_cfg)
     state = {k: v.clone() for k, v in base.state_dict().items()}
     n_params = sum(v.numel() for v in state.values())
-    device = "cuda" if use_cuda() else "cpu"
+    device = resolve_device().type
     print(f"# learner benchmark: {device}, torch threads {torch.get_num_threads()}, model {n_params / 1e6:.2f} M "
           f"params (hidden {args.hidden}, {args.layers} layers, {args.tokens} image tokens), G={args.group_size}, "
           f"micro_batch_rows={args.micro_batch_rows}, ZeRO {args.zero_stage}, {args.transition}")

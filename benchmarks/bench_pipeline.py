@@ -77,29 +77,30 @@ def bench_ray_pipeline(out: str, overrides: list[str], steps: int, warmup: int) 
 
 def bench_in_process(out: str, overrides: list[str], steps: int, warmup: int, threads: int) -> dict[str, Any]:
     """The same work as one synchronous pipeline step, in this process, with no Ray."""
-    from cluster.launch import plain, reward_decoder_spec, reward_specs
+    from cluster.advantages import PromptStatTracker, plan_update
+    from cluster.config import section
     from cluster.data import PromptSchedule, train_prompts
-    from learner.config import LearnerConfig
+    from cluster.launch import reward_decoder_spec, reward_specs
     from learner.engine import Learner
     from learner.weights_export import apply_weight_bucket
-    from policy.factory import load_policy, policy_config_from_dict
-    from policy.sampler import SamplerConfig, UnmaskingSampler
+    from policy.factory import load_policy
+    from policy.sampler import UnmaskingSampler
     from rewards.worker import RewardWorker
 
     torch.set_num_threads(threads)
     cfg = _cfg(out, overrides)
-    pcfg = policy_config_from_dict(plain(cfg.policy))
+    pcfg, lcfg = section(cfg, "policy"), section(cfg, "learner")
     policy = load_policy(pcfg, "cpu", with_decoder=False)
     sampler_model = policy.model.eval().requires_grad_(False)
     torch.manual_seed(cfg.seed)
-    learner = Learner(load_policy(pcfg, "cpu", with_decoder=False).model,
-                      LearnerConfig.from_dict(plain(cfg.learner)))
+    learner = Learner(load_policy(pcfg, "cpu", with_decoder=False).model, lcfg, device="cpu")
+    tracker = PromptStatTracker()
     reward = RewardWorker(reward_specs(cfg, cfg.rewards), decoder=reward_decoder_spec(cfg), device="cpu")
     prompts = train_prompts(cfg)
     G, pps = cfg.data.group_size, cfg.data.prompts_per_step
     schedule = PromptSchedule(len(prompts), pps, cfg.seed)
     bucket_bytes = int(cfg.cluster.weight_bucket_mb) << 20
-    sampler_cfg = SamplerConfig(**plain(cfg.sampler))
+    sampler_cfg = section(cfg, "sampler")
     parts_s = {"rollout": 0.0, "reward": 0.0, "learner": 0.0, "sync": 0.0}
 
     def step(s: int, timed: bool) -> None:
@@ -115,7 +116,9 @@ def bench_in_process(out: str, overrides: list[str], steps: int, warmup: int, th
         scores = reward.score_groups([{"codes": g.final_codes, "prompts": [it.prompt] * G,
                                        "metadata": [it.metadata] * G} for g, it in zip(groups, items)])
         t2 = time.perf_counter()
-        learner.train_step(groups, [sc["rewards"] for sc in scores], [it.prompt for it in items])
+        plan = plan_update(groups, [sc["rewards"] for sc in scores], [it.prompt for it in items], lcfg,
+                           sampler_cfg.steps, tracker, step=s)
+        learner.train_step(plan.groups)
         t3 = time.perf_counter()
         for bucket in learner.iter_weight_buckets(bucket_bytes):
             apply_weight_bucket(sampler_model, bucket)

@@ -1,18 +1,27 @@
-"""The run configuration: OmegaConf YAML + `key=value` overrides, checked against a typed schema up front.
+"""The run configuration: OmegaConf YAML + `key=value` overrides over a typed schema of dataclasses.
 
-Unknown keys, wrong types, missing paths and malformed values fail here, before any actor starts, with a message
-that names the key and the fix.
+The schema itself rejects bad values: unknown keys and wrong types fail in OmegaConf (Enum fields accept only
+their members), and each section's dataclass checks its own ranges in `__post_init__`, which runs when the
+merged config is turned into objects (`OmegaConf.to_object`). `RunConfig.__post_init__` adds the checks that
+span sections or touch the disk (paths, prompt files), listing every problem at once. All of this happens in
+`load_config`, before any actor starts, and the message names the key and the fix.
+
+A section becomes its dataclass with `section(cfg, "learner")` (one way, used for every actor's arguments);
+free-form parts (reward specs) become plain containers with `plain`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from policy.factory import PolicyConfig
+from learner.config import LearnerConfig
+from policy.factory import DecoderKind, PolicyConfig, TokenizerKind
+from policy.files import atomic_write_text
 from policy.sampler import SamplerConfig
 from rewards.base import reward_names
 
@@ -21,6 +30,17 @@ from .prompts import PromptFileError, read_prompts
 
 class ConfigError(ValueError):
     """The configuration is invalid; the message names the key and how to fix it."""
+
+
+class Device(StrEnum):
+    auto = "auto"       # each role on CUDA iff it is given GPUs (cluster.*_gpus); single-process commands: cuda if any
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class WeightSync(StrEnum):
+    collective = "collective"       # NCCL (GPUs) / gloo (CPU) broadcast group
+    object_store = "object_store"   # buckets through Ray's object store
 
 
 @dataclass
@@ -32,6 +52,11 @@ class DataConfig:
     group_size: int = 6                   # G samples per prompt
     eval_max_prompts: int = 0             # 0: all evaluation prompts
 
+    def __post_init__(self) -> None:
+        _require([(self.group_size >= 2, "data.group_size must be >= 2 (GRPO normalises rewards within a group)"),
+                  (self.prompts_per_step >= 1, "data.prompts_per_step must be >= 1"),
+                  (self.eval_max_prompts >= 0, "data.eval_max_prompts must be >= 0")])
+
 
 @dataclass
 class ClusterConfig:
@@ -39,15 +64,23 @@ class ClusterConfig:
     num_rollout_workers: int = 1
     num_reward_actors: int = 1
     num_learner_ranks: int = 1
-    rollout_gpus: float = 0.0             # GPUs per rollout worker (fractions allowed)
-    reward_gpus: float = 0.0
-    learner_gpus: float = 0.0             # GPUs per learner rank (1 on a GPU cluster)
+    rollout_gpus: float = 0.0             # GPUs per rollout worker (fractions allowed); > 0: the worker runs on CUDA
+    reward_gpus: float = 0.0              # GPUs per reward actor; > 0: rewards run on CUDA
+    learner_gpus: float = 0.0             # GPUs per learner rank (1 on a GPU cluster); > 0: the learner runs on CUDA
     cpus_per_actor: float = 1.0
     max_staleness: int = 0                # 0: synchronous (the paper); n: workers may run n versions ahead
-    weight_sync: str = "collective"       # "collective" (NCCL/gloo group) or "object_store"
+    weight_sync: WeightSync = WeightSync.collective
     weight_bucket_mb: int = 64
     max_restarts: int = 2
     local_num_cpus: Optional[int] = None  # CPUs given to a local Ray instance
+
+    def __post_init__(self) -> None:
+        _require([(getattr(self, k) >= 1, f"cluster.{k} must be >= 1")
+                  for k in ("num_rollout_workers", "num_reward_actors", "num_learner_ranks")] +
+                 [(getattr(self, k) >= 0, f"cluster.{k} must be >= 0")
+                  for k in ("rollout_gpus", "reward_gpus", "learner_gpus", "max_staleness", "max_restarts")] +
+                 [(self.cpus_per_actor > 0, "cluster.cpus_per_actor must be > 0"),
+                  (self.weight_bucket_mb >= 1, "cluster.weight_bucket_mb must be >= 1")])
 
 
 @dataclass
@@ -60,6 +93,10 @@ class PretrainConfig:
     caption_noise: float = 0.3            # fraction of scenes paired with another prompt of the same category
     output: Optional[str] = None          # where the base checkpoint goes (default: <output_dir>/base)
 
+    def __post_init__(self) -> None:
+        _require([(self.steps >= 1 and self.batch_size >= 1, "pretrain.steps and pretrain.batch_size must be >= 1"),
+                  (0.0 <= self.caption_noise <= 1.0, "pretrain.caption_noise must lie in [0, 1]")])
+
 
 @dataclass
 class EvalConfig:
@@ -69,6 +106,10 @@ class EvalConfig:
     guidance_scale: float = 0.0
     rewards: list[dict[str, Any]] = field(default_factory=list)   # empty: the training rewards
 
+    def __post_init__(self) -> None:
+        _require([(self.every >= 0, "eval.every must be >= 0"),
+                  (self.samples_per_prompt >= 1, "eval.samples_per_prompt must be >= 1")])
+
 
 @dataclass
 class LoggingConfig:
@@ -76,11 +117,6 @@ class LoggingConfig:
     tensorboard: bool = False
     wandb_project: Optional[str] = None
     progress: bool = True
-
-
-def _learner_config_cls():
-    from learner.config import LearnerConfig
-    return LearnerConfig
 
 
 def _default_rewards() -> list[dict[str, Any]]:
@@ -93,11 +129,11 @@ class RunConfig:
     seed: int = 0
     max_steps: int = 20
     resume: Optional[str] = None          # "auto": the last good checkpoint of output_dir; or a checkpoint path
-    device: str = "auto"                  # "auto" (cuda if available), "cpu", "cuda"
+    device: Device = Device.auto          # see Device; where each role runs follows cluster.*_gpus
     save_every: int = 0                   # checkpoint every N steps (0: at the end only)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    learner: Any = None                   # learner.config.LearnerConfig, filled in by `schema()`
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
     rewards: list[dict[str, Any]] = field(default_factory=_default_rewards)
     data: DataConfig = field(default_factory=DataConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -105,12 +141,78 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
+    def __post_init__(self) -> None:
+        """The checks that span sections or read the disk; every problem is listed at once."""
+        c, problems = self.cluster, []
+        if self.max_steps < 0:
+            problems.append("max_steps must be >= 0")
+        if self.save_every < 0:
+            problems.append("save_every must be >= 0")
+        if self.data.prompts_per_step % c.num_learner_ranks:
+            problems.append("data.prompts_per_step must be a multiple of cluster.num_learner_ranks (each rank trains "
+                            "on whole groups)")
+        gpus = {k: getattr(c, k) for k in ("rollout_gpus", "learner_gpus", "reward_gpus")}
+        if self.device == Device.cpu and any(gpus.values()):
+            problems.append(f"device=cpu but {', '.join(f'cluster.{k}={v:g}' for k, v in gpus.items() if v)}: "
+                            f"set those to 0, or device=cuda / auto")
+        if self.device == Device.cuda and not (c.rollout_gpus > 0 and c.learner_gpus > 0):
+            problems.append("device=cuda puts rollout workers and learner ranks on GPUs: give them a share with "
+                            "cluster.rollout_gpus and cluster.learner_gpus (e.g. 1, or fractions such as 0.5 to "
+                            "share one GPU)")
+        if self.resume not in (None, "auto") and not Path(self.resume).exists():
+            problems.append(f"resume={self.resume!r}: no such checkpoint (use resume=auto or a "
+                            f"checkpoints/step_N path)")
+        for key in ("train_prompts", "eval_prompts"):
+            value = getattr(self.data, key)
+            if value is None:
+                continue
+            if not Path(value).is_file():
+                problems.append(f"data.{key}={value!r} does not exist")
+                continue
+            try:                               # read now: a malformed file fails here, not after the actors start
+                read_prompts(value)
+            except PromptFileError as e:
+                problems.append(f"data.{key}: {e}")
+        problems += _policy_problems(self.policy)
+        for key, specs in (("rewards", self.rewards), ("eval.rewards", self.eval.rewards)):
+            problems += _reward_problems(key, specs)
+        _require([(False, p) for p in problems])
+
+
+def _policy_problems(p: PolicyConfig) -> list[str]:
+    problems = []
+    if p.init not in ("random", "pretrained") and not Path(p.init).expanduser().exists():
+        problems.append(f"policy.init={p.init!r} does not exist: give 'random', 'pretrained' (the shapes-world "
+                        f"base, pretrained on first use) or the local path of a Show-o release / checkpoint")
+    if p.phi_config is not None and not Path(p.phi_config).is_file():
+        problems.append(f"policy.phi_config={p.phi_config!r} does not exist")
+    if p.decoder.kind == DecoderKind.magvit and not (p.decoder.path and Path(p.decoder.path).is_dir()):
+        problems.append(f"policy.decoder.path={p.decoder.path!r} must be a local showlab/magvitv2 directory")
+    if p.tokenizer.kind == TokenizerKind.hf and not (p.tokenizer.path and Path(p.tokenizer.path).is_dir()):
+        problems.append(f"policy.tokenizer.path={p.tokenizer.path!r} must be a local phi-1.5 tokenizer dir")
+    return problems
+
+
+def _reward_problems(key: str, specs: list[dict[str, Any]]) -> list[str]:
+    problems = []
+    for i, spec in enumerate(specs):
+        name = spec.get("name") if isinstance(spec, dict) else None
+        if not isinstance(name, str):
+            problems.append(f"{key}[{i}] needs a 'name' (one of {reward_names()} or 'package.module:Factory')")
+        elif name not in reward_names() and ":" not in name and "." not in name:
+            problems.append(f"{key}[{i}]: unknown reward {name!r}; known rewards are {reward_names()}, or give "
+                            f"an import path 'package.module:Factory'")
+    return problems
+
+
+def _require(checks: Sequence[tuple[bool, str]]) -> None:
+    problems = [message for ok, message in checks if not ok]
+    if problems:
+        raise ValueError("\n  - ".join(problems))
+
 
 def schema() -> DictConfig:
     base = OmegaConf.structured(RunConfig)
-    OmegaConf.set_struct(base, False)
-    base.learner = OmegaConf.structured(_learner_config_cls())
-    OmegaConf.set_struct(base, True)
     for free_form in (base.policy.decoder.shapes, base.learner.extra_deepspeed):  # keyword dicts, not schema
         OmegaConf.set_struct(free_form, False)
     return base
@@ -134,85 +236,31 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"overrides must look like key=value, got {bad}")
         if overrides:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        OmegaConf.to_object(cfg)             # runs every section's checks (see the module docstring)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         raise ConfigError(f"invalid config{f' at {key!r}' if key else ''}: {e.msg if hasattr(e, 'msg') else e}\n"
                           f"  fix: check the key's spelling and type against cluster/config.py") from None
-    validate(cfg)
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"invalid config:\n  - {e}") from None
     return cfg
 
 
-def validate(cfg: DictConfig) -> None:
-    """Semantic checks that the schema's types cannot express."""
-    problems = []
-    if cfg.max_steps < 0:
-        problems.append("max_steps must be >= 0")
-    if cfg.data.group_size < 2:
-        problems.append("data.group_size must be >= 2 (GRPO normalises rewards within a group)")
-    if cfg.data.prompts_per_step < 1:
-        problems.append("data.prompts_per_step must be >= 1")
-    elif cfg.data.prompts_per_step % cfg.cluster.num_learner_ranks:
-        problems.append("data.prompts_per_step must be a multiple of cluster.num_learner_ranks (each rank trains "
-                        "on whole groups)")
-    for key in ("num_rollout_workers", "num_reward_actors", "num_learner_ranks"):
-        if cfg.cluster[key] < 1:
-            problems.append(f"cluster.{key} must be >= 1")
-    if cfg.cluster.max_staleness < 0:
-        problems.append("cluster.max_staleness must be >= 0")
-    if cfg.cluster.weight_sync not in ("collective", "object_store"):
-        problems.append("cluster.weight_sync must be 'collective' or 'object_store'")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        problems.append("device must be 'auto', 'cpu' or 'cuda'")
-    if cfg.resume not in (None, "auto") and not Path(cfg.resume).exists():
-        problems.append(f"resume={cfg.resume!r}: no such checkpoint (use resume=auto or a checkpoints/step_N path)")
-    for key in ("train_prompts", "eval_prompts"):
-        value = cfg.data[key]
-        if value is None:
-            continue
-        if not Path(value).is_file():
-            problems.append(f"data.{key}={value!r} does not exist")
-            continue
-        try:                               # read now: a malformed file fails here, not after the actors start
-            read_prompts(value)
-        except PromptFileError as e:
-            problems.append(f"data.{key}: {e}")
-    init = cfg.policy.init
-    if init not in ("random", "pretrained") and not Path(init).expanduser().exists():
-        problems.append(f"policy.init={init!r} does not exist: give 'random', 'pretrained' (the shapes-world "
-                        f"base, pretrained on first use) or the local path of a Show-o release / checkpoint")
-    for key in ("phi_config",):
-        value = cfg.policy[key]
-        if value is not None and not Path(value).is_file():
-            problems.append(f"policy.{key}={value!r} does not exist")
-    if cfg.policy.decoder.kind not in ("magvit", "shapes"):
-        problems.append("policy.decoder.kind must be 'magvit' or 'shapes'")
-    elif cfg.policy.decoder.kind == "magvit" and not (cfg.policy.decoder.path and Path(cfg.policy.decoder.path).is_dir()):
-        problems.append(f"policy.decoder.path={cfg.policy.decoder.path!r} must be a local showlab/magvitv2 directory")
-    if cfg.policy.tokenizer.kind == "hf" and not (cfg.policy.tokenizer.path and Path(cfg.policy.tokenizer.path).is_dir()):
-        problems.append(f"policy.tokenizer.path={cfg.policy.tokenizer.path!r} must be a local phi-1.5 tokenizer dir")
-    for key, specs in (("rewards", cfg.rewards), ("eval.rewards", cfg.eval.rewards)):
-        for i, spec in enumerate(specs):
-            name = spec.get("name") if isinstance(spec, (dict, DictConfig)) else None
-            if not isinstance(name, str):
-                problems.append(f"{key}[{i}] needs a 'name' (one of {reward_names()} or 'package.module:Factory')")
-            elif name not in reward_names() and ":" not in name and "." not in name:
-                problems.append(f"{key}[{i}]: unknown reward {name!r}; known rewards are {reward_names()}, or give "
-                                f"an import path 'package.module:Factory'")
-    if problems:
-        raise ConfigError("invalid config:\n  - " + "\n  - ".join(problems))
+def section(cfg: DictConfig, key: str) -> Any:
+    """A config section as its dataclass (with nested dataclasses), e.g. `section(cfg, "learner")`."""
+    return OmegaConf.to_object(cfg[key])
 
 
-def to_dataclass(node: DictConfig, cls: type) -> Any:
-    """A config section as its dataclass (e.g. `to_dataclass(cfg.sampler, SamplerConfig)`)."""
-    obj = OmegaConf.to_object(node) if isinstance(node, DictConfig) else node
-    return obj if isinstance(obj, cls) else cls(**obj)
+def plain(node: Any) -> Any:
+    """A config node as plain Python containers (enums as their string values); other values pass through."""
+    if isinstance(node, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+    return node
 
 
 def save_resolved(cfg: DictConfig, output_dir: str | Path) -> Path:
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "config.yaml"
-    tmp = out / "config.yaml.tmp"
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    tmp.replace(path)
-    return path
+    return atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))

@@ -4,13 +4,14 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from .config import plain
 from .prompts import PromptItem, read_prompts
 
 
 def shapes_world_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    return OmegaConf.to_container(cfg.policy.decoder.shapes, resolve=True) or {}
+    return plain(cfg.policy.decoder.shapes) or {}
 
 
 def _shapes_split(cfg: DictConfig, which: str) -> list[PromptItem]:

@@ -3,7 +3,8 @@
 Trajectories never pass through the driver: rollout workers return them as object references that the driver
 owns, hands to reward actors and learner ranks, and forgets. Per step:
 
-    rollouts (workers, batched)  →  rewards (reward actors, batched across groups)  →  update (learner ranks)
+    rollouts (workers, batched)  →  rewards (reward actors, batched across groups)  →  advantages, filtering
+    and trained steps (here: the algorithm lives in the driver)  →  update (learner ranks only compute)
     →  weight broadcast (collective group, object-store fallback)  →  metrics / samples / eval / checkpoint
 
 `cluster.max_staleness = n > 0` launches the rollouts of the next n steps before the current update, so sampling
@@ -22,10 +23,13 @@ from omegaconf import DictConfig
 from ray.util.placement_group import remove_placement_group
 
 from actors.types import GroupRequest
+from learner.update import UpdateStats
 
-from .launch import plain, start_learner_ranks, start_reward_pool
+from .advantages import PromptStatTracker, plan_update
+from .config import plain, section
 from .data import PromptSchedule, train_prompts
 from .fleet import ACTOR_ERRORS, GroupResult, PendingRollout, RolloutFleet, RolloutStats
+from .launch import start_learner_ranks, start_reward_pool
 from .metrics import MetricsLogger
 
 
@@ -49,6 +53,9 @@ def score_groups(pool, groups: list[GroupResult], group_size: int) -> list[dict[
 class Trainer:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
+        self.learner_cfg = section(cfg, "learner")
+        self.tracker = PromptStatTracker(self.learner_cfg.running_buffer, self.learner_cfg.running_min_count,
+                                         self.learner_cfg.adv_eps, self.learner_cfg.adv_std_unbiased)
         self.out = Path(cfg.output_dir).resolve()     # absolute: learner ranks write the checkpoints
         self.prompts = train_prompts(cfg)
         self.schedule = PromptSchedule(len(self.prompts), cfg.data.prompts_per_step, cfg.seed)
@@ -178,11 +185,12 @@ class Trainer:
         reward_s = time.perf_counter() - t0
         stats.staleness = [self.version - g.meta.policy_version for g in groups]
         rewards = [s["rewards"] for s in scores]
+        plan = plan_update([g.traj_ref for g in groups], rewards, [g.meta.prompt for g in groups], self.learner_cfg,
+                           self.cfg.sampler.steps, self.tracker, [g.meta.group_id for g in groups], step)
         n = len(self.learners)
         t0 = time.perf_counter()
-        results = self._learner_get([l.train_step.remote([g.traj_ref for g in groups[r::n]], rewards[r::n],
-                                                         [g.meta.prompt for g in groups[r::n]])
-                                     for r, l in enumerate(self.learners)], "the update")
+        update = UpdateStats.merge(self._learner_get([l.train_step.remote(plan.for_rank(r, n))
+                                                      for r, l in enumerate(self.learners)], "the update"))
         self.accepted_groups.update(g.meta.group_id for g in groups)
         learner_s = time.perf_counter() - t0
         sync = self.sync_weights()
@@ -200,8 +208,9 @@ class Trainer:
                for k in components},
             **{f"reward/{k}_std": float(torch.cat([s["components"][k] for s in scores]).std())
                for k in components},
-            "loss": results[0].get("loss"),
-            **{f"learner/{k}": v for k, v in results[0].items() if k != "loss" and isinstance(v, (int, float))},
+            "loss": update.loss,
+            **{f"learner/{k}": v for k, v in update.metrics().items() if k != "loss"},
+            **plan.metrics(),
             "rollout_seconds": rollout_s, "reward_seconds": reward_s, "learner_seconds": learner_s, **sync,
             "staleness_mean": float(np.mean(stats.staleness)) if stats.staleness else 0.0,
             "staleness_max": int(max(stats.staleness)) if stats.staleness else 0,
@@ -216,7 +225,7 @@ class Trainer:
 
     # ----- state ---------------------------------------------------------------------------------------------------
     def driver_state(self) -> dict[str, Any]:
-        return {"step": self.step, "counters": dict(self.counters)}
+        return {"step": self.step, "counters": dict(self.counters), "tracker": self.tracker.state_dict()}
 
     def save_checkpoint(self) -> str:
         root = str(self.out / "checkpoints")
@@ -230,14 +239,16 @@ class Trainer:
         state = infos[0].get("driver_state") or {}
         self.step = int(state.get("step", infos[0]["version"]))
         self.counters.update(state.get("counters", {}))
+        if "tracker" in state:
+            self.tracker.load_state_dict(state["tracker"])
         self.last_checkpoint = infos[0]["path"]
         self.metrics.truncate_after(self.step - 1)
 
     # ----- samples and evaluation --------------------------------------------------------------------------------------
     def decoder(self):
         if not hasattr(self, "_decoder"):
-            from policy.factory import build_decoder, policy_config_from_dict
-            self._decoder = build_decoder(policy_config_from_dict(plain(self.cfg.policy)), "cpu")
+            from policy.factory import build_decoder
+            self._decoder = build_decoder(section(self.cfg, "policy"), "cpu")
         return self._decoder
 
     def save_samples(self, step: int, groups: list[GroupResult], max_groups: int = 4) -> Optional[Path]:

@@ -5,7 +5,6 @@ Seeds depend only on the prompt and sample index, so evaluations at different st
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -14,6 +13,7 @@ import torch
 from omegaconf import DictConfig
 
 from actors.types import GroupRequest
+from policy.files import atomic_write_json
 
 from .data import eval_prompts
 from .fleet import RolloutFleet, RolloutStats
@@ -46,11 +46,7 @@ def evaluate(cfg: DictConfig, fleet: RolloutFleet, pool, step: int, decoder=None
     report = summarize_geneval(tags, verdicts)
     report.update({"step": step, "reward_mean": float(torch.tensor(rewards).mean()) if rewards else float("nan"),
                    "samples_per_prompt": k, "guidance_scale": float(cfg.eval.guidance_scale)})
-    path = report_path(cfg.output_dir, step)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(path)
+    path = atomic_write_json(report_path(cfg.output_dir, step), report)
     if decoder is not None and groups:
         _category_grids(groups, tags, k, decoder, path.with_suffix(""))
     return report
@@ -106,7 +102,8 @@ def format_before_after(before: dict[str, Any], after: dict[str, Any]) -> str:
 def evaluate_command(cfg: DictConfig, checkpoint: Optional[str] = None, prompts: Optional[str] = None) -> dict:
     """`maskgrpo eval`: rollout workers with the checkpoint's weights + reward actors; prints the table."""
     from omegaconf import OmegaConf
-    from .launch import plain, start_reward_pool
+    from .config import plain, section
+    from .launch import start_reward_pool
     from .train import init_ray
     if checkpoint is not None:
         path = Path(checkpoint)
@@ -120,8 +117,8 @@ def evaluate_command(cfg: DictConfig, checkpoint: Optional[str] = None, prompts:
     specs = plain(cfg.eval.rewards) or plain(cfg.rewards)
     pool = start_reward_pool(cfg, specs)
     try:
-        from policy.factory import build_decoder, policy_config_from_dict
-        decoder = build_decoder(policy_config_from_dict(plain(cfg.policy)), "cpu")
+        from policy.factory import build_decoder
+        decoder = build_decoder(section(cfg, "policy"), "cpu")
         report = evaluate(cfg, fleet, pool, step=0, decoder=decoder)
     finally:
         fleet.shutdown()

@@ -46,7 +46,6 @@ class RolloutFleet:
         self.workers = {i: start_rollout_worker(cfg, i) for i in range(cfg.cluster.num_rollout_workers)}
         self.weights = weights
         self.version = 0
-        self.failures = 0
 
     def dispatch(self, requests: list[GroupRequest], overrides: Optional[dict[str, Any]] = None,
                  exclude: tuple[int, ...] = ()) -> list[PendingRollout]:
@@ -71,7 +70,6 @@ class RolloutFleet:
             try:
                 metas = ray.get(p.meta_ref)
             except ACTOR_ERRORS as e:
-                self.failures += 1
                 failed.add(p.worker)
                 print(f"[maskgrpo] rollout worker {p.worker} failed ({type(e).__name__}); re-issuing "
                       f"{len(p.requests)} groups", flush=True)

@@ -8,18 +8,18 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from policy.factory import PolicyConfig, load_policy
+from policy.device import resolve_device
+from policy.factory import load_policy
 from policy.images import save_grid
-from policy.sampler import SamplerConfig, UnmaskingSampler
+from policy.sampler import UnmaskingSampler
 
-from .config import to_dataclass
-from .runtime import pick_device
+from .config import section
 
 
 def generate(cfg: DictConfig, prompts: list[str], num_images: int = 1, out_name: str = "generate") -> Path:
-    device = pick_device(cfg.device)
-    policy = load_policy(to_dataclass(cfg.policy, PolicyConfig), device)
-    sampler_cfg = to_dataclass(cfg.sampler, SamplerConfig)
+    device = resolve_device(cfg.device)
+    policy = load_policy(section(cfg, "policy"), device)
+    sampler_cfg = section(cfg, "sampler")
     sampler = UnmaskingSampler(policy.model.eval(), sampler_cfg)
     seeds = [cfg.seed * 1_000_003 + i for i in range(len(prompts) * num_images)]
     with tqdm(total=sampler_cfg.steps, desc="unmasking", unit="step", disable=not cfg.logging.progress) as bar:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import ray
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig
 from ray.exceptions import GetTimeoutError
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -13,13 +13,13 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.learner import LearnerWorker
 from actors.rollout import RolloutWorker
 
-
-def plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
+from .config import plain, section
 
 
-def rollout_device(cfg: DictConfig) -> str:
-    return "cuda" if cfg.cluster.rollout_gpus > 0 else "cpu"
+def role_device(gpus: float) -> str:
+    """Where a role runs: on CUDA iff it is given a GPU share (cluster.rollout_gpus / reward_gpus / learner_gpus;
+    `device: cpu|cuda` only checks that these agree, see RunConfig)."""
+    return "cuda" if gpus > 0 else "cpu"
 
 
 def start_rollout_worker(cfg: DictConfig, worker_id: int):
@@ -27,8 +27,8 @@ def start_rollout_worker(cfg: DictConfig, worker_id: int):
     cls = ray.remote(num_gpus=c.rollout_gpus, num_cpus=c.cpus_per_actor, max_restarts=c.max_restarts,
                      max_task_retries=0)(RolloutWorker)
     threads = max(1, int(c.cpus_per_actor)) if c.rollout_gpus == 0 else None
-    return cls.options(name=None).remote(worker_id, plain(cfg.policy), plain(cfg.sampler), rollout_device(cfg),
-                                         None, threads)
+    return cls.options(name=None).remote(worker_id, section(cfg, "policy"), section(cfg, "sampler"),
+                                         role_device(c.rollout_gpus), threads)
 
 
 def start_learner_ranks(cfg: DictConfig, timeout_s: float = 600.0) -> tuple[list[Any], PlacementGroup]:
@@ -53,14 +53,14 @@ def start_learner_ranks(cfg: DictConfig, timeout_s: float = 600.0) -> tuple[list
     master_addr, master_port = ray.get(probe.remote())
     threads = max(1, int(c.cpus_per_actor)) if c.learner_gpus == 0 else None
     return [cls.options(scheduling_strategy=strategy(i)).remote(
-        i, n, master_addr, master_port, plain(cfg.policy), plain(cfg.learner), cfg.seed, threads)
-        for i in range(n)], pg
+        i, n, master_addr, master_port, section(cfg, "policy"), section(cfg, "learner"), role_device(c.learner_gpus),
+        cfg.seed, threads) for i in range(n)], pg
 
 
 def reward_decoder_spec(cfg: DictConfig) -> dict[str, Any]:
     """The reward actors decode codes with the policy's image decoder (MAGVIT-v2 or the shapes world)."""
-    return {"factory": "policy.factory:make_image_decoder", "policy": plain(cfg.policy),
-            "device": "cuda" if cfg.cluster.reward_gpus > 0 else "cpu"}
+    return {"factory": "policy.factory:build_decoder", "cfg": section(cfg, "policy"),
+            "device": role_device(cfg.cluster.reward_gpus)}
 
 
 def reward_specs(cfg: DictConfig, specs: Any) -> list[dict[str, Any]]:
@@ -81,4 +81,4 @@ def start_reward_pool(cfg: DictConfig, specs: Any = None):
     return RewardPool.create(reward_specs(cfg, cfg.rewards if specs is None else specs),
                              num_actors=c.num_reward_actors, decoder=reward_decoder_spec(cfg),
                              num_gpus=c.reward_gpus, num_cpus=c.cpus_per_actor, max_restarts=c.max_restarts,
-                             device="cuda" if c.reward_gpus > 0 else "cpu")
+                             device=role_device(c.reward_gpus))

@@ -6,6 +6,8 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
+from policy.files import atomic_write_text
+
 
 class MetricsLogger:
     def __init__(self, output_dir: str | Path, tensorboard: bool = False, wandb_project: Optional[str] = None,
@@ -33,9 +35,7 @@ class MetricsLogger:
             return
         keep = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("step", -1) <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        tmp.replace(self.path)
+        atomic_write_text(self.path, "".join(line + "\n" for line in keep))
 
     def log(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}

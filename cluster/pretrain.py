@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from policy.factory import load_policy, policy_config_from_dict
+from learner.engine import WarmupCosine
+from policy.factory import load_policy
 
-from .launch import plain
+from .config import section
 from .data import shapes_world_kwargs, train_prompts
 from .runtime import seed_everything
 
@@ -45,13 +46,13 @@ def pretrain(cfg: DictConfig) -> Path:
     from rewards.shapes.render import ShapesRenderer
     p = cfg.pretrain
     seed_everything(cfg.seed)
-    policy_cfg = policy_config_from_dict(plain(cfg.policy))
+    policy_cfg = section(cfg, "policy")
     policy_cfg.init = "random"
     policy = load_policy(policy_cfg, "cpu", with_decoder=False)
     model, layout = policy.model.train(), policy.model.layout
     renderer = ShapesRenderer(**shapes_world_kwargs(cfg))
-    if renderer.tokenizer.codebook_size > layout.codebook_size:
-        raise ValueError(f"the shapes world needs {renderer.tokenizer.codebook_size} codes but the policy's "
+    if renderer.codebook.codebook_size > layout.codebook_size:
+        raise ValueError(f"the shapes world needs {renderer.codebook.codebook_size} codes but the policy's "
                          f"codebook has {layout.codebook_size}")
     items = train_prompts(cfg)
     geneval_items = [item_from_metadata(it.prompt, it.metadata) for it in items]
@@ -62,8 +63,7 @@ def pretrain(cfg: DictConfig) -> Path:
         by_tag.setdefault(it.tag, []).append(i)
     rng = np.random.default_rng(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay, betas=(0.9, 0.99))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, p.warmup_steps)) *
-                                              0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, p.steps)))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(p.warmup_steps, p.steps))
     t0, losses = time.perf_counter(), []
     for step in range(p.steps):
         idx = rng.integers(0, len(items), p.batch_size)

@@ -1,4 +1,4 @@
-"""Process-level settings shared by every entry point: device choice, seeding, CPU DeepSpeed."""
+"""Process-level settings shared by every entry point: seeding, CPU DeepSpeed."""
 from __future__ import annotations
 
 import os
@@ -6,14 +6,6 @@ import random
 
 import numpy as np
 import torch
-
-
-def pick_device(choice: str) -> torch.device:
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but no CUDA device is visible: use device=cpu or device=auto")
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(choice)
 
 
 def seed_everything(seed: int) -> None:

@@ -98,14 +98,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
                     record["checkpoint"] = trainer.save_checkpoint()
                 trainer.metrics.log(record)
-                bar.set_postfix(r=f"{record['reward_mean']:.3f}±{record['reward_std']:.3f}",
-                                learn=f"{record['learner_seconds']:.1f}s", roll=f"{record['rollout_seconds']:.1f}s",
-                                stale=f"{record['staleness_mean']:.1f}")
+                bar.set_postfix_str(progress_line(record), refresh=False)
                 if not cfg.logging.progress:
-                    print(f"[maskgrpo] step {step} reward {record['reward_mean']:.4f} ± {record['reward_std']:.4f} "
-                          f"loss {record['loss']} rollout {record['rollout_seconds']:.2f}s learner "
-                          f"{record['learner_seconds']:.2f}s sync {record['sync_seconds']:.2f}s "
-                          f"staleness {record['staleness_mean']:.2f}", flush=True)
+                    print(f"[maskgrpo] step {step} {progress_line(record)}", flush=True)
         except KeyboardInterrupt:
             print("[maskgrpo] interrupted: saving a checkpoint before shutting down", flush=True)
             summary["checkpoint"] = trainer.save_checkpoint()
@@ -122,6 +117,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.shutdown()
         if started:
             ray.shutdown()
+
+
+def progress_line(record: dict[str, Any]) -> str:
+    """What a GRPO user watches each step (every figure is also in metrics.jsonl under the same name)."""
+    on_policy = record.get("learner/on_policy_ratio_dev")
+    return (f"reward {record['reward_mean']:.3f} ± {record['reward_std']:.3f} | "
+            f"clip {record.get('learner/clip_frac', 0.0):.3f} approx_kl {record.get('learner/approx_kl', 0.0):.2e} "
+            f"ratio_max {record.get('learner/ratio_max', 0.0):.2f} "
+            + (f"on-policy |r-1| {on_policy:.1e} " if on_policy is not None and on_policy == on_policy else "")
+            + f"grad {record.get('learner/grad_norm', 0.0):.2f} | groups {int(record.get('kept_groups', 0))}/"
+            f"{record['groups']} | {record['images_per_second']:.1f} img/s | stale {record['staleness_mean']:.1f}")
 
 
 def _print_outcome(cfg: DictConfig, summary: dict[str, Any]) -> None:

@@ -4,7 +4,8 @@
   it; gathered from all ranks under ZeRO-3), in the training dtype;
 - ``engine/``: DeepSpeed's engine state (fp32 master weights, optimizer moments, LR scheduler; partitioned per
   rank under ZeRO);
-- ``trainer_state.json``: step / weight version / call counter / non-finite counters / advantage tracker;
+- ``trainer_state.json``: step / weight version / non-finite counters / the driver's state (incl. its advantage
+  tracker);
 - ``rng_rankNNN.pt``: each rank's RNG states;
 - ``manifest.json`` (written last): format, step, world size, ZeRO stage, model config, parameter shapes,
   and the size (and sha256) of every file.
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
+from policy.files import atomic_write_json
 from policy.weights import CheckpointError, save_state_dict
 
 from . import dist
@@ -50,15 +52,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -167,8 +160,8 @@ def save_checkpoint(learner: "Learner", root: str | Path, keep_last: int = 0, ha
         cfg = learner.policy.config.to_dict()
         cfg["_class_name"] = "Showo"
         cfg["mask_token_id"] = learner.policy.layout.mask_id
-        _write_json(tmp / "config.json", cfg)
-        _write_json(tmp / "trainer_state.json", trainer_state)
+        atomic_write_json(tmp / "config.json", cfg)
+        atomic_write_json(tmp / "trainer_state.json", trainer_state)
     del state_dict
     try:
         learner.engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
@@ -189,7 +182,7 @@ def save_checkpoint(learner: "Learner", root: str | Path, keep_last: int = 0, ha
                     "bf16": learner.bf16, "transition": learner.config.transition,
                     "model_config": learner.policy.config.to_dict(), "param_shapes": _param_shapes(learner),
                     "files": files}
-        _write_json(tmp / MANIFEST, manifest)
+        atomic_write_json(tmp / MANIFEST, manifest)
         old = None
         if final.exists():              # re-saving the same step: swap, then drop the old copy
             old = root / f".{name}.old"

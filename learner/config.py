@@ -1,14 +1,33 @@
 """The learner's configuration: objective, advantages, step reduction, optimizer and DeepSpeed settings."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from typing import Any, Optional
 
-from policy.trajectory import TRANSITIONS
 
-LOSS_AVERAGES = ("sequence", "token")
-REDUCTIONS = ("all", "first_k", "random_k", "every_n")
-ADVANTAGES = ("group", "running")
+class Transition(StrEnum):
+    """Mask-GRPO's transition probability of one unmasking step (see `policy.transition`)."""
+    candidate1 = "candidate1"
+    candidate2 = "candidate2"
+    ar_style = "ar_style"
+
+
+class LossAverage(StrEnum):
+    sequence = "sequence"
+    token = "token"
+
+
+class Reduction(StrEnum):
+    all = "all"
+    first_k = "first_k"
+    random_k = "random_k"
+    every_n = "every_n"
+
+
+class Advantage(StrEnum):
+    group = "group"
+    running = "running"
 
 
 @dataclass
@@ -27,17 +46,17 @@ class LearnerConfig:
         transition) in the global batch: a per-token mean, so transitions that decide many tokens weigh more.
     """
     # ----- objective ---------------------------------------------------------------------------------------
-    transition: str = "candidate1"          # "candidate1" | "candidate2" | "ar_style"
+    transition: Transition = Transition.candidate1
     clip_low: float = 0.9                   # ratio clamp range [clip_low, clip_high] (authors: [0.9, 1.2])
     clip_high: float = 1.2
     kl_beta: float = 0.0                    # k3 KL to a frozen reference policy; 0 = no reference model at all
-    loss_average: str = "sequence"          # "sequence" | "token" (see the class docstring)
+    loss_average: LossAverage = LossAverage.sequence   # see the class docstring
     # ----- which unmasking steps are trained (the sampler still runs all T) ------------------------------------
-    reduction: str = "all"                  # "all" | "first_k" | "random_k" | "every_n"
+    reduction: Reduction = Reduction.all
     reduction_k: int = 25                   # first_k / random_k: how many steps (release: first 25 of 50)
     reduction_n: int = 2                    # every_n: train steps 0, n, 2n, ...
     # ----- advantages and filtering ----------------------------------------------------------------------------
-    advantage: str = "group"                # "group": (r - mean_G)/(std_G + eps); "running": per-prompt history
+    advantage: Advantage = Advantage.group  # group: (r - mean_G)/(std_G + eps); running: per-prompt history
     adv_eps: float = 1e-4
     adv_std_unbiased: bool = True           # torch.std's default (Bessel's correction) for the group std
     running_buffer: int = 64                # "running": how many past rewards per prompt are remembered
@@ -66,36 +85,35 @@ class LearnerConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        problems = []
+        for name, kind in (("transition", Transition), ("loss_average", LossAverage), ("reduction", Reduction),
+                           ("advantage", Advantage)):
+            try:
+                setattr(self, name, kind(getattr(self, name)))
+            except ValueError:
+                problems.append(f"learner.{name} must be one of {[k.value for k in kind]}, not {getattr(self, name)!r}")
         checks = [
-            (self.transition in TRANSITIONS, f"transition must be one of {TRANSITIONS}, got {self.transition!r}"),
-            (self.loss_average in LOSS_AVERAGES, f"loss_average must be one of {LOSS_AVERAGES}"),
-            (self.reduction in REDUCTIONS, f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}"),
-            (self.advantage in ADVANTAGES, f"advantage must be one of {ADVANTAGES}, got {self.advantage!r}"),
-            (0.0 < self.clip_low <= 1.0 <= self.clip_high, "need 0 < clip_low <= 1 <= clip_high"),
-            (self.kl_beta >= 0.0, "kl_beta must be >= 0"),
-            (self.reduction_k >= 1 and self.reduction_n >= 1, "reduction_k and reduction_n must be >= 1"),
-            (self.adv_eps > 0.0, "adv_eps must be > 0"),
-            (self.filter_min_std >= 0.0 and self.filter_top_bottom >= 0, "filters must be >= 0"),
-            (self.zero_stage in (0, 1, 2, 3), "zero_stage must be 0, 1, 2 or 3"),
-            (self.micro_batch_rows >= 1, "micro_batch_rows must be >= 1"),
-            (self.warmup_steps >= 0 and self.total_steps >= 1, "warmup_steps >= 0 and total_steps >= 1"),
-            (0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio must lie in [0, 1]"),
-            (self.max_consecutive_nonfinite >= 1, "max_consecutive_nonfinite must be >= 1"),
-            (self.running_buffer >= 1 and self.running_min_count >= 1, "running_buffer/min_count must be >= 1"),
+            (0.0 < self.clip_low <= 1.0 <= self.clip_high, "need 0 < learner.clip_low <= 1 <= learner.clip_high"),
+            (self.kl_beta >= 0.0, "learner.kl_beta must be >= 0"),
+            (self.reduction_k >= 1 and self.reduction_n >= 1, "learner.reduction_k and reduction_n must be >= 1"),
+            (self.adv_eps > 0.0, "learner.adv_eps must be > 0"),
+            (self.filter_min_std >= 0.0 and self.filter_top_bottom >= 0, "learner filters must be >= 0"),
+            (self.lr > 0.0, "learner.lr must be > 0"),
+            (len(self.betas) == 2, "learner.betas needs two values"),
+            (self.zero_stage in (0, 1, 2, 3), "learner.zero_stage must be 0, 1, 2 or 3"),
+            (self.micro_batch_rows >= 1, "learner.micro_batch_rows must be >= 1"),
+            (self.warmup_steps >= 0 and self.total_steps >= 1, "learner.warmup_steps >= 0 and total_steps >= 1"),
+            (0.0 <= self.min_lr_ratio <= 1.0, "learner.min_lr_ratio must lie in [0, 1]"),
+            (self.max_consecutive_nonfinite >= 1, "learner.max_consecutive_nonfinite must be >= 1"),
+            (self.running_buffer >= 1 and self.running_min_count >= 1,
+             "learner.running_buffer and running_min_count must be >= 1"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"LearnerConfig: {message}")
+        problems += [message for ok, message in checks if not ok]
+        if problems:
+            raise ValueError("\n  - ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values (enums as strings), for checkpoints."""
         d = asdict(self)
         d["betas"] = list(self.betas)
-        return d
-
-    @staticmethod
-    def from_dict(d: dict[str, Any]) -> "LearnerConfig":
-        known = {f.name for f in fields(LearnerConfig)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"LearnerConfig: unknown keys {unknown}")
-        return LearnerConfig(**d)
+        return {k: str(v) if isinstance(v, StrEnum) else v for k, v in d.items()}

@@ -14,22 +14,21 @@ import torch
 import torch.distributed as dist
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 (for single-node test launches)."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A free TCP port on `host` ("" = every interface, for rendezvous across nodes)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
-def use_cuda() -> bool:
-    """True when the DeepSpeed accelerator is CUDA and a GPU is visible."""
-    return os.environ.get("DS_ACCELERATOR", "cuda") != "cpu" and torch.cuda.is_available()
-
-
-def init_distributed() -> None:
-    """Join (or create) the default process group through DeepSpeed; idempotent."""
+def init_distributed(device: torch.device = torch.device("cpu")) -> None:
+    """Join (or create) the default process group through DeepSpeed (NCCL on CUDA, gloo on the CPU); idempotent.
+    On the CPU, DeepSpeed's CPU accelerator is chosen before DeepSpeed is first imported."""
     if dist.is_available() and dist.is_initialized():
         return
+    use_cuda = device.type == "cuda"
+    if not use_cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
@@ -39,7 +38,7 @@ def init_distributed() -> None:
             raise RuntimeError("WORLD_SIZE > 1 needs MASTER_ADDR and MASTER_PORT of rank 0")
         os.environ["MASTER_PORT"] = str(free_port())
     import deepspeed
-    if use_cuda():
+    if use_cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     else:
         # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce kernel at every first start (about a
@@ -47,7 +46,7 @@ def init_distributed() -> None:
         # is all the learner needs on a CPU, so skip the kernel (the backend falls back when it is None).
         import deepspeed.comm.torch as ds_torch_comm
         ds_torch_comm.build_shm_op = lambda: None
-    deepspeed.init_distributed(dist_backend="nccl" if use_cuda() else "gloo", auto_mpi_discovery=False)
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
 
 
 def rank() -> int:

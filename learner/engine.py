@@ -1,10 +1,10 @@
 """The Mask-GRPO learner: a DeepSpeed engine around the Show-o policy, one optimizer step per `train_step`.
 
-One `Learner` per data-parallel rank. Each rank receives its own groups (a group = the G rollouts of one
-prompt, as one `Trajectory`), computes advantages, picks the steps to train (`learner.reduction`), splits the
-(trajectory, step) rows into micro-batches of at most ``micro_batch_rows`` rows and runs forward + backward
-through the DeepSpeed engine for each (so activation memory does not grow with T·G), then takes ONE optimizer
-step. The loss runs through the engine, never the bare module, so gradients are averaged across ranks
+One `Learner` per data-parallel rank. Each rank receives its own groups as `GroupUpdate`s — the G rollouts of
+one prompt as one `Trajectory`, with the advantages, kept samples and trained steps the driver decided
+(`cluster.advantages`) — splits the (trajectory, step) rows into micro-batches of at most ``micro_batch_rows``
+rows and runs forward + backward through the DeepSpeed engine for each (so activation memory does not grow with
+T·G), then takes ONE optimizer step. The loss runs through the engine, never the bare module, so gradients are averaged across ranks
 (the release's defect 5); each micro-batch's loss is scaled by the global normaliser times the world size, so
 the update equals that of one rank holding the whole global batch.
 
@@ -27,11 +27,12 @@ from policy.logprob import transition_logprobs
 from policy.showo import Showo
 from policy.trajectory import Trajectory
 
+from policy.device import resolve_device
+
 from . import dist
-from .advantages import AdvantageResult, PromptStatTracker, RewardError, check_rewards, compute_advantages
 from .config import LearnerConfig
 from .loss import mask_grpo_row_loss, scored_terms
-from .reduction import select_steps
+from .update import GroupUpdate, UpdateStats
 from .weights_export import WeightBucket, iter_weight_buckets
 
 log = logging.getLogger(__name__)
@@ -145,28 +146,23 @@ def plan_chunks(keep: Sequence[torch.Tensor], steps: Sequence[torch.Tensor], max
     return chunks
 
 
-@dataclass
-class StepState:
-    """What `accumulate_gradients` leaves for `apply_update`."""
-    metrics: dict[str, float] = field(default_factory=dict)
-    nonfinite_loss: bool = False
-    no_signal: bool = False
-    t_start: float = 0.0
-
-
 class Learner:
     """Mask-GRPO learner on one data-parallel rank (see module doc). The model passed in is taken over
-    (DeepSpeed may cast and, under ZeRO-3, partition it); its trained weights are in ``learner.policy``."""
+    (DeepSpeed may cast and, under ZeRO-3, partition it); its trained weights are in ``learner.policy``.
+    `device`: "auto" (CUDA when this process sees a GPU), "cpu" or "cuda"."""
 
-    def __init__(self, model: Showo, config: LearnerConfig, reference: Optional[Showo] = None):
+    def __init__(self, model: Showo, config: LearnerConfig, reference: Optional[Showo] = None,
+                 device: str | torch.device = "auto"):
+        self.device = resolve_device(device)
+        dist.init_distributed(self.device)
         import deepspeed
 
-        dist.init_distributed()
         self.config = config
         self.rank, self.world_size = dist.rank(), dist.world_size()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if dist.use_cuda() else torch.device("cpu")
-        self.bf16 = dist.use_cuda() if config.bf16 is None else bool(config.bf16)
-        if self.bf16 and not dist.use_cuda():
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.bf16 = self.device.type == "cuda" if config.bf16 is None else bool(config.bf16)
+        if self.bf16 and self.device.type != "cuda":
             raise ValueError("bf16 training needs CUDA; on the CPU use bf16=False (or None for auto)")
         model.gradient_checkpointing = bool(config.gradient_checkpointing)
         model.to(self.device)
@@ -196,10 +192,7 @@ class Learner:
             model=self.objective, optimizer=self._torch_optimizer, lr_scheduler=scheduler, config=self.ds_config)
         self.engine.train()
         self.policy: Showo = self.engine.module.policy
-        self.tracker = PromptStatTracker(config.running_buffer, config.running_min_count, config.adv_eps,
-                                         config.adv_std_unbiased)
         self.step = 0                   # optimizer updates applied == weight version
-        self.calls = 0                  # train_step calls (seeds random step selection)
         self.nonfinite_total = 0
         self.consecutive_nonfinite = 0
         self.last_checkpoint: Optional[str] = None
@@ -216,120 +209,44 @@ class Learner:
         return float(self.scheduler.get_last_lr()[0])
 
     # ----- the training step ----------------------------------------------------------------------------------
-    def train_step(self, trajectories: Sequence[Trajectory], rewards: Sequence[torch.Tensor],
-                   prompts: Sequence[str], *, advantages: Optional[Sequence[torch.Tensor]] = None,
-                   behaviour_logprobs: Optional[Sequence[torch.Tensor]] = None) -> dict[str, float]:
-        """One optimizer update from this rank's groups (all ranks call it together).
+    def train_step(self, groups: Sequence[GroupUpdate]) -> UpdateStats:
+        """One optimizer update from this rank's groups (all ranks call it together, each with its own groups,
+        possibly none). The driver decided advantages, kept samples and steps (`cluster.advantages`); returns
+        this rank's figures (merge ranks with `UpdateStats.merge`)."""
+        return self.apply_update(self.accumulate_gradients(groups))
 
-        trajectories: one `Trajectory` per group (its G rollouts); rewards: float [G] per group; prompts: the
-        group's prompt text (keys the running advantage statistics). `advantages` (float [G] per group)
-        replaces the advantage computation and filtering; `behaviour_logprobs` (float [G, T] per group)
-        replaces the log-probs recorded in the trajectories. Returns the step's metrics (global over ranks).
-        """
-        state = self.accumulate_gradients(trajectories, rewards, prompts, advantages=advantages,
-                                          behaviour_logprobs=behaviour_logprobs)
-        return self.apply_update(state)
-
-    def _validate(self, trajectories, rewards, prompts, advantages, behaviour_logprobs) -> None:
-        if not (len(trajectories) == len(rewards) == len(prompts)):
-            raise ValueError(f"{len(trajectories)} trajectories, {len(rewards)} reward tensors and "
-                             f"{len(prompts)} prompts: need one of each per group")
-        for name, extra in (("advantages", advantages), ("behaviour_logprobs", behaviour_logprobs)):
-            if extra is not None and len(extra) != len(trajectories):
-                raise ValueError(f"{len(extra)} {name} for {len(trajectories)} groups")
-        for g, tr in enumerate(trajectories):
-            if behaviour_logprobs is not None and tuple(behaviour_logprobs[g].shape) != (tr.batch_size, tr.num_steps):
-                raise ValueError(f"behaviour_logprobs[{g}] has shape {tuple(behaviour_logprobs[g].shape)}, "
-                                 f"expected {(tr.batch_size, tr.num_steps)}")
-            if advantages is not None and tuple(advantages[g].shape) != (tr.batch_size,):
-                raise ValueError(f"advantages[{g}] has shape {tuple(advantages[g].shape)}, expected "
-                                 f"{(tr.batch_size,)}")
-
-    def _checked_rewards(self, trajectories, rewards, prompts, advantages, behaviour_logprobs) -> list[torch.Tensor]:
-        """Validate the inputs on every rank together: a bad input on one rank raises on all of them (instead
-        of leaving the others waiting in a collective)."""
-        error: Optional[ValueError] = None
-        rs: list[torch.Tensor] = []
-        try:
-            self._validate(trajectories, rewards, prompts, advantages, behaviour_logprobs)
-            group_ids = [tr.meta.get("group_id", g) for g, tr in enumerate(trajectories)]
-            rs = check_rewards(rewards, self.config.reward_name, group_ids, [tr.batch_size for tr in trajectories])
-        except ValueError as e:
-            error = e
-        reports = dist.all_gather_object(None if error is None else (isinstance(error, RewardError), str(error)))
-        if error is not None:
-            raise error
-        for r, report in enumerate(reports):
-            if report is not None:
-                raise (RewardError if report[0] else ValueError)(f"learner rank {r}: {report[1]}")
-        return rs
-
-    def _advantages(self, rs, prompts, advantages) -> tuple[AdvantageResult, dict[str, float]]:
-        cfg = self.config
-        gathered = dist.all_gather_object((list(prompts), [r.tolist() for r in rs]))
-        all_prompts = [p for ps, _ in gathered for p in ps]
-        all_rewards = [torch.tensor(r, dtype=torch.float64) for _, rl in gathered for r in rl]
-        offset = sum(len(ps) for ps, _ in gathered[:self.rank])
-        flat = torch.cat(all_rewards) if all_rewards else torch.zeros(0, dtype=torch.float64)
-        mean = float(flat.mean()) if flat.numel() else float("nan")
-        std = float(flat.std()) if flat.numel() > 1 else 0.0
-        info = {f"{cfg.reward_name}_mean": mean, f"{cfg.reward_name}_std": std, "reward_mean": mean,
-                "reward_std": std, "groups": float(len(all_prompts)), "group_offset": float(offset)}
-        if advantages is not None:
-            adv = [torch.as_tensor(a, dtype=torch.float32).detach().cpu() for a in advantages]
-            res = AdvantageResult(adv, [torch.ones(a.numel(), dtype=torch.bool) for a in adv])
-        else:
-            res = compute_advantages(rs, prompts, cfg, self.tracker, history=(all_prompts, all_rewards))
-        return res, info
-
-    def accumulate_gradients(self, trajectories: Sequence[Trajectory], rewards: Sequence[torch.Tensor],
-                             prompts: Sequence[str], *, advantages: Optional[Sequence[torch.Tensor]] = None,
-                             behaviour_logprobs: Optional[Sequence[torch.Tensor]] = None) -> StepState:
+    def accumulate_gradients(self, groups: Sequence[GroupUpdate]) -> UpdateStats:
         """Forward/backward of every micro-batch (no optimizer step); see `train_step`."""
         cfg, t0 = self.config, time.perf_counter()
-        rs = self._checked_rewards(trajectories, rewards, prompts, advantages, behaviour_logprobs)
-        res, info = self._advantages(rs, prompts, advantages)
-        offset = int(info.pop("group_offset"))
-        beh = [(behaviour_logprobs[g] if behaviour_logprobs is not None
-                else tr.behaviour_step_logprob(cfg.transition)).detach().float().cpu()
-               for g, tr in enumerate(trajectories)]
-        steps = [select_steps(tr.num_steps, cfg, seed=hash((cfg.seed, self.calls, offset + g)))
-                 for g, tr in enumerate(trajectories)]
-        self.calls += 1
-
-        # Global normaliser, so that the update equals one rank holding the whole batch.
-        kept = sum(int(k.sum()) for k in res.keep)
-        terms = sum(float(scored_terms(tr.select(k.nonzero().flatten()), cfg.transition, st).sum())
-                    for tr, k, st in zip(trajectories, res.keep, steps) if k.any())
-        stale = [float(self.version - tr.policy_version) for tr in trajectories] or [0.0]
-        chunks = plan_chunks(res.keep, steps, cfg.micro_batch_rows)
-        adv_abs = float(sum(a[k].abs().sum() for a, k in zip(res.advantages, res.keep)))
-        (g_kept, g_terms, g_stale_sum, g_groups, g_kept_groups, g_dropped_low_std, g_dropped_samples, g_adv_abs) = \
-            dist.all_reduce([kept, terms, sum(stale) if trajectories else 0.0, len(trajectories), res.kept_groups,
-                             res.dropped_low_std, res.dropped_samples, adv_abs])
-        n_chunks, stale_max = dist.all_reduce([len(chunks), max(stale) if trajectories else -math.inf], op="max")
-        metrics = dict(info)
-        metrics.update(kept_groups=g_kept_groups, dropped_groups=g_groups - g_kept_groups,
-                       dropped_low_std=g_dropped_low_std, kept_samples=g_kept, dropped_samples=g_dropped_samples,
-                       staleness_mean=g_stale_sum / max(g_groups, 1), staleness_max=max(stale_max, 0.0),
-                       adv_abs_mean=g_adv_abs / max(g_kept, 1))
-        state = StepState(metrics=metrics, t_start=t0)
+        for g in groups:
+            _check_group(g)
+        trajectories = [g.trajectory for g in groups]
+        beh = [(g.behaviour_logprob if g.behaviour_logprob is not None
+                else g.trajectory.behaviour_step_logprob(cfg.transition)).detach().float()
+               for g in groups]
+        # The loss normaliser is global (the update equals that of one rank holding the whole batch), and every
+        # rank runs as many backward passes as the busiest one (ZeRO reduces during each backward).
+        kept = sum(int(g.keep.sum()) for g in groups)
+        terms = sum(float(scored_terms(g.trajectory.select(g.keep.nonzero().flatten()), cfg.transition,
+                                       g.steps).sum()) for g in groups) if cfg.loss_average == "token" else 0.0
+        chunks = plan_chunks([g.keep for g in groups], [g.steps for g in groups], cfg.micro_batch_rows)
+        g_kept, g_terms = dist.all_reduce([kept, terms])
+        (n_chunks,) = dist.all_reduce([len(chunks)], op="max")
+        stats = UpdateStats(micro_batches=float(n_chunks), has_reference=self.reference is not None)
+        stats.seconds_forward_backward = -t0     # completed below
         if g_kept == 0:
-            state.no_signal = True
-            return state
+            stats.no_signal_skipped = True
+            return stats
         if cfg.loss_average == "sequence":
             norm = lambda tr: 1.0 / (tr.num_steps * g_kept)          # noqa: E731
         else:
             norm = lambda tr: 1.0 / g_terms                           # noqa: E731
 
-        # Equal backward counts on every rank (ZeRO reduces during each backward): pad with zero-weight passes
-        # over a real row (or a synthetic one on a rank that received no group).
-        pool = list(trajectories) if trajectories else [self._dummy_trajectory()]
+        # Pad with zero-weight passes over a real row (or a synthetic one on a rank that received no group).
+        pool = trajectories if trajectories else [self._dummy_trajectory()]
         while len(chunks) < int(n_chunks):
             chunks.append(Chunk(0, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), dummy=True))
-        t1 = time.perf_counter()
-        sums = dict(loss=0.0, rows=0.0, clipped=0.0, ratio=0.0, approx_kl=0.0, kl=0.0)
-        ratio_max, nonfinite = 0.0, False
+        nonfinite = False
         for i, ch in enumerate(chunks):
             self.engine.set_gradient_accumulation_boundary(i == len(chunks) - 1)
             tr = pool[ch.group].select(ch.samples)
@@ -338,8 +255,9 @@ class Learner:
             if ch.dummy:   # same graph, zero gradient; independent of the (possibly non-finite) data terms
                 self.engine.backward(logp.sum() * 0.0)
                 continue
-            b_lp = beh[ch.group][ch.samples][:, ch.steps].reshape(-1).to(logp.device)
-            adv = res.advantages[ch.group][ch.samples].to(logp.device).repeat_interleave(ch.steps.numel())
+            dev = logp.device
+            b_lp = beh[ch.group].to(dev)[ch.samples.to(dev)][:, ch.steps.to(dev)].reshape(-1)
+            adv = groups[ch.group].advantages.to(dev)[ch.samples.to(dev)].repeat_interleave(ch.steps.numel())
             ref = None
             if self.reference is not None:
                 with torch.no_grad():
@@ -357,26 +275,22 @@ class Learner:
                 # (or ours for a plain optimizer) then discards the whole update.
                 nonfinite = True
                 self.engine.backward(logp.sum() * float("nan"))
-            sums["loss"] += value
-            sums["rows"] += ch.rows
-            sums["clipped"] += float(rl.clipped.sum())
-            sums["ratio"] += float(rl.ratio.sum())
-            sums["approx_kl"] += float(rl.approx_kl.sum())
+            staleness = self.version - tr.policy_version
+            stats.loss += value
+            stats.rows += ch.rows
+            stats.stale_sum += staleness * ch.rows
+            stats.clipped += float(rl.clipped.sum())
+            stats.ratio_sum += float(rl.ratio.sum())
+            stats.ratio_max = max(stats.ratio_max, float(rl.ratio.max()))
+            stats.approx_kl_sum += float(rl.approx_kl.sum())
             if rl.kl is not None:
-                sums["kl"] += float(rl.kl.sum())
-            ratio_max = max(ratio_max, float(rl.ratio.max()))
-        keys = list(sums)
-        total = dict(zip(keys, dist.all_reduce([sums[k] for k in keys])))
-        (ratio_max_g, nonfinite_g) = dist.all_reduce([ratio_max, float(nonfinite)], op="max")
-        rows = max(total["rows"], 1.0)
-        metrics.update(loss=total["loss"], rows=total["rows"], micro_batches=float(n_chunks),
-                       clip_frac=total["clipped"] / rows, ratio_mean=total["ratio"] / rows, ratio_max=ratio_max_g,
-                       approx_kl=total["approx_kl"] / rows, time_prepare=t1 - t0,
-                       time_forward_backward=time.perf_counter() - t1)
-        if self.reference is not None:
-            metrics["kl"] = total["kl"] / rows
-        state.nonfinite_loss = bool(nonfinite_g)
-        return state
+                stats.kl_sum += float(rl.kl.sum())
+            if staleness == 0:
+                stats.on_policy_dev += (rl.ratio - 1.0).abs().tolist()
+                stats.on_policy_outside_clip += float(((rl.ratio < cfg.clip_low) | (rl.ratio > cfg.clip_high)).sum())
+        stats.nonfinite_skipped = nonfinite      # this rank's view; the update is skipped on every rank
+        stats.seconds_forward_backward += time.perf_counter()
+        return stats
 
     def _dummy_trajectory(self) -> Trajectory:
         """A one-step, one-rollout trajectory with the policy's layout, for zero-weight padding passes."""
@@ -398,43 +312,41 @@ class Learner:
                 sq += p.grad.detach().double().pow(2).sum().cpu()
         return float(sq.sqrt())
 
-    def apply_update(self, state: StepState) -> dict[str, float]:
+    def apply_update(self, stats: UpdateStats) -> UpdateStats:
         """The optimizer step after `accumulate_gradients`, unless the loss or a gradient is not finite."""
-        metrics = state.metrics
         t0 = time.perf_counter()
-        lr = self.lr
+        stats.lr = self.lr
         skipped_nonfinite = False
-        if state.no_signal:
+        if stats.no_signal_skipped:
             log.info("learner step skipped: no group with reward signal (all groups filtered)")
-            grad_norm = 0.0
         else:
             own_norm = self._own_grad_check()
             if own_norm is not None:
-                if state.nonfinite_loss or not math.isfinite(own_norm):
+                if stats.nonfinite_skipped or not math.isfinite(own_norm):
                     self.engine.zero_grad()
                     skipped_nonfinite = True
                 else:
                     self.engine.step()
-                grad_norm = own_norm
+                stats.grad_norm = own_norm
             else:
                 self.engine.step()
                 skipped_nonfinite = not self.engine.was_step_applied()
                 gn = self.engine.get_global_grad_norm()
-                grad_norm = float(gn) if gn is not None else float("nan")
-                if state.nonfinite_loss and not skipped_nonfinite:
+                stats.grad_norm = float(gn) if gn is not None else float("nan")
+                if stats.nonfinite_skipped and not skipped_nonfinite:
                     log.warning("non-finite loss but finite gradients: DeepSpeed applied the update")
         if skipped_nonfinite:
             self.nonfinite_total += 1
             self.consecutive_nonfinite += 1
             log.warning("learner step skipped: non-finite loss or gradient (%d in a row, %d in total)",
                         self.consecutive_nonfinite, self.nonfinite_total)
-        elif not state.no_signal:
+        elif not stats.no_signal_skipped:
             self.consecutive_nonfinite = 0
             self.step += 1
-        metrics.update(grad_norm=grad_norm, lr=lr, step=float(self.step), version=float(self.version),
-                       nonfinite_skipped=float(skipped_nonfinite), nonfinite_total=float(self.nonfinite_total),
-                       no_signal_skipped=float(state.no_signal), time_step=time.perf_counter() - t0,
-                       time_total=time.perf_counter() - state.t_start)
+        stats.nonfinite_skipped = skipped_nonfinite
+        stats.nonfinite_total = self.nonfinite_total
+        stats.version = self.version
+        stats.seconds_step = time.perf_counter() - t0
         if self.consecutive_nonfinite >= self.config.max_consecutive_nonfinite:
             where = (f"the last good checkpoint {self.last_checkpoint!r} is intact"
                      if self.last_checkpoint else "no checkpoint was saved by this learner yet")
@@ -442,7 +354,7 @@ class Learner:
                 f"{self.consecutive_nonfinite} consecutive learner steps had a NaN/inf loss or gradient and were "
                 f"skipped (no update applied, parameters unchanged since step {self.step}); {where}. Check the "
                 f"rewards, the recorded behaviour log-probs and the learning rate, then resume from it.")
-        return metrics
+        return stats
 
     def full_gradients(self) -> dict[str, torch.Tensor]:
         """Every policy parameter's full accumulated gradient (fp32 CPU copies), between `accumulate_gradients`
@@ -471,15 +383,14 @@ class Learner:
 
     # ----- checkpoints ----------------------------------------------------------------------------------------
     def trainer_state(self) -> dict[str, Any]:
-        return {"step": self.step, "calls": self.calls, "nonfinite_total": self.nonfinite_total,
-                "consecutive_nonfinite": self.consecutive_nonfinite, "tracker": self.tracker.state_dict(),
-                "config": self.config.to_dict(), "world_size": self.world_size, "driver_state": self.driver_state}
+        return {"step": self.step, "nonfinite_total": self.nonfinite_total,
+                "consecutive_nonfinite": self.consecutive_nonfinite, "config": self.config.to_dict(),
+                "world_size": self.world_size, "driver_state": self.driver_state}
 
     def load_trainer_state(self, state: dict[str, Any]) -> None:
-        self.step, self.calls = int(state["step"]), int(state["calls"])
+        self.step = int(state["step"])
         self.nonfinite_total = int(state["nonfinite_total"])
         self.consecutive_nonfinite = int(state["consecutive_nonfinite"])
-        self.tracker.load_state_dict(state["tracker"])
         self.driver_state = state.get("driver_state")
 
     def save_checkpoint(self, root: str | Path, keep_last: int = 0) -> Path:
@@ -490,3 +401,19 @@ class Learner:
         """Load a checkpoint directory, or the latest complete one under a checkpoints root."""
         from .checkpoint import load_checkpoint
         return load_checkpoint(self, path)
+
+
+def _check_group(g: GroupUpdate) -> None:
+    """The driver's plan must fit the trajectory (a mismatch is a bug upstream; name it before any compute)."""
+    tr = g.trajectory
+    if not isinstance(tr, Trajectory):
+        raise TypeError(f"group {g.group_id}: expected a fetched Trajectory, got {type(tr).__name__}")
+    size = (tr.batch_size,)
+    if tuple(g.advantages.shape) != size or tuple(g.keep.shape) != size:
+        raise ValueError(f"group {g.group_id}: advantages {tuple(g.advantages.shape)} and keep "
+                         f"{tuple(g.keep.shape)} must both have shape {size}")
+    if g.behaviour_logprob is not None and tuple(g.behaviour_logprob.shape) != (tr.batch_size, tr.num_steps):
+        raise ValueError(f"group {g.group_id}: behaviour_logprob has shape {tuple(g.behaviour_logprob.shape)}, "
+                         f"expected {(tr.batch_size, tr.num_steps)}")
+    if g.steps.numel() and (int(g.steps.min()) < 0 or int(g.steps.max()) >= tr.num_steps):
+        raise ValueError(f"group {g.group_id}: trained steps must lie in [0, {tr.num_steps})")

@@ -6,6 +6,7 @@ so they all agree on architecture, token layout and decoder.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -17,16 +18,26 @@ from .tokenizer import HFTextTokenizer, TextTokenizer, WordTokenizer
 ImageDecoder = Callable[[torch.Tensor], torch.Tensor]   # codes long [B, N] -> uint8 [B, H, W, 3]
 
 
+class TokenizerKind(StrEnum):
+    hf = "hf"           # the phi-1.5 tokenizer from a local directory
+    words = "words"     # an in-process word list (tests, the shapes world)
+
+
+class DecoderKind(StrEnum):
+    magvit = "magvit"   # MAGVIT-v2 from a local showlab/magvitv2 directory
+    shapes = "shapes"   # the shapes world's exact decoder
+
+
 @dataclass
 class TokenizerConfig:
-    kind: str = "words"                 # "hf": phi-1.5 tokenizer from `path`; "words": in-process word list
+    kind: TokenizerKind = TokenizerKind.words
     path: Optional[str] = None
     words: list[str] = field(default_factory=list)
 
 
 @dataclass
 class DecoderConfig:
-    kind: str = "shapes"                # "magvit": MAGVIT-v2 from `path`; "shapes": the exact shapes-world decoder
+    kind: DecoderKind = DecoderKind.shapes
     path: Optional[str] = None
     shapes: dict[str, Any] = field(default_factory=dict)   # ShapesWorld keyword arguments
 
@@ -42,42 +53,27 @@ class PolicyConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
 
-def policy_config_from_dict(cfg: dict[str, Any] | PolicyConfig) -> PolicyConfig:
-    """A plain-dict (or OmegaConf) `policy` section → PolicyConfig with its nested dataclasses."""
-    if isinstance(cfg, PolicyConfig):
-        return cfg
-    kw = dict(_plain(cfg))
-    if isinstance(kw.get("arch"), dict):
-        kw["arch"] = ShowoConfig(**kw["arch"])
-    if isinstance(kw.get("tokenizer"), dict):
-        kw["tokenizer"] = TokenizerConfig(**kw["tokenizer"])
-    if isinstance(kw.get("decoder"), dict):
-        kw["decoder"] = DecoderConfig(**kw["decoder"])
-    return PolicyConfig(**kw)
-
-
 def build_showo(cfg: PolicyConfig) -> Showo:
-    arch = cfg.arch if isinstance(cfg.arch, ShowoConfig) else ShowoConfig(**_plain(cfg.arch))
     if cfg.init == "random":
         torch.manual_seed(cfg.init_seed)
-        return Showo(arch)
+        return Showo(cfg.arch)
     path = Path(cfg.init).expanduser()
     has_config = path.is_dir() and (path / "config.json").is_file()
-    return Showo.from_pretrained(path, config=None if has_config else arch, phi_config=cfg.phi_config,
+    return Showo.from_pretrained(path, config=None if has_config else cfg.arch, phi_config=cfg.phi_config,
                                  max_seq_length=cfg.max_seq_length)
 
 
 def build_tokenizer(cfg: PolicyConfig, llm_vocab_size: int) -> TextTokenizer:
     tok = cfg.tokenizer
-    if tok.kind == "hf":
+    if tok.kind == TokenizerKind.hf:
         if not tok.path:
             raise ValueError("policy.tokenizer.path is required for kind 'hf' (a local microsoft/phi-1_5 copy)")
         return HFTextTokenizer(tok.path)
-    if tok.kind == "words":
+    if tok.kind == TokenizerKind.words:
         words = list(tok.words)
         if not words:
             from rewards.shapes.world import all_prompts, as_world
-            items = all_prompts(as_world(**_plain(cfg.decoder.shapes)))
+            items = all_prompts(as_world(**cfg.decoder.shapes))
             words = sorted({w for item in items for w in item.prompt.lower().split()})
         return WordTokenizer(words, llm_vocab_size)
     raise ValueError(f"policy.tokenizer.kind must be 'hf' or 'words', not {tok.kind!r}")
@@ -85,15 +81,15 @@ def build_tokenizer(cfg: PolicyConfig, llm_vocab_size: int) -> TextTokenizer:
 
 def build_decoder(cfg: PolicyConfig, device: torch.device | str = "cpu") -> ImageDecoder:
     dec = cfg.decoder
-    if dec.kind == "magvit":
+    if dec.kind == DecoderKind.magvit:
         from .magvit import MagvitV2
         if not dec.path:
             raise ValueError("policy.decoder.path is required for kind 'magvit' (a local showlab/magvitv2 copy)")
         vq = MagvitV2.from_pretrained(dec.path, device=device)
         return vq.decode_uint8
-    if dec.kind == "shapes":
+    if dec.kind == DecoderKind.shapes:
         from rewards.shapes.codebook import ShapesCodebook
-        return ShapesImageDecoder(ShapesCodebook(**_plain(dec.shapes)))
+        return ShapesImageDecoder(ShapesCodebook(**dec.shapes))
     raise ValueError(f"policy.decoder.kind must be 'magvit' or 'shapes', not {dec.kind!r}")
 
 
@@ -128,19 +124,3 @@ def load_policy(cfg: PolicyConfig, device: torch.device | str = "cpu", with_deco
 
 def _no_decoder(codes: torch.Tensor) -> torch.Tensor:
     raise RuntimeError("this process was built without an image decoder")
-
-
-def _plain(obj: Any) -> Any:
-    """OmegaConf containers → plain Python (dicts/lists); dataclasses and plain values pass through."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-        if isinstance(obj, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    return obj
-
-
-def make_image_decoder(policy: dict[str, Any], device: str = "cpu") -> ImageDecoder:
-    """Factory for reward actors: the image decoder of a `policy` config section (codes → uint8 images)."""
-    return build_decoder(policy_config_from_dict(policy), device)

@@ -66,10 +66,6 @@ class TokenLayout:
         """Length of the text area (``<t2i>`` plus max_seq_length tokens)."""
         return self.max_seq_length + 1
 
-    @property
-    def seq_len(self) -> int:
-        return self.text_len + self.num_vq_tokens + 2
-
     def text_area(self, text_ids: Sequence[Sequence[int]]) -> torch.Tensor:
         """Long [B, text_len]: the text area of each prompt given as text-token ids (no special tokens)."""
         rows = []

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from policy.files import atomic_write_json
 from policy.weights import CheckpointError, load_strict, read_state_dict, save_state_dict
 
 CONFIG_NAME = "config.json"
@@ -478,9 +479,7 @@ class MagvitV2(nn.Module):
         p.mkdir(parents=True, exist_ok=True)
         save_state_dict(self.state_dict(), p / WEIGHTS_NAME)
         cfg = {"_class_name": _CLASS_NAME, **self.config.to_dict()}
-        tmp = p / (CONFIG_NAME + ".tmp")
-        tmp.write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, p / CONFIG_NAME)
+        atomic_write_json(p / CONFIG_NAME, cfg, indent=2)
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

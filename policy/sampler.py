@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -27,25 +28,33 @@ from .showo import Showo, TextPrefix
 from .trajectory import Trajectory
 from .transition import codebook_probs, code_logprob, remask_log_mass
 
+class Schedule(StrEnum):
+    """How many positions stay masked after each step: N·γ((t+1)/T)."""
+    cosine = "cosine"
+    linear = "linear"
+
+
 SCHEDULES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "cosine": lambda r: torch.cos(r * math.pi * 0.5),
-    "linear": lambda r: (1.0 - r).clamp(min=1e-6, max=1.0),
+    Schedule.cosine: lambda r: torch.cos(r * math.pi * 0.5),
+    Schedule.linear: lambda r: (1.0 - r).clamp(min=1e-6, max=1.0),
 }
 
 
 @dataclass
 class SamplerConfig:
     steps: int = 50
-    schedule: str = "cosine"
+    schedule: Schedule = Schedule.cosine
     temperature: float = 1.0        # Gumbel noise on the re-masking confidence, annealed to 0
     guidance_scale: float = 0.0     # classifier-free guidance (0 while training, as the paper)
     prefix_reuse: bool = True       # reuse the text prefix's keys/values across steps
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown mask schedule {self.schedule!r}; choose one of {sorted(SCHEDULES)}")
+            raise ValueError(f"sampler.schedule: unknown mask schedule {self.schedule!r}; choose one of "
+                             f"{sorted(SCHEDULES)}")
+        self.schedule = Schedule(self.schedule)
         if self.steps < 1:
-            raise ValueError("sampler steps must be >= 1")
+            raise ValueError(f"sampler.steps must be >= 1 (unmasking steps per image), not {self.steps}")
 
 
 def masked_counts(num_tokens: int, steps: int, schedule: str = "cosine") -> list[int]:

@@ -92,11 +92,6 @@ class ShowoConfig:
         return asdict(self)
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "ShowoConfig":
-        known = {f.name for f in fields(ShowoConfig)}
-        return ShowoConfig(**{k: v for k, v in d.items() if k in known})
-
-    @staticmethod
     def from_release(release_dir: str | Path, phi_config: str | Path | dict | None = None,
                      max_seq_length: int | None = None, bos_id: int = 50256, eos_id: int = 50256) -> "ShowoConfig":
         """Read a Show-o release's config.json (diffusers-style: vocab_size, llm_vocab_size, codebook_size,

@@ -12,6 +12,8 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from .files import atomic_write
+
 WEIGHT_FILE_NAMES = ("model.safetensors", "pytorch_model.bin", "diffusion_pytorch_model.safetensors",
                      "diffusion_pytorch_model.bin")
 
@@ -97,12 +99,9 @@ def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what:
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
     """Write a state dict atomically (temporary name, then rename) as safetensors or torch pickle by suffix."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
-        save_file(tensors, str(tmp))
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
     else:
-        torch.save(tensors, str(tmp))
-    os.replace(tmp, path)
+        atomic_write(path, lambda tmp: torch.save(tensors, str(tmp)))

@@ -6,10 +6,10 @@ from typing import Optional
 import torch
 from torch import nn
 
+from policy.device import resolve_device
 from policy.weights import load_strict, read_state_dict
 from rewards.base import Reward, register_reward
-from rewards.openclip import (encode_image, load_open_clip, model_device_dtype, open_clip_image_cfg, require_path,
-                              resolve_device)
+from rewards.openclip import encode_image, load_open_clip, model_device_dtype, open_clip_image_cfg, require_path
 from rewards.preprocess import clip_preprocess
 
 

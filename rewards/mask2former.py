@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from policy.weights import CheckpointError
 from rewards.detectors import register_detector
 from rewards.geneval import COCO_CLASSES
-from rewards.openclip import load_hf_pretrained, resolve_device, resolve_dtype
+from policy.device import resolve_device
+from rewards.openclip import load_hf_pretrained, resolve_dtype
 from rewards.preprocess import IMAGENET_MEAN, IMAGENET_STD, detector_preprocess
 from rewards.types import Detection
 

@@ -16,18 +16,12 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from policy.device import resolve_device
 from policy.weights import CheckpointError, load_strict, read_state_dict
 from rewards.preprocess import OPENAI_MEAN, OPENAI_STD
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-
-
-def resolve_device(device: Optional[str | torch.device]) -> torch.device:
-    """``None``/"auto" -> cuda when available, else cpu."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def resolve_dtype(dtype: Optional[str | torch.dtype], device: torch.device) -> torch.dtype:

@@ -8,7 +8,8 @@ from torch import nn
 
 from policy.weights import CheckpointError
 from rewards.base import Reward, register_reward
-from rewards.openclip import load_hf_pretrained, require_path, resolve_device, resolve_dtype
+from policy.device import resolve_device
+from rewards.openclip import load_hf_pretrained, require_path, resolve_dtype
 from rewards.preprocess import PIL_RESAMPLE, clip_preprocess
 
 

@@ -1,7 +1,7 @@
 """The driver side of the reward actors: a pool that spreads scoring calls over them and retries a failed call.
 
     pool = RewardPool.create(specs, num_actors=2, num_gpus=1,
-                             decoder={"factory": "policy.factory:make_image_decoder", "policy": {...}})
+                             decoder={"factory": "policy.factory:build_decoder", "cfg": policy_config})
     # the shapes world: decoder={"factory": "rewards.shapes.codebook:make_decoder"}
     out = pool.score_groups([{"codes": codes_g0, "prompts": [...], "metadata": [...]}, ...])
     out[0]["rewards"]   # float32 [G] for group 0; out[0]["components"]["hpsv2"] its raw HPS scores

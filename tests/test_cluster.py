@@ -12,7 +12,7 @@ import os
 import secrets
 import shutil
 import signal
-import socket
+
 import subprocess
 import sys
 import tempfile
@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from cluster.config import load_config
+from learner.dist import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -36,12 +37,6 @@ pytestmark = pytest.mark.integration
 def tiny_cfg(out, *overrides):
     return load_config(TINY, [f"output_dir={out}", "learner.warmup_steps=0", "learner.lr=1e-3",
                               "logging.progress=false", *overrides])
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------- weight-sync group
@@ -218,7 +213,7 @@ def test_trajectories_travel_by_reference(local_ray, trainer, monkeypatch):
     rec = tr.train_step()
     monkeypatch.undo()
     assert not fetched, "the driver fetched trajectories"
-    assert rec["groups"] == PPS and rec["learner/fetch_seconds"] >= 0 and rec["learner/groups"] == PPS
+    assert rec["groups"] == PPS and rec["learner/seconds_fetch"] >= 0 and rec["kept_groups"] + rec["dropped_groups"] == PPS
     for g in tr.last_groups:                       # they are in the object store, owned by the driver
         assert isinstance(g.traj_ref, ray.ObjectRef)
         traj = ray.get(g.traj_ref)
@@ -261,7 +256,7 @@ def test_killed_rollout_worker_loses_and_duplicates_no_group(local_ray, trainer)
     assert sorted(tr.fleet.workers) == [0]
     steps = tr.step - start_step
     assert tr.counters["groups_trained"] - trained0 == steps * PPS == len(ids) == len(set(ids))
-    assert all(r["learner/groups"] == PPS for r in recs)                        # each group trained once
+    assert all(r["kept_groups"] + r["dropped_groups"] == PPS for r in recs)                      # each group trained once
     assert tr.counters["groups_reissued"] > reissued0
 
 

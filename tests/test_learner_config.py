@@ -7,6 +7,9 @@ import pytest
 import torch
 
 from learner import Learner, LearnerConfig
+from learner.config import Transition
+from policy.trajectory import TRANSITIONS
+from updates import Planner
 from learner.engine import WarmupCosine, deepspeed_config, param_groups, plan_chunks
 from learner.testing import random_showo, sample_groups
 
@@ -18,14 +21,15 @@ def test_config_defaults_validation_and_round_trip():
     cfg = LearnerConfig()
     assert (cfg.transition, cfg.clip_low, cfg.clip_high, cfg.kl_beta) == ("candidate1", 0.9, 1.2, 0.0)
     assert (cfg.lr, cfg.betas, cfg.weight_decay, cfg.warmup_steps) == (3e-6, (0.9, 0.95), 0.02, 1000)
-    assert LearnerConfig.from_dict(cfg.to_dict()) == cfg
+    assert LearnerConfig(**{**cfg.to_dict(), "betas": tuple(cfg.betas)}) == cfg
+    assert [t.value for t in Transition] == list(TRANSITIONS)      # the learner's enum and the policy's names
     for bad in (dict(transition="candidate3"), dict(clip_low=1.1), dict(clip_high=0.95), dict(reduction="half"),
                 dict(loss_average="mean"), dict(advantage="ppo"), dict(zero_stage=4), dict(micro_batch_rows=0),
                 dict(kl_beta=-1.0), dict(max_consecutive_nonfinite=0)):
         with pytest.raises(ValueError):
             LearnerConfig(**bad)
-    with pytest.raises(ValueError, match="unknown keys"):
-        LearnerConfig.from_dict({"learning_rate": 1.0})
+    with pytest.raises(ValueError, match=r"learner.transition must be one of \['candidate1', 'candidate2', 'ar_style'\]"):
+        LearnerConfig(transition="candidate3")
 
 
 def test_weight_decay_groups_exclude_biases_and_1d():
@@ -74,7 +78,8 @@ def test_learner_lr_follows_schedule_and_bf16_needs_cuda():
     trajs, prompts = sample_groups(model, 1, 2, 2, seed=0)
     cfg = LearnerConfig(lr=1e-3, warmup_steps=2, total_steps=4, min_lr_ratio=0.0, micro_batch_rows=4)
     learner = Learner(model, cfg)
-    lrs = [learner.train_step(trajs, [torch.tensor([0.0, 1.0])], prompts)["lr"] for _ in range(4)]
+    planner = Planner(cfg)
+    lrs = [planner.train(learner, trajs, [torch.tensor([0.0, 1.0])], prompts)["lr"] for _ in range(4)]
     f = WarmupCosine(2, 4, 0.0)
     assert lrs == pytest.approx([1e-3 * f(s) for s in range(4)])
     assert learner.step == 4 and learner.version == 4

@@ -1,8 +1,9 @@
 """Two data-parallel learner ranks (separate processes, gloo, DS_ACCELERATOR=cpu) make the same update as one
 rank holding the whole batch: gradients are averaged through the DeepSpeed engine (the release's defect 5) and
-the loss normaliser is global. Rank 0 holds one group whose rewards are all equal and are filtered out, so it
-trains on nothing and only runs zero-weight passes to keep the collectives in step; rank 1 holds two groups.
-In the last step rank 0 receives no group at all.
+the loss normaliser is global. The driver's plan (advantages, filtering, steps) is made once for the global batch
+and split over the ranks: the group whose rewards are all equal is filtered out by the driver and never sent;
+the others are spread one per rank. In the last step only one group is trained, so rank 1 receives no group at
+all and only runs zero-weight passes over a synthetic trajectory to keep the collectives in step.
 
 Run as a script, this file is one rank of that job (see `_worker`).
 """
@@ -39,14 +40,18 @@ def _config(stage: int):
                          extra_deepspeed={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
 
 
-# Which groups each step trains, per rank. The last step leaves rank 0 without any group: it pads with passes
-# over a synthetic trajectory.
-SCHEDULE = {0: [[0], [0], []], 1: [[1, 2], [1, 2], [1, 2]]}
+# The global batch of each step (group indices). The last one holds a single group: rank 1 gets none.
+STEPS = [[0, 1, 2], [0, 1, 2], [1]]
 
 
-def _train(learner, groups: list[list[int]], trajs, rewards, prompts) -> list[dict]:
-    return [learner.train_step([trajs[i] for i in g], [rewards[i] for i in g], [prompts[i] for i in g])
-            for g in groups]
+def _train(learner, rank: int, num_ranks: int, trajs, rewards, prompts) -> tuple[list[dict], list]:
+    """Every step's UpdateStats of this rank (as dicts), and the driver-side tracker state at the end."""
+    from updates import Planner
+    planner, stats = Planner(learner.config), []
+    for batch in STEPS:
+        plan = planner.plan([trajs[i] for i in batch], [rewards[i] for i in batch], [prompts[i] for i in batch])
+        stats.append({**learner.train_step(plan.for_rank(rank, num_ranks)).to_dict(), **plan.metrics()})
+    return stats, planner.tracker.state_dict()
 
 
 def _worker(out: Path, stage: int) -> None:
@@ -54,13 +59,13 @@ def _worker(out: Path, stage: int) -> None:
     model, trajs, rewards, prompts = _job_data()
     rank = int(os.environ["RANK"])
     learner = Learner(model, _config(stage))
-    metrics = _train(learner, SCHEDULE[rank], trajs, rewards, prompts)
+    stats, tracker = _train(learner, rank, 2, trajs, rewards, prompts)
     state = learner.gathered_state_dict()          # collective: every rank takes part
     ckpt = learner.save_checkpoint(out / "checkpoints")
+    (out / f"stats{rank}.json").write_text(json.dumps(stats))
     if rank == 0:
         torch.save(state, out / "state.pt")
-        (out / "metrics.json").write_text(json.dumps({"metrics": metrics, "checkpoint": str(ckpt),
-                                                      "tracker": learner.tracker.state_dict()}))
+        (out / "info.json").write_text(json.dumps({"checkpoint": str(ckpt), "tracker": tracker}))
 
 
 def _launch(out: Path, stage: int) -> None:
@@ -70,7 +75,7 @@ def _launch(out: Path, stage: int) -> None:
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=str(port), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
-                   PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+                   PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
         procs.append(subprocess.Popen([sys.executable, __file__, str(out), str(stage)], env=env, cwd=str(REPO),
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = []
@@ -89,30 +94,36 @@ def _launch(out: Path, stage: int) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 3])
 def test_two_ranks_match_one_rank(tmp_path, stage):
-    from learner import Learner
+    from learner import Learner, UpdateStats
     _launch(tmp_path, stage)
     two = torch.load(tmp_path / "state.pt")
-    info = json.loads((tmp_path / "metrics.json").read_text())
+    info = json.loads((tmp_path / "info.json").read_text())
+    per_rank = [json.loads((tmp_path / f"stats{r}.json").read_text()) for r in range(2)]
+    fields = set(UpdateStats.__dataclass_fields__)
+    merged = [{**UpdateStats.merge([UpdateStats(**{k: v for k, v in r[i].items() if k in fields})
+                                    for r in per_rank]).metrics(), **per_rank[0][i]} for i in range(len(STEPS))]
 
     model, trajs, rewards, prompts = _job_data()
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     one = Learner(model, _config(stage))
-    metrics = _train(one, [a + b for a, b in zip(SCHEDULE[0], SCHEDULE[1])], trajs, rewards, prompts)
+    stats, tracker = _train(one, 0, 1, trajs, rewards, prompts)
+    metrics = [{**UpdateStats(**{k: v for k, v in m.items() if k in fields}).metrics(), **m} for m in stats]
     ref = one.gathered_state_dict()
 
     assert max((ref[k] - initial[k]).abs().max().item() for k in ref) > 1e-4        # it trained
     for k, v in ref.items():
         err = (two[k] - v).abs().max().item()
         assert err <= 1e-5 * max(v.abs().max().item(), 1e-3), f"{k}: {err:.3e}"
-    assert len(info["metrics"]) == len(metrics) == 3
-    for i, (m2, m1) in enumerate(zip(info["metrics"], metrics)):
-        assert m2["kept_groups"] == m1["kept_groups"] == 2 and m2["dropped_groups"] == (1 if i < 2 else 0)
-        assert m2["rows"] == m1["rows"] == 2 * 3 * 3
+    assert len(merged) == len(metrics) == 3
+    for i, (m2, m1) in enumerate(zip(merged, metrics)):
+        kept = 2 if i < 2 else 1
+        assert m2["kept_groups"] == m1["kept_groups"] == kept and m2["dropped_groups"] == (1 if i < 2 else 0)
+        assert m2["rows"] == m1["rows"] == kept * 3 * 3
         assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-5, abs=1e-7)
         assert m2["grad_norm"] == pytest.approx(m1["grad_norm"], rel=1e-4)
-        assert m2["lr"] == m1["lr"] and m2["step"] == m1["step"]
-        assert m2["micro_batches"] == m1["micro_batches"] == 6   # rank 0 ran 6 zero-weight passes
-    assert info["tracker"] == json.loads(json.dumps(one.tracker.state_dict()))
+        assert m2["lr"] == m1["lr"] and m2["version"] == m1["version"] == i + 1
+    assert per_rank[1][2]["rows"] == 0 and per_rank[1][2]["micro_batches"] == per_rank[0][2]["micro_batches"] > 0
+    assert info["tracker"] == json.loads(json.dumps(tracker))
     ckpt = Path(info["checkpoint"])
     manifest = json.loads((ckpt / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and {"rng_rank000.pt", "rng_rank001.pt"} <= set(manifest["files"])

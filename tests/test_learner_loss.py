@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
-from learner import Learner, LearnerConfig, mask_grpo_row_loss, policy_step_logprobs, select_steps
+from cluster.reduction import select_steps
+from learner import Learner, LearnerConfig, mask_grpo_row_loss, policy_step_logprobs
 from learner.loss import k3_kl, scored_terms
 from learner.testing import random_showo, sample_groups
+from updates import given
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -94,10 +96,10 @@ def _grads(batch, config: LearnerConfig, advantages, behaviour_shift: float = 0.
     if behaviour is None:
         behaviour = policy_step_logprobs(model, trajs[0], config.transition) - behaviour_shift
     learner = Learner(model, config)
-    state = learner.accumulate_gradients(trajs, [torch.zeros(2)], prompts, advantages=[advantages],
-                                         behaviour_logprobs=[behaviour])
+    state = learner.accumulate_gradients([given(trajs[0], advantages, behaviour,
+                                                steps=select_steps(trajs[0].num_steps, config))])
     grads = learner.full_gradients()
-    metrics = learner.apply_update(state)
+    metrics = learner.apply_update(state).metrics()
     return grads, metrics, learner
 
 
@@ -157,15 +159,15 @@ def test_kl_against_frozen_reference_hand_checked(batch):
     assert ref is not None and ref is not learner.policy
     assert all(not p.requires_grad for p in ref.parameters())
     before = {k: v.clone() for k, v in ref.state_dict().items()}
-    adv = [torch.tensor([1.0, -1.0])]
-    m1 = learner.train_step(trajs, [torch.zeros(2)], prompts, advantages=adv)
+    adv = torch.tensor([1.0, -1.0])
+    m1 = learner.train_step([given(trajs[0], adv)]).metrics()
     assert m1["kl"] == pytest.approx(0.0, abs=1e-10)        # policy == reference before the first update
     # after one update: the metric equals the hand-computed mean k3 of the current policy vs the reference
     cur = policy_step_logprobs(learner.policy, trajs[0], "candidate2")
     ref_lp = policy_step_logprobs(ref, trajs[0], "candidate2")
     d = (ref_lp - cur).double()
     expected = (d.exp() - d - 1).mean().item()
-    m2 = learner.train_step(trajs, [torch.zeros(2)], prompts, advantages=adv)
+    m2 = learner.train_step([given(trajs[0], adv)]).metrics()
     assert expected > 1e-8
     assert m2["kl"] == pytest.approx(expected, rel=1e-4)
     for k, v in ref.state_dict().items():          # the reference stays frozen

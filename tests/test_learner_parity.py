@@ -10,6 +10,7 @@ import torch
 
 from learner import Learner, LearnerConfig, policy_step_logprobs
 from reference_trajectories import load_reference_trajectories
+from updates import given
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -21,10 +22,9 @@ def _learner_gradients(model, traj, transition: str, micro_batch_rows: int, zero
     behaviour = policy_step_logprobs(model, traj, transition)
     learner = Learner(model, LearnerConfig(transition=transition, zero_stage=zero_stage,
                                            micro_batch_rows=micro_batch_rows, warmup_steps=1))
-    state = learner.accumulate_gradients([traj], [torch.tensor([1.0])], ["reference prompt"],
-                                         advantages=[torch.tensor([0.75])], behaviour_logprobs=[behaviour])
+    state = learner.accumulate_gradients([given(traj, torch.tensor([0.75]), behaviour)])
     grads = learner.full_gradients()
-    metrics = learner.apply_update(state)
+    metrics = learner.apply_update(state).metrics()
     return grads, metrics
 
 
@@ -46,7 +46,7 @@ def _check_parity(transition, tiny_showo, showo_vectors, fixture_dir):
     assert metrics["clip_frac"] == 0.0
     assert metrics["loss"] == pytest.approx(-0.75, rel=1e-5)        # Σ_t −0.75·r_t / T with r = 1
     assert metrics["micro_batches"] == 2 and metrics["rows"] == traj.num_steps
-    assert metrics["step"] == 1 and metrics["nonfinite_skipped"] == 0
+    assert metrics["version"] == 1 and metrics["nonfinite_skipped"] == 0
 
 
 def test_learner_parity_grad_ar_style(tiny_showo, showo_vectors, fixture_dir):

@@ -1,8 +1,10 @@
-"""Group-relative advantages, a running per-prompt statistics tracker, and low-signal group filtering.
+"""The algorithm the driver holds: group-relative advantages, the running per-prompt statistics tracker,
+low-signal group filtering, and which unmasking steps each group trains (`plan_update`).
 
 Rewards arrive as one float tensor [G] per group (the G samples of one prompt). A reward that is NaN or
 infinite is a bug upstream (a reward model that failed, an image that did not decode): it raises `RewardError`
-naming the reward and the sample, it is never silently replaced by 0.
+naming the reward and the sample, it is never silently replaced by 0. The learner ranks receive the result as
+`GroupUpdate`s (trajectory reference, advantages, kept samples, steps) and only compute.
 """
 from __future__ import annotations
 
@@ -12,14 +14,14 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .config import LearnerConfig
+from learner.config import Advantage, LearnerConfig
+from learner.update import GroupUpdate
+from rewards.base import RewardError
+
+from .reduction import select_steps
 
 
-class RewardError(ValueError):
-    """A reward is missing, mis-shaped or not finite; the message names the reward and the sample."""
-
-
-def check_rewards(rewards: Sequence[torch.Tensor], reward_name: str = "reward",
+def check_rewards(rewards: Sequence[Any], reward_name: str = "reward",
                   group_ids: Optional[Sequence[Any]] = None,
                   group_sizes: Optional[Sequence[int]] = None) -> list[torch.Tensor]:
     """Float64 CPU copies of the rewards, validated: 1-D, one per sample, finite."""
@@ -28,17 +30,17 @@ def check_rewards(rewards: Sequence[torch.Tensor], reward_name: str = "reward",
         gid = group_ids[g] if group_ids is not None else g
         r = torch.as_tensor(r).detach().to("cpu", torch.float64)
         if r.dim() != 1 or r.numel() == 0:
-            raise RewardError(f"reward {reward_name!r} of group {gid}: expected a 1-D tensor with one value per "
+            raise RewardError(reward_name, f"reward {reward_name!r} of group {gid}: expected a 1-D tensor with one value per "
                               f"sample, got shape {tuple(r.shape)}")
         if group_sizes is not None and r.numel() != group_sizes[g]:
-            raise RewardError(f"reward {reward_name!r} of group {gid}: {r.numel()} values for "
+            raise RewardError(reward_name, f"reward {reward_name!r} of group {gid}: {r.numel()} values for "
                               f"{group_sizes[g]} samples")
         bad = (~torch.isfinite(r)).nonzero().flatten().tolist()
         if bad:
             i = bad[0]
-            raise RewardError(f"reward {reward_name!r} is {r[i].item()} for sample {i} of group {gid} "
+            raise RewardError(reward_name, f"reward {reward_name!r} is {r[i].item()} for sample {i} of group {gid} "
                               f"({len(bad)} non-finite value(s) in this group): the reward model failed on this "
-                              f"sample; fix the reward instead of training on it")
+                              f"sample; fix the reward instead of training on it", sample=i)
         out.append(r)
     return out
 
@@ -140,12 +142,11 @@ def top_bottom_mask(r: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def compute_advantages(rewards: Sequence[torch.Tensor], prompts: Sequence[str], config: LearnerConfig,
-                       tracker: Optional[PromptStatTracker] = None, group_ids: Optional[Sequence[Any]] = None,
-                       history: Optional[tuple[Sequence[str], Sequence[torch.Tensor]]] = None) -> AdvantageResult:
-    """Advantages and filtering for the groups of this rank.
+                       tracker: Optional[PromptStatTracker] = None,
+                       group_ids: Optional[Sequence[Any]] = None) -> AdvantageResult:
+    """Advantages and filtering for the groups of one training step.
 
-    With ``config.advantage == "running"`` the `tracker` is first updated with `history` (the (prompts, rewards)
-    of the whole global batch, so that every rank's tracker stays identical; default: these groups), then each
+    With ``config.advantage == "running"`` the `tracker` is first updated with these groups' rewards, then each
     group is normalised by its prompt's statistics. Filtering uses each group's own reward std: groups with
     std < ``filter_min_std`` are dropped; ``filter_top_bottom`` = k keeps the k best and k worst samples.
     Advantages are computed on the whole group before the top/bottom selection.
@@ -153,17 +154,14 @@ def compute_advantages(rewards: Sequence[torch.Tensor], prompts: Sequence[str], 
     if len(rewards) != len(prompts):
         raise ValueError(f"{len(rewards)} reward tensors for {len(prompts)} prompts")
     rs = check_rewards(rewards, config.reward_name, group_ids)
-    if config.advantage == "running":
+    if config.advantage == Advantage.running:
         if tracker is None:
             raise ValueError("advantage='running' needs a PromptStatTracker")
-        if history is None:
-            tracker.update(prompts, rs)
-        else:
-            tracker.update(history[0], check_rewards(history[1], config.reward_name))
+        tracker.update(prompts, rs)
     advantages, keep, stds, dropped = [], [], [], 0
     for prompt, r in zip(prompts, rs):
         std = reward_std(r, config.adv_std_unbiased)
-        if config.advantage == "running":
+        if config.advantage == Advantage.running:
             a = tracker.advantages(prompt, r)  # type: ignore[union-attr]
         else:
             a = group_advantages(r, config.adv_eps, config.adv_std_unbiased)
@@ -175,3 +173,40 @@ def compute_advantages(rewards: Sequence[torch.Tensor], prompts: Sequence[str], 
         keep.append(k)
         stds.append(std)
     return AdvantageResult(advantages, keep, stds, dropped)
+
+
+@dataclass
+class UpdatePlan:
+    """One training step's learner work: a `GroupUpdate` per group with at least one kept sample (in group
+    order), and the advantage result of every group (for the step's metrics)."""
+    groups: list[GroupUpdate]
+    result: AdvantageResult
+
+    def for_rank(self, rank: int, num_ranks: int) -> list[GroupUpdate]:
+        """The groups learner rank `rank` trains (whole groups, spread round robin)."""
+        return self.groups[rank::num_ranks]
+
+    def metrics(self) -> dict[str, float]:
+        res = self.result
+        kept = [a[k] for a, k in zip(res.advantages, res.keep) if k.any()]
+        adv_abs = float(torch.cat(kept).abs().mean()) if kept else 0.0
+        return {**{k: float(v) for k, v in res.counts().items()}, "adv_abs_mean": adv_abs}
+
+
+def plan_update(trajectories: Sequence[Any], rewards: Sequence[torch.Tensor], prompts: Sequence[str],
+                config: LearnerConfig, num_steps: int, tracker: Optional[PromptStatTracker] = None,
+                group_ids: Optional[Sequence[int]] = None, step: int = 0) -> UpdatePlan:
+    """Advantages, filtering and trained steps for one training step's groups.
+
+    `trajectories`: one per group (a `Trajectory` or an object reference, passed through untouched); `rewards`:
+    float [G] per group; `num_steps`: the sampler's T. Steps are chosen per group from a seed derived from
+    (config.seed, step, group id), so the choice is reproducible, resumable and independent of the ranks."""
+    ids = list(group_ids) if group_ids is not None else list(range(len(trajectories)))
+    if not (len(trajectories) == len(rewards) == len(prompts) == len(ids)):
+        raise ValueError(f"{len(trajectories)} trajectories, {len(rewards)} reward tensors, {len(prompts)} prompts "
+                         f"and {len(ids)} group ids: need one of each per group")
+    res = compute_advantages(rewards, prompts, config, tracker, ids)
+    groups = [GroupUpdate(traj, adv, keep, select_steps(num_steps, config, seed=hash((config.seed, step, gid))),
+                          group_id=gid)
+              for traj, adv, keep, gid in zip(trajectories, res.advantages, res.keep, ids) if keep.any()]
+    return UpdatePlan(groups, res)

@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 
-from learner import LearnerConfig, PromptStatTracker, RewardError, compute_advantages, group_advantages
-from learner.advantages import top_bottom_mask
+from cluster.advantages import PromptStatTracker, compute_advantages, group_advantages, top_bottom_mask
+from learner import LearnerConfig
+from rewards.base import RewardError
 
 
 def _std(xs, unbiased=True):
@@ -88,13 +89,23 @@ def test_running_tracker_per_prompt_statistics_and_state_dict():
     assert torch.equal(other.advantages("cat", r), tracker.advantages("cat", r))
 
 
-def test_running_tracker_uses_the_global_history():
-    """Every rank updates its tracker with the whole batch (history), then normalises its own groups."""
-    cfg = LearnerConfig(advantage="running")
+def test_running_tracker_sees_the_whole_step_and_plan_update_sends_kept_groups():
+    """The driver holds the one tracker: a step's groups all update it, then each is normalised by its prompt's
+    history (a prompt twice in a step sees both groups). Filtered groups are not sent to the learner, and each
+    group's trained steps come from (seed, step, group id) alone."""
+    from cluster.advantages import plan_update
+    cfg = LearnerConfig(advantage="running", filter_min_std=0.5, reduction="random_k", reduction_k=2, seed=3)
     tracker = PromptStatTracker()
-    history = (["cat", "dog", "cat"], [torch.tensor([0.0, 2.0]), torch.tensor([1.0, 1.0]), torch.tensor([4.0, 6.0])])
-    res = compute_advantages([torch.tensor([4.0, 6.0])], ["cat"], cfg, tracker, history=history)
+    rewards = [torch.tensor([0.0, 2.0]), torch.tensor([1.0, 1.0]), torch.tensor([4.0, 6.0])]
+    plan = plan_update(["t0", "t1", "t2"], rewards, ["cat", "dog", "cat"], cfg, num_steps=6, tracker=tracker,
+                       group_ids=[10, 11, 12], step=4)
     h = torch.tensor([0.0, 2.0, 4.0, 6.0], dtype=torch.float64)
     expected = (torch.tensor([4.0, 6.0], dtype=torch.float64) - h.mean()) / (h.std() + 1e-4)
-    assert res.advantages[0].tolist() == pytest.approx(expected.tolist(), rel=1e-6)
-    assert len(tracker.history["dog"]) == 2
+    assert plan.result.advantages[2].tolist() == pytest.approx(expected.tolist(), rel=1e-6)
+    assert len(tracker.history["dog"]) == 2 and len(tracker.history["cat"]) == 4
+    assert [g.group_id for g in plan.groups] == [10, 12] and [g.trajectory for g in plan.groups] == ["t0", "t2"]
+    assert plan.for_rank(0, 2)[0].group_id == 10 and plan.for_rank(1, 2)[0].group_id == 12
+    again = plan_update(["t0", "t1", "t2"], rewards, ["cat", "dog", "cat"], cfg, 6, PromptStatTracker(),
+                        [10, 11, 12], step=4)
+    assert all(torch.equal(a.steps, b.steps) and a.steps.numel() == 2 for a, b in zip(plan.groups, again.groups))
+    assert plan.metrics()["kept_groups"] == 2 and plan.metrics()["dropped_low_std"] == 1

@@ -1,0 +1,87 @@
+"""What crosses between the driver and a learner rank for one update: the work of each group, and the figures
+the rank reports back (sums, so that the driver can merge any number of ranks)."""
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+import torch
+
+
+@dataclass
+class GroupUpdate:
+    """One group's share of an update, decided by the driver (`cluster.advantages.plan_update`)."""
+    trajectory: Any                 # the group's `Trajectory` (an object reference until the rank fetches it)
+    advantages: torch.Tensor        # float32 [G]
+    keep: torch.Tensor              # bool [G]: the samples that are trained (filtering)
+    steps: torch.Tensor             # long [S]: the unmasking steps that are trained (reduction)
+    group_id: int = 0
+    behaviour_logprob: Optional[torch.Tensor] = None   # float [G, T]: replaces the recorded behaviour log-probs
+
+
+@dataclass
+class UpdateStats:
+    """A rank's figures for one update. Sums over its rows (one row = one trajectory at one trained step), so
+    that `merge` over ranks gives the global figures; `on_policy_dev` holds |ratio − 1| of the rows whose
+    trajectory was sampled with the weights being trained (staleness 0), which must be ≈ 0: rollout and
+    learner compute the same log-probs."""
+    rows: float = 0.0
+    loss: float = 0.0
+    clipped: float = 0.0
+    ratio_sum: float = 0.0
+    ratio_max: float = 0.0
+    approx_kl_sum: float = 0.0
+    kl_sum: float = 0.0
+    stale_sum: float = 0.0
+    on_policy_dev: list[float] = field(default_factory=list)
+    on_policy_outside_clip: float = 0.0
+    micro_batches: float = 0.0
+    # the same on every rank
+    grad_norm: float = 0.0
+    lr: float = 0.0
+    version: int = 0
+    nonfinite_skipped: bool = False
+    no_signal_skipped: bool = False
+    nonfinite_total: int = 0
+    has_reference: bool = False
+    seconds_fetch: float = 0.0
+    seconds_forward_backward: float = 0.0
+    seconds_step: float = 0.0
+
+    _SUMMED = ("rows", "loss", "clipped", "ratio_sum", "approx_kl_sum", "kl_sum", "stale_sum", "on_policy_outside_clip",
+               "micro_batches")
+
+    @staticmethod
+    def merge(parts: list["UpdateStats"]) -> "UpdateStats":
+        """The global figures of one update from every rank's own."""
+        out = UpdateStats(**{f.name: getattr(parts[0], f.name) for f in fields(UpdateStats)})
+        for k in UpdateStats._SUMMED:
+            setattr(out, k, sum(getattr(p, k) for p in parts))
+        out.micro_batches = max(p.micro_batches for p in parts)
+        out.ratio_max = max(p.ratio_max for p in parts)
+        out.on_policy_dev = [d for p in parts for d in p.on_policy_dev]
+        for k in ("seconds_fetch", "seconds_forward_backward", "seconds_step"):
+            setattr(out, k, max(getattr(p, k) for p in parts))
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        """The figures a GRPO user watches (metrics.jsonl keys, without the `learner/` prefix)."""
+        rows = max(self.rows, 1.0)
+        n_on = len(self.on_policy_dev)
+        out = {"loss": self.loss, "rows": self.rows, "clip_frac": self.clipped / rows,
+               "ratio_mean": self.ratio_sum / rows, "ratio_max": self.ratio_max, "approx_kl": self.approx_kl_sum / rows,
+               "staleness_mean": self.stale_sum / rows, "grad_norm": self.grad_norm, "lr": self.lr,
+               "version": float(self.version), "micro_batches": self.micro_batches,
+               "nonfinite_skipped": float(self.nonfinite_skipped), "nonfinite_total": float(self.nonfinite_total),
+               "no_signal_skipped": float(self.no_signal_skipped), "seconds_fetch": self.seconds_fetch,
+               "seconds_forward_backward": self.seconds_forward_backward, "seconds_step": self.seconds_step,
+               "on_policy_rows": float(n_on),
+               "on_policy_ratio_dev": statistics.median(self.on_policy_dev) if n_on else float("nan"),
+               "on_policy_outside_clip": self.on_policy_outside_clip / n_on if n_on else float("nan")}
+        if self.has_reference:
+            out["kl"] = self.kl_sum / rows
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
