@@ -17,7 +17,7 @@ from learner.dist import free_port
 from learner.update import GroupUpdate, UpdateStats
 from policy.factory import PolicyConfig, load_policy
 
-from .weight_sync import SyncGroupSpec, WeightSyncGroup, param_digest
+from .weight_sync import DeviceLocation, SyncGroupSpec, WeightSyncGroup, device_location, param_digest, share_buckets
 
 
 def node_address() -> str:
@@ -41,6 +41,7 @@ class LearnerWorker:
         model = load_policy(policy_cfg, "cpu", with_decoder=False).model
         self.learner = Learner(model, learner_cfg, device=device)
         self.sync_group: Optional[WeightSyncGroup] = None
+        self._ipc_keep: list[torch.Tensor] = []
 
     @staticmethod
     def rendezvous() -> tuple[str, int]:
@@ -56,11 +57,11 @@ class LearnerWorker:
     def train_step(self, groups: Sequence[GroupUpdate]) -> UpdateStats:
         """This rank's groups, their trajectories still object references: fetched here, all at once."""
         import ray
-        t0 = time.perf_counter()
+        started = time.time()
         trajectories = ray.get([g.trajectory for g in groups]) if groups else []
-        fetch = time.perf_counter() - t0
+        fetch = time.time() - started
         stats = self.learner.train_step([replace(g, trajectory=t) for g, t in zip(groups, trajectories)])
-        stats.seconds_fetch = fetch
+        stats.seconds_fetch, stats.started, stats.finished = fetch, started, time.time()
         return stats
 
     # ----- weights ----------------------------------------------------------------------------------------------
@@ -86,6 +87,23 @@ class LearnerWorker:
         stats = self.sync_group.send(buckets)
         stats["version"] = float(self.learner.version)
         return stats
+
+    def location(self) -> DeviceLocation:
+        return device_location(self.learner.device)
+
+    def share_weights_ipc(self, bucket_bytes: int, dtype: Optional[str] = None) -> dict[str, Any]:
+        """All ranks (gathering); rank 0 keeps the buckets in its GPU memory and returns CUDA IPC handles to them,
+        for rollout workers on the same GPU (`release_ipc` once they have copied them)."""
+        buckets = self.learner.iter_weight_buckets(bucket_bytes, getattr(torch, dtype) if dtype else None)
+        if self.rank != 0:
+            for _ in buckets:
+                pass
+            return {"buckets": [], "bytes": 0.0}
+        shared, self._ipc_keep = share_buckets(buckets)
+        return {"buckets": shared, "bytes": float(sum(t.numel() * t.element_size() for t in self._ipc_keep))}
+
+    def release_ipc(self) -> None:
+        self._ipc_keep = []
 
     def export_weights(self, bucket_bytes: int, dtype: Optional[str] = None) -> dict[str, Any]:
         """All ranks (gathering); rank 0 puts the buckets in the object store and returns their references."""

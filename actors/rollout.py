@@ -14,13 +14,13 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from learner.weights_export import WeightBucket, apply_weight_bucket
+from learner.weights_export import apply_weight_bucket
 from policy.device import resolve_device
 from policy.factory import PolicyConfig, load_policy
 from policy.sampler import SamplerConfig, UnmaskingSampler
 
 from .types import GroupMeta, GroupRequest
-from .weight_sync import SyncGroupSpec, WeightSyncGroup, param_digest
+from .weight_sync import IpcBucket, SyncGroupSpec, WeightSyncGroup, device_location, open_bucket, param_digest
 
 
 class RolloutWorker:
@@ -39,7 +39,8 @@ class RolloutWorker:
     # ----- status ------------------------------------------------------------------------------------------------
     def ready(self) -> dict[str, Any]:
         return {"worker_id": self.worker_id, "version": self.version, "pid": os.getpid(),
-                "device": str(self.device), "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch.")}
+                "device": str(self.device), "dtype": str(next(self.model.parameters()).dtype).removeprefix("torch."),
+                "location": device_location(self.device)}
 
     def digest(self) -> tuple[int, str]:
         return self.version, param_digest(self.model)
@@ -52,11 +53,11 @@ class RolloutWorker:
         if len(sizes) != 1:
             raise ValueError("all groups of one rollout call must have the same group size")
         group_size = sizes.pop()
-        t0 = time.perf_counter()
+        started = time.time()
         text = self.policy.text_areas([g.prompt for g in groups])
         seeds = [s for g in groups for s in g.seeds]
         traj = UnmaskingSampler(self.model, cfg).sample(text, seeds, group_size=group_size)
-        seconds = time.perf_counter() - t0
+        finished = time.time()
         metas, parts = [], []
         for i, g in enumerate(groups):
             part = traj.select(slice(i * group_size, (i + 1) * group_size))
@@ -64,7 +65,7 @@ class RolloutWorker:
             part.meta = {"group_id": g.group_id, "prompt": g.prompt, "seeds": list(g.seeds)}
             parts.append(part)
             metas.append(GroupMeta(g.group_id, g.step, g.prompt_index, g.prompt, g.metadata, self.version,
-                                   self.worker_id, seconds / len(groups)))
+                                   self.worker_id, started, finished))
         return (metas, *parts)
 
     # ----- weights ----------------------------------------------------------------------------------------------
@@ -76,6 +77,15 @@ class RolloutWorker:
         if self.sync_group is None:
             raise RuntimeError("join_sync_group first")
         self.sync_group.receive(self.model, bucket_bytes, getattr(torch, dtype) if dtype else None, version)
+        self.version = version
+        return version
+
+    def receive_weights_ipc(self, buckets: Sequence[IpcBucket]) -> int:
+        """CUDA IPC path (this worker shares the learner's GPU): copy from the learner's buffers, device to device."""
+        version = self.version
+        for shared in buckets:
+            version = apply_weight_bucket(self.model, open_bucket(shared))
+        torch.cuda.synchronize(self.device)
         self.version = version
         return version
 

@@ -26,4 +26,5 @@ class GroupMeta:
     metadata: dict[str, Any]
     policy_version: int
     worker_id: int
-    sample_seconds: float
+    started: float           # wall-clock time (time.time()) the worker's rollout call began and ended
+    finished: float

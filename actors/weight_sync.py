@@ -1,4 +1,6 @@
-"""A weight-broadcast group spanning learner rank 0 and the rollout workers.
+"""Getting the learner's weights to the rollout workers: a broadcast group, or CUDA IPC on a shared GPU.
+
+A weight-broadcast group spans learner rank 0 and the rollout workers.
 
 It is a stand-alone torch c10d process group (gloo on CPU, NCCL on GPUs) built on its own TCPStore, so it never
 touches the learner's default (DeepSpeed) process group — `ray.util.collective`'s gloo backend reuses
@@ -11,6 +13,7 @@ import datetime
 import math
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Iterable, Optional
 
 import torch
@@ -81,3 +84,98 @@ def param_digest(model: nn.Module) -> str:
         h.update(name.encode())
         h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+# ----- choosing the path, and CUDA IPC for a rollout worker on the learner's own GPU -----------------------------
+class SyncPath(StrEnum):
+    collective = "collective"       # a broadcast group: NCCL when every member has its own GPU, else gloo
+    cuda_ipc = "cuda_ipc"           # the workers share the learner's GPU: they open its buffers, no host copy
+    object_store = "object_store"   # buckets through Ray's object store (host memory)
+
+
+@dataclass(frozen=True)
+class DeviceLocation:
+    """Where an actor computes: its node, and the UUIDs of the GPUs it uses (none on the CPU)."""
+    node: str
+    gpus: tuple[str, ...] = ()
+
+    @property
+    def on_gpu(self) -> bool:
+        return bool(self.gpus)
+
+
+def device_location(device: torch.device) -> DeviceLocation:
+    """This process's location (the node's IP address as Ray sees it; the GPU's UUID on CUDA)."""
+    try:
+        import ray
+        node = ray.util.get_node_ip_address()
+    except Exception:
+        node = "127.0.0.1"
+    if device.type != "cuda":
+        return DeviceLocation(node)
+    return DeviceLocation(node, (str(torch.cuda.get_device_properties(device).uuid),))
+
+
+def choose_sync_path(configured: str, learner: DeviceLocation,
+                     workers: dict[int, DeviceLocation]) -> tuple[SyncPath, str, str]:
+    """(path, collective backend, the reason in words) for sending the learner's weights to `workers`.
+
+    NCCL cannot form a group of two processes on one GPU, so workers on the learner's GPU get CUDA IPC handles;
+    when only some of them share it (a mixed placement) everything goes through the object store."""
+    if configured == SyncPath.object_store:
+        return SyncPath.object_store, "", "cluster.weight_sync=object_store"
+    shared = sorted(i for i, w in workers.items()
+                    if learner.on_gpu and w.node == learner.node and set(w.gpus) & set(learner.gpus))
+    if shared and len(shared) == len(workers):
+        return SyncPath.cuda_ipc, "", (f"rollout worker(s) {shared} share the learner's GPU {learner.gpus[0]}: "
+                                       f"CUDA IPC handles, no copy through host memory")
+    if shared:
+        return SyncPath.object_store, "", (f"rollout worker(s) {shared} share the learner's GPU and the others do "
+                                           f"not: NCCL cannot include the former, so the object store for all")
+    if learner.on_gpu and all(w.on_gpu for w in workers.values()):
+        return SyncPath.collective, "nccl", "every rollout worker has its own GPU: an NCCL broadcast group"
+    return SyncPath.collective, "gloo", "a gloo broadcast group (a member computes on the CPU)"
+
+
+@dataclass
+class IpcBucket:
+    """A weight bucket that stays in the learner's GPU memory: its description and a CUDA IPC handle."""
+    version: int
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+    dtypes: list[str]
+    index: int
+    gpu_uuid: str
+    handle: tuple          # torch.multiprocessing.reductions.reduce_tensor(flat): (rebuild function, arguments)
+
+
+def share_buckets(buckets: Iterable[WeightBucket]) -> tuple[list[IpcBucket], list[torch.Tensor]]:
+    """IPC handles of the buckets' GPU buffers, and the buffers (the sender keeps them alive until every receiver
+    has copied them)."""
+    from torch.multiprocessing.reductions import reduce_tensor
+    shared, keep = [], []
+    for b in buckets:
+        if not b.flat.is_cuda:
+            raise RuntimeError("CUDA IPC needs the learner's weight buckets on its GPU")
+        keep.append(b.flat)
+        shared.append(IpcBucket(b.version, b.names, b.shapes, b.dtypes, b.index,
+                                str(torch.cuda.get_device_properties(b.flat.device).uuid), reduce_tensor(b.flat)))
+    torch.cuda.synchronize()
+    return shared, keep
+
+
+def _local_index(gpu_uuid: str) -> int:
+    for i in range(torch.cuda.device_count()):
+        if str(torch.cuda.get_device_properties(i).uuid) == gpu_uuid:
+            return i
+    raise RuntimeError(f"this process does not see GPU {gpu_uuid}: CUDA IPC needs the learner's own GPU")
+
+
+def open_bucket(bucket: IpcBucket) -> WeightBucket:
+    """The bucket as a tensor aliasing the learner's GPU memory (the device index is this process's own for the
+    same physical GPU: Ray numbers each actor's visible GPUs from 0)."""
+    rebuild, args = bucket.handle
+    args = list(args)
+    args[6] = _local_index(bucket.gpu_uuid)        # storage_device of torch's rebuild_cuda_tensor
+    flat = rebuild(*args)
+    return WeightBucket(bucket.version, bucket.names, bucket.shapes, bucket.dtypes, flat, bucket.index)

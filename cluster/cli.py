@@ -6,6 +6,7 @@ import sys
 from typing import Optional, Sequence
 
 from .config import ConfigError, load_config
+from .errors import run_failures
 from .prompts import PromptFileError, read_prompts
 
 
@@ -31,7 +32,34 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit status 0 done, 1 the run failed (the cause and the fix in the last line), 2 bad input, 130 Ctrl-C."""
     args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt as e:
+        from .train import Interrupted
+        if isinstance(e, Interrupted) and e.checkpoint and e.consistent:
+            where = f"saved checkpoint {e.checkpoint}"
+        elif isinstance(e, Interrupted) and e.checkpoint:
+            where = f"the last checkpoint {e.checkpoint} is intact (steps after it run again)"
+        else:
+            where = "no checkpoint was saved"
+        again = " ".join(["maskgrpo", args.command] + (["--config", args.config] if args.config else [])
+                         + [o for o in args.overrides if not o.startswith("resume=")] + ["resume=auto"])
+        step = f" at step {e.step}" if isinstance(e, Interrupted) else ""
+        print(f"\nmaskgrpo: interrupted{step}; {where}. Continue with: {again}", file=sys.stderr)
+        return 130
+    except (ConfigError, PromptFileError) as e:
+        print(f"maskgrpo: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if not isinstance(e, run_failures()):
+            raise
+        print(f"maskgrpo: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "bench":
         from benchmarks import run_benchmark
         return run_benchmark(args.what, args.overrides)

@@ -73,6 +73,8 @@ class ClusterConfig:
     weight_bucket_mb: int = 64
     max_restarts: int = 2
     local_num_cpus: Optional[int] = None  # CPUs given to a local Ray instance
+    resource_wait_s: float = 60.0         # how long to wait for nodes (an autoscaler's) before "cluster too small"
+    cluster_lost_s: float = 60.0          # the driver exits once its Ray cluster has been unreachable this long
 
     def __post_init__(self) -> None:
         _require([(getattr(self, k) >= 1, f"cluster.{k} must be >= 1")
@@ -80,6 +82,8 @@ class ClusterConfig:
                  [(getattr(self, k) >= 0, f"cluster.{k} must be >= 0")
                   for k in ("rollout_gpus", "reward_gpus", "learner_gpus", "max_staleness", "max_restarts")] +
                  [(self.cpus_per_actor > 0, "cluster.cpus_per_actor must be > 0"),
+                  (self.resource_wait_s >= 0 and self.cluster_lost_s > 0,
+                   "cluster.resource_wait_s must be >= 0 and cluster.cluster_lost_s > 0"),
                   (self.weight_bucket_mb >= 1, "cluster.weight_bucket_mb must be >= 1")])
 
 
@@ -162,7 +166,7 @@ class RunConfig:
         if self.resume not in (None, "auto") and not Path(self.resume).exists():
             problems.append(f"resume={self.resume!r}: no such checkpoint (use resume=auto or a "
                             f"checkpoints/step_N path)")
-        for key in ("train_prompts", "eval_prompts"):
+        for key, rewards in (("train_prompts", self.rewards), ("eval_prompts", self.eval.rewards or self.rewards)):
             value = getattr(self.data, key)
             if value is None:
                 continue
@@ -170,9 +174,16 @@ class RunConfig:
                 problems.append(f"data.{key}={value!r} does not exist")
                 continue
             try:                               # read now: a malformed file fails here, not after the actors start
-                read_prompts(value)
+                items = read_prompts(value)
             except PromptFileError as e:
                 problems.append(f"data.{key}: {e}")
+                continue
+            uses_geneval = any(isinstance(r, dict) and r.get("name") == "geneval" for r in rewards)
+            bare = [i for i, it in enumerate(items) if "include" not in it.metadata.get("geneval", it.metadata)]
+            if uses_geneval and bare:
+                problems.append(f"data.{key}={value!r}: the geneval reward needs GenEval metadata (tag, include) for "
+                                f"every prompt, and {len(bare)} of {len(items)} have none (e.g. line {bare[0] + 1}): use "
+                                f"a GenEval .jsonl (data/geneval/evaluation_metadata.jsonl) or another reward")
         problems += _policy_problems(self.policy)
         for key, specs in (("rewards", self.rewards), ("eval.rewards", self.eval.rewards)):
             problems += _reward_problems(key, specs)
@@ -222,15 +233,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     """Schema ← YAML file ← `key=value` overrides, validated. Raises ConfigError with the key at fault."""
     cfg = schema()
     try:
-        if path is not None:
-            p = Path(path)
-            if not p.is_file():
-                raise ConfigError(f"config file {str(p)!r} not found (see configs/ for examples)")
-            try:
-                loaded = OmegaConf.load(p)
-            except Exception as e:  # yaml syntax errors
-                raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
-            cfg = OmegaConf.merge(cfg, loaded)
+        for layer in _config_files(path):
+            cfg = OmegaConf.merge(cfg, layer)
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must look like key=value, got {bad}")
@@ -246,6 +250,25 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise
         raise ConfigError(f"invalid config:\n  - {e}") from None
     return cfg
+
+
+def _config_files(path: str | Path | None, seen: tuple[Path, ...] = ()) -> list[DictConfig]:
+    """The YAML layers of a config file, base first: a file may name another as ``base:`` (relative to itself),
+    whose values it overrides (e.g. configs/one_gpu.yaml is the default run placed on one GPU)."""
+    if path is None:
+        return []
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} not found (see configs/ for examples)")
+    if p.resolve() in seen:
+        raise ConfigError(f"config file {str(p)!r} names itself as a base (through {[str(s) for s in seen]})")
+    try:
+        loaded = OmegaConf.load(p)
+    except Exception as e:  # yaml syntax errors
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+    base = loaded.pop("base", None) if isinstance(loaded, DictConfig) else None
+    layers = _config_files(p.parent / str(base), seen + (p.resolve(),)) if base is not None else []
+    return layers + [loaded]
 
 
 def section(cfg: DictConfig, key: str) -> Any:

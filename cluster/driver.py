@@ -23,7 +23,9 @@ from omegaconf import DictConfig
 from ray.util.placement_group import remove_placement_group
 
 from actors.types import GroupRequest
+from actors.weight_sync import SyncPath, choose_sync_path
 from learner.update import UpdateStats
+from policy.weights import CheckpointError
 
 from .advantages import PromptStatTracker, plan_update
 from .config import plain, section
@@ -31,23 +33,18 @@ from .data import PromptSchedule, train_prompts
 from .fleet import ACTOR_ERRORS, GroupResult, PendingRollout, RolloutFleet, RolloutStats
 from .launch import start_learner_ranks, start_reward_pool
 from .metrics import MetricsLogger
+from .preflight import StartupError, root_cause
+from .timeline import Timeline
 
 
 class LearnerFailure(RuntimeError):
     """A learner rank died: the run cannot go on (its optimizer state is gone); resume from the last checkpoint."""
 
 
-def score_groups(pool, groups: list[GroupResult], group_size: int) -> list[dict[str, Any]]:
-    """Rewards of each group, the groups spread over the pool's actors (each batches across its groups)."""
-    items = [{"trajectory": g.traj_ref, "prompts": [g.meta.prompt] * group_size,
-              "metadata": [g.meta.metadata] * group_size} for g in groups]
-    n = max(1, min(len(pool.actors), len(items)))
-    scored = pool.map([items[k::n] for k in range(n)])
-    out: list[Any] = [None] * len(items)
-    for k, batch in enumerate(scored):
-        for j, r in enumerate(batch):
-            out[k + j * n] = r
-    return out
+def _span_seconds(spans: list[tuple[float, float]]) -> float:
+    """Wall seconds covered by a step's (start, end) spans of one role (0 when there are none)."""
+    spans = sorted(set(spans))
+    return max((e for _, e in spans), default=0.0) - min((s for s, _ in spans), default=0.0)
 
 
 class Trainer:
@@ -63,11 +60,14 @@ class Trainer:
         self.learners, self._learner_pg = start_learner_ranks(cfg)
         self.fleet = RolloutFleet(cfg, weights=self.export_weights)
         self.rewards = start_reward_pool(cfg)
+        self._wait_started()
         self._eval_pool = None
         self.worker_pids: dict[int, int] = {}
         self.sync_group_epoch = 0
         self.weight_dtype: Optional[str] = None   # the workers' parameter dtype: weights travel in it
         self.sync_group_ready = False
+        self.sync_path: Optional[SyncPath] = None   # chosen at the first sync and whenever the workers change
+        self.sync_backend = ""
         self.step = 0                      # next training step to run
         self.inflight: dict[int, list[PendingRollout]] = {}
         self.accepted_groups: set[int] = set()
@@ -75,17 +75,31 @@ class Trainer:
         self.last_checkpoint: Optional[str] = None
         self.last_groups: list[GroupResult] = []
         self.metrics = MetricsLogger(self.out, cfg.logging.tensorboard, cfg.logging.wandb_project, config=plain(cfg))
+        self.timeline = Timeline(self.out / "timeline.json")
 
     @property
     def version(self) -> int:
         return self.fleet.version
+
+    def _wait_started(self) -> None:
+        """Wait until every actor has built its model; one that fails while starting (e.g. unreadable weights)
+        stops the run with its own error as the message, not as a later 'actor died'."""
+        roles = ([("learner rank", i, a.version.remote()) for i, a in enumerate(self.learners)] +
+                 [("rollout worker", i, a.ready.remote()) for i, a in self.fleet.workers.items()] +
+                 [("reward actor", i, a.ping.remote()) for i, a in enumerate(self.rewards.actors)])
+        for role, i, ref in roles:
+            try:
+                ray.get(ref)
+            except ACTOR_ERRORS as e:
+                self.shutdown()
+                raise StartupError(f"{role} {i} could not start: {root_cause(e)}") from None
 
     def _learner_get(self, refs: Any, what: str, timeout: Optional[float] = None) -> Any:
         """`ray.get` of learner calls; a dead learner rank stops the run with LearnerFailure."""
         try:
             return ray.get(refs, timeout=timeout)
         except ACTOR_ERRORS as e:
-            raise LearnerFailure(f"a learner rank died during {what} at step {self.step} ({type(e).__name__}); "
+            raise LearnerFailure(f"a learner rank died during {what} at step {self.step} ({root_cause(e)}); "
                                  f"nothing after the last checkpoint was saved: resume with resume=auto "
                                  f"({self.last_checkpoint or 'no checkpoint yet'})") from e
 
@@ -99,8 +113,17 @@ class Trainer:
         """The current (version, bucket references), for workers that Ray restarted."""
         return self.version, self._export()["refs"]
 
+    def _choose_sync_path(self, status: dict[int, dict[str, Any]]) -> None:
+        """Pick how weights reach the current workers (logged whenever the choice changes)."""
+        learner = self._learner_get(self.learners[0].location.remote(), "the weight sync")
+        path, backend, why = choose_sync_path(self.cfg.cluster.weight_sync, learner,
+                                              {i: s["location"] for i, s in status.items()})
+        if (path, backend) != (self.sync_path, self.sync_backend):
+            print(f"[maskgrpo] weight sync: {path}{f' ({backend})' if backend else ''}: {why}", flush=True)
+        self.sync_path, self.sync_backend = path, backend
+
     def _form_sync_group(self) -> None:
-        backend = "nccl" if self.cfg.cluster.rollout_gpus > 0 and self.cfg.cluster.learner_gpus > 0 else "gloo"
+        backend = self.sync_backend
         self.sync_group_epoch += 1
         ids = sorted(self.fleet.workers)
         spec = ray.get(self.learners[0].open_sync_group.remote(f"wsync{self.sync_group_epoch}", len(ids) + 1,
@@ -116,7 +139,7 @@ class Trainer:
         during the transfer is waited for (Ray restarts it) and served again."""
         t0 = time.perf_counter()
         self.fleet.version = self._learner_get(self.learners[0].version.remote(), "the weight sync")
-        mode, nbytes = self.cfg.cluster.weight_sync, 0.0
+        nbytes = 0.0
         for attempt in range(3):
             status = self.fleet.wait_ready()
             pids = {i: s["pid"] for i, s in status.items()}
@@ -129,8 +152,19 @@ class Trainer:
             if pids != self.worker_pids:            # a worker (re)started or left: its group membership is gone
                 self.sync_group_ready = False
                 self.worker_pids = pids
+                self._choose_sync_path(status)
+            mode = self.sync_path
             try:
-                if mode == "collective":
+                if mode == SyncPath.cuda_ipc:
+                    shared = self._learner_get([l.share_weights_ipc.remote(self.bucket_bytes, self.weight_dtype)
+                                                for l in self.learners], "the weight sync")[0]
+                    try:
+                        ray.get([w.receive_weights_ipc.remote(shared["buckets"])
+                                 for w in self.fleet.workers.values()], timeout=900)
+                    finally:
+                        self._learner_get(self.learners[0].release_ipc.remote(), "the weight sync")
+                    nbytes = shared["bytes"]
+                elif mode == SyncPath.collective:
                     if not self.sync_group_ready:
                         self._form_sync_group()
                     results = ray.get([l.broadcast_weights.remote(self.bucket_bytes, self.weight_dtype)
@@ -147,14 +181,15 @@ class Trainer:
             except LearnerFailure:
                 raise
             except Exception as e:
-                if mode == "object_store" and (attempt == 2 or not isinstance(e, ACTOR_ERRORS)):
+                if mode == SyncPath.object_store and (attempt == 2 or not isinstance(e, ACTOR_ERRORS)):
                     raise
                 print(f"[maskgrpo] {mode} weight sync failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
                       f"retrying through the object store", flush=True)
                 self.sync_group_ready = False
-                mode = "object_store"
+                self.sync_path = SyncPath.object_store
         seconds = time.perf_counter() - t0
-        return {"sync_seconds": seconds, "sync_bytes": nbytes, "sync_collective": float(mode == "collective")}
+        return {"sync_seconds": seconds, "sync_bytes": nbytes, "sync_collective": float(mode == SyncPath.collective),
+                "sync_path": str(mode)}
 
     # ----- one training step -----------------------------------------------------------------------------------------
     def _requests(self, step: int) -> list[GroupRequest]:
@@ -170,19 +205,19 @@ class Trainer:
             self.fleet.resync_restarted()   # a worker Ray restarted since the last sync gets the weights first
         for s in range(self.step, last + 1):
             if s not in self.inflight:
-                self.inflight[s] = self.fleet.dispatch(self._requests(s))
+                self.inflight[s] = self.fleet.dispatch(self._requests(s), rewards=self.rewards)
 
     def train_step(self) -> dict[str, Any]:
         step, t_step = self.step, time.perf_counter()
         stats = RolloutStats()
         self._launch_ahead()
         t0 = time.perf_counter()
-        groups = self.fleet.gather(self.inflight.pop(step), stats, max_staleness=self.cfg.cluster.max_staleness)
+        groups = self.fleet.gather(self.inflight.pop(step), stats, max_staleness=self.cfg.cluster.max_staleness,
+                                   rewards=self.rewards)
         groups = [g for g in groups if g.meta.group_id not in self.accepted_groups]   # never train twice
-        rollout_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        scores = score_groups(self.rewards, groups, self.cfg.data.group_size)
-        reward_s = time.perf_counter() - t0
+        wait_s = time.perf_counter() - t0        # rollouts and their (streamed) rewards, as far as not done yet
+        scores = [g.scores for g in groups]
+        self._record_spans(groups)
         stats.staleness = [self.version - g.meta.policy_version for g in groups]
         rewards = [s["rewards"] for s in scores]
         plan = plan_update([g.traj_ref for g in groups], rewards, [g.meta.prompt for g in groups], self.learner_cfg,
@@ -193,7 +228,9 @@ class Trainer:
                                                       for r, l in enumerate(self.learners)], "the update"))
         self.accepted_groups.update(g.meta.group_id for g in groups)
         learner_s = time.perf_counter() - t0
-        sync = self.sync_weights()
+        self.timeline.add("learner", "ranks", f"update {step}", update.started, update.finished)
+        with self.timeline.measure("weight_sync", "learner -> workers", f"sync v{self.version + 1}"):
+            sync = self.sync_weights()
         self.counters["groups_trained"] += len(groups)
         self.counters["groups_reissued"] += stats.reissued
         self.counters["groups_stale_dropped"] += stats.stale_dropped
@@ -211,7 +248,9 @@ class Trainer:
             "loss": update.loss,
             **{f"learner/{k}": v for k, v in update.metrics().items() if k != "loss"},
             **plan.metrics(),
-            "rollout_seconds": rollout_s, "reward_seconds": reward_s, "learner_seconds": learner_s, **sync,
+            "rollout_seconds": _span_seconds([(g.meta.started, g.meta.finished) for g in groups]),
+            "reward_seconds": _span_seconds([g.scores["span"] for g in groups]),
+            "wait_seconds": wait_s, "learner_seconds": learner_s, **sync,
             "staleness_mean": float(np.mean(stats.staleness)) if stats.staleness else 0.0,
             "staleness_max": int(max(stats.staleness)) if stats.staleness else 0,
             "staleness_hist": {str(int(k)): int(v) for k, v in zip(*hist)},
@@ -223,20 +262,41 @@ class Trainer:
         self.last_groups = groups
         return record
 
+    def _record_spans(self, groups: list[GroupResult]) -> None:
+        for g in groups:
+            self.timeline.add("rollout", f"worker {g.meta.worker_id}", f"rollout step {g.meta.step}",
+                              g.meta.started, g.meta.finished)
+            self.timeline.add("reward", "actors", f"score step {g.meta.step}", *g.scores["span"])
+
     # ----- state ---------------------------------------------------------------------------------------------------
     def driver_state(self) -> dict[str, Any]:
-        return {"step": self.step, "counters": dict(self.counters), "tracker": self.tracker.state_dict()}
+        """Saved inside each checkpoint; `version` is the learner version the driver has seen, so a checkpoint
+        whose learner and driver disagree is recognised at resume."""
+        return {"step": self.step, "version": self.version, "counters": dict(self.counters),
+                "tracker": self.tracker.state_dict()}
 
     def save_checkpoint(self) -> str:
         root = str(self.out / "checkpoints")
-        paths = self._learner_get([l.save_checkpoint.remote(root, self.driver_state()) for l in self.learners],
-                                  "a checkpoint save")
+        with self.timeline.measure("driver", "checkpoints", f"checkpoint step {self.step}"):
+            paths = self._learner_get([l.save_checkpoint.remote(root, self.driver_state()) for l in self.learners],
+                                      "a checkpoint save")
         self.last_checkpoint = paths[0]
+        self.timeline.write()
         return paths[0]
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        """The held-out evaluation at `step` (rollout workers and the evaluation rewards' actors)."""
+        from .evaluate import evaluate
+        with self.timeline.measure("driver", "evaluation", f"evaluation at step {step}"):
+            return evaluate(self.cfg, self.fleet, self.eval_pool(), step, self.decoder())
 
     def resume(self, path: str) -> None:
         infos = self._learner_get([l.resume.remote(path) for l in self.learners], "the resume")
         state = infos[0].get("driver_state") or {}
+        if "version" in state and int(state["version"]) != int(infos[0]["version"]):
+            raise CheckpointError(f"checkpoint {path} is inconsistent: its learner holds weight version "
+                                  f"{infos[0]['version']} but the driver had seen version {state['version']} (it was "
+                                  f"saved during an update); resume from an earlier checkpoint")
         self.step = int(state.get("step", infos[0]["version"]))
         self.counters.update(state.get("counters", {}))
         if "tracker" in state:

@@ -33,11 +33,11 @@ def report_path(output_dir: str | Path, step: int) -> Path:
 
 def evaluate(cfg: DictConfig, fleet: RolloutFleet, pool, step: int, decoder=None) -> dict[str, Any]:
     from rewards.geneval import summarize_geneval
-    from .driver import score_groups
     k = cfg.eval.samples_per_prompt
     overrides = {"guidance_scale": float(cfg.eval.guidance_scale)}
-    groups = fleet.gather(fleet.dispatch(eval_requests(cfg), overrides), RolloutStats(), overrides)
-    scores = score_groups(pool, groups, k)
+    groups = fleet.gather(fleet.dispatch(eval_requests(cfg), overrides, rewards=pool), RolloutStats(), overrides,
+                          rewards=pool)
+    scores = [g.scores for g in groups]
     tags, verdicts, rewards = [], [], []
     for g, s in zip(groups, scores):
         tags += [str(g.meta.metadata.get("tag", "all"))] * k

@@ -1,4 +1,9 @@
-"""The rollout fleet: the rollout workers, and sampling groups on them with exactly-once re-issue on failure."""
+"""The rollout fleet: the rollout workers, and sampling groups on them with exactly-once re-issue on failure.
+
+Rewards stream: `dispatch` with a reward pool submits each worker's scoring call together with its rollout,
+passing the rollout's trajectory references, so a reward actor scores a worker's groups the moment that worker
+finishes (not after the slowest worker), while the driver may be busy elsewhere (e.g. waiting for the learner).
+"""
 from __future__ import annotations
 
 import time
@@ -10,6 +15,7 @@ from omegaconf import DictConfig
 from ray.exceptions import ActorDiedError, RayActorError
 
 from actors.types import GroupMeta, GroupRequest
+from rewards.pool import PendingScore, RewardPool
 
 from .launch import start_rollout_worker
 
@@ -18,16 +24,19 @@ ACTOR_ERRORS = (RayActorError,)
 
 @dataclass
 class PendingRollout:
+    """One worker's rollout call, and the reward call that scores its groups when they exist (if any)."""
     worker: int
     requests: list[GroupRequest]
     meta_ref: Any
     traj_refs: list[Any]
+    score: Optional[PendingScore] = None
 
 
 @dataclass
 class GroupResult:
     meta: GroupMeta
     traj_ref: Any
+    scores: Optional[dict[str, Any]] = None   # the reward actor's result for the group (see RewardWorker)
 
 
 @dataclass
@@ -46,23 +55,31 @@ class RolloutFleet:
         self.workers = {i: start_rollout_worker(cfg, i) for i in range(cfg.cluster.num_rollout_workers)}
         self.weights = weights
         self.version = 0
+        self.pids: dict[int, int] = {}     # each worker's process, to notice (and log) a restart
 
     def dispatch(self, requests: list[GroupRequest], overrides: Optional[dict[str, Any]] = None,
-                 exclude: tuple[int, ...] = ()) -> list[PendingRollout]:
-        """Spread groups over the workers, one batched `rollout` call per worker."""
+                 exclude: tuple[int, ...] = (), rewards: Optional[RewardPool] = None) -> list[PendingRollout]:
+        """Spread groups over the workers, one batched `rollout` call per worker; with `rewards`, also submit the
+        call that scores each worker's groups as soon as they exist."""
         ids = [i for i in sorted(self.workers) if i not in exclude] or sorted(self.workers)
         pending = []
         for k, wid in enumerate(ids):
             chunk = requests[k::len(ids)]
             if chunk:
                 refs = self.workers[wid].rollout.options(num_returns=len(chunk) + 1).remote(chunk, overrides)
-                pending.append(PendingRollout(wid, chunk, refs[0], list(refs[1:])))
+                p = PendingRollout(wid, chunk, refs[0], list(refs[1:]))
+                if rewards is not None:
+                    items = [{"prompts": [r.prompt] * len(r.seeds), "metadata": [r.metadata] * len(r.seeds)}
+                             for r in chunk]
+                    p.score = rewards.submit(items, p.traj_refs)
+                pending.append(p)
         return pending
 
     def gather(self, pending: list[PendingRollout], stats: RolloutStats, overrides: Optional[dict[str, Any]] = None,
-               max_staleness: Optional[int] = None) -> list[GroupResult]:
-        """Wait for rollouts. Groups of a failed worker, and groups staler than `max_staleness` versions, are
-        re-issued once on the live workers; a second failure of the same groups stops the run."""
+               max_staleness: Optional[int] = None, rewards: Optional[RewardPool] = None) -> list[GroupResult]:
+        """Wait for rollouts (and their rewards, when they were dispatched with a pool). Groups of a failed
+        worker, and groups staler than `max_staleness` versions, are re-issued once on the live workers; a second
+        failure of the same groups stops the run. Results are in group-id order, each group once."""
         results: list[GroupResult] = []
         retry: list[GroupRequest] = []
         failed: set[int] = set()
@@ -75,18 +92,20 @@ class RolloutFleet:
                       f"{len(p.requests)} groups", flush=True)
                 retry.extend(p.requests)
                 continue
-            for meta, ref in zip(metas, p.traj_refs):
+            scores = rewards.result(p.score) if rewards is not None and p.score is not None else [None] * len(metas)
+            for meta, ref, score in zip(metas, p.traj_refs, scores):
                 if max_staleness is not None and self.version - meta.policy_version > max_staleness:
                     stats.stale_dropped += 1
                     retry.append(next(r for r in p.requests if r.group_id == meta.group_id))
                     continue
-                results.append(GroupResult(meta, ref))
+                results.append(GroupResult(meta, ref, score))
         if retry:
             stats.reissued += len(retry)
             self.resync_restarted()
-            for p in self.dispatch(retry, overrides, exclude=tuple(failed)):
+            for p in self.dispatch(retry, overrides, exclude=tuple(failed), rewards=rewards):
                 metas = ray.get(p.meta_ref)
-                results.extend(GroupResult(m, r) for m, r in zip(metas, p.traj_refs))
+                scores = rewards.result(p.score) if p.score is not None else [None] * len(metas)
+                results.extend(GroupResult(m, r, sc) for m, r, sc in zip(metas, p.traj_refs, scores))
         results.sort(key=lambda r: r.meta.group_id)
         return results
 
@@ -94,6 +113,7 @@ class RolloutFleet:
         """Statuses of all workers, waiting while Ray restarts a dead one. A worker dead for good (its restarts
         used up) leaves the fleet, as long as another one remains."""
         deadline = time.monotonic() + timeout_s
+        announced: set[int] = set()
         while True:
             ids = sorted(self.workers)
             refs = [self.workers[i].ready.remote() for i in ids]
@@ -109,6 +129,15 @@ class RolloutFleet:
                     del self.workers[i]
                 except ACTOR_ERRORS:
                     restarting.append(i)
+                    if i not in announced:
+                        announced.add(i)
+                        print(f"[maskgrpo] rollout worker {i} died; Ray is restarting it (cluster.max_restarts="
+                              f"{self.cfg.cluster.max_restarts})", flush=True)
+            for i, s in status.items():
+                if self.pids.get(i) not in (None, s["pid"]):
+                    print(f"[maskgrpo] rollout worker {i} was restarted (pid {self.pids[i]} -> {s['pid']}); it gets "
+                          f"the current weights before it samples again", flush=True)
+                self.pids[i] = s["pid"]
             if not restarting:
                 return status
             if time.monotonic() > deadline:

@@ -9,6 +9,35 @@ from typing import Any, Optional
 from policy.files import atomic_write_text
 
 
+class MetricsFileError(ValueError):
+    """metrics.jsonl holds a damaged line other than the last one; the message names the file, line and fix."""
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl. A damaged LAST line (a kill or a full disk during the write leaves one) is
+    dropped with a note: its step is re-run after a resume. A damaged line elsewhere is an error."""
+    if not path.exists():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
+    records = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if i == len(lines) - 1:
+                print(f"[maskgrpo] {path}:{i + 1}: the last line is incomplete (the run was stopped while writing "
+                      f"it); dropping it", flush=True)
+                break
+            raise MetricsFileError(f"{path}:{i + 1}: not a JSON record ({e}): repair or delete that line, then "
+                                   f"resume again") from None
+        records.append(record)
+    return records
+
+
 class MetricsLogger:
     def __init__(self, output_dir: str | Path, tensorboard: bool = False, wandb_project: Optional[str] = None,
                  config: Optional[dict[str, Any]] = None):
@@ -33,9 +62,8 @@ class MetricsLogger:
         """On resume: drop lines of steps after the checkpoint, so the curve continues without duplicates."""
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", -1) <= step]
-        atomic_write_text(self.path, "".join(line + "\n" for line in keep))
+        keep = [r for r in _read_records(self.path) if r.get("step", -1) <= step]
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def log(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
@@ -57,7 +85,4 @@ class MetricsLogger:
 
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:
-    path = Path(output_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return _read_records(Path(output_dir) / "metrics.jsonl")

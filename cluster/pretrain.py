@@ -8,7 +8,6 @@ category — like imperfect web captions — so the base is clearly imperfect, a
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from omegaconf import DictConfig
 
 from learner.engine import WarmupCosine
 from policy.factory import load_policy
+from policy.files import atomic_write_json, file_manifest
 
 from .config import section
 from .data import shapes_world_kwargs, train_prompts
@@ -35,7 +35,7 @@ def ensure_base_policy(cfg: DictConfig) -> None:
     if cfg.policy.init != "pretrained":
         return
     target = base_dir(cfg)
-    if not (target / "model.safetensors").is_file():
+    if not (target / "manifest.json").is_file():
         print(f"[maskgrpo] no base policy at {target}: pretraining it ({cfg.pretrain.steps} steps)", flush=True)
         pretrain(cfg)
     cfg.policy.init = str(target)
@@ -91,7 +91,9 @@ def pretrain(cfg: DictConfig) -> Path:
                   flush=True)
     out = base_dir(cfg)
     model.eval().save_pretrained(out)
-    (out / "pretrain.json").write_text(json.dumps({"steps": p.steps, "final_loss": float(np.mean(losses[-20:])),
-                                                   "seconds": time.perf_counter() - t0, "seed": cfg.seed}, indent=1))
+    atomic_write_json(out / "pretrain.json", {"steps": p.steps, "final_loss": float(np.mean(losses[-20:])),
+                                              "seconds": time.perf_counter() - t0, "seed": cfg.seed})
+    # written last: sizes and sha256 of every file, so that a damaged copy used as policy.init fails at start-up
+    atomic_write_json(out / "manifest.json", {"format": "maskgrpo-policy/1", "files": file_manifest(out)})
     print(f"[pretrain] wrote {out}", flush=True)
     return out

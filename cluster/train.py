@@ -7,16 +7,21 @@ joins that cluster. If Ray is already initialized in this process, it is used as
 """
 from __future__ import annotations
 
+import math
 import os
+import signal
 import sys
-import time
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from omegaconf import DictConfig
 
-from .config import ConfigError, load_config, save_resolved
-from .runtime import cpu_deepspeed_env
+from .config import save_resolved
+from .preflight import (StartupError, check_cluster_resources, prepare_output_dir, required_resources,
+                        verify_policy_init)
+from .runtime import cpu_deepspeed_env, watch_cluster
 
 
 def in_ray_job() -> bool:
@@ -42,81 +47,166 @@ def init_ray(cfg: DictConfig) -> bool:
         # An existing cluster: its nodes must see this repository at the same path (shared disk or image).
         ray.init(address=address, runtime_env=env, log_to_driver=True)
         return False
-    c = cfg.cluster
     # Logical CPUs: enough for every actor (Ray only counts them; each actor limits its own torch threads).
-    needed = int(c.cpus_per_actor * (c.num_learner_ranks + c.num_rollout_workers + 2 * c.num_reward_actors)) + 1
-    ray.init(num_cpus=max(needed, c.local_num_cpus or os.cpu_count() or 1), include_dashboard=False,
+    needed = math.ceil(required_resources(cfg)["CPU"]) + 1
+    ray.init(num_cpus=max(needed, cfg.cluster.local_num_cpus or os.cpu_count() or 1), include_dashboard=False,
              runtime_env=env, log_to_driver=True, configure_logging=False)
     return True
 
 
+def shutdown_local_ray() -> None:
+    """Stop the Ray instance this process started and remove its session directory (logs of a finished local
+    run; without this every run leaves one behind in Ray's temporary directory)."""
+    import shutil
+    import ray
+    session_dir = None
+    try:
+        session_dir = ray._private.worker._global_node.get_session_dir_path()
+    except Exception:
+        pass
+    ray.shutdown()
+    if session_dir and Path(session_dir).is_dir():
+        shutil.rmtree(session_dir, ignore_errors=True)
+
+
 def _resume_path(cfg: DictConfig) -> Optional[str]:
-    from learner.checkpoint import latest_checkpoint
+    """The checkpoint to continue from; `resume=auto` prints which one and why, every time."""
+    from learner.checkpoint import pick_resume_checkpoint, verify_checkpoint
+    from policy.weights import CheckpointError
     if cfg.resume is None:
         return None
+    root = Path(cfg.output_dir) / "checkpoints"
     if cfg.resume == "auto":
-        found = latest_checkpoint(Path(cfg.output_dir) / "checkpoints")
+        found, line = pick_resume_checkpoint(root)
+        print(f"[maskgrpo] {line}", flush=True)
         return str(found) if found else None
+    try:
+        verify_checkpoint(cfg.resume)
+    except CheckpointError as e:
+        raise StartupError(f"resume={cfg.resume}: {e}; resume=auto continues from the newest intact checkpoint "
+                           f"of output_dir") from None
     return str(cfg.resume)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C: the run stopped; `checkpoint` is where it can continue from (None: nothing saved yet)."""
+
+    def __init__(self, step: int, checkpoint: Optional[str], consistent: bool = True):
+        super().__init__(step, checkpoint)
+        self.step, self.checkpoint, self.consistent = step, checkpoint, consistent
+
+
+class InterruptGuard:
+    """Defers Ctrl-C while a training step is in flight (rollouts, update, weight sync, metrics line), so that an
+    interrupt never lands between the learner's update and the driver's bookkeeping: the step completes, then
+    the run stops with a consistent checkpoint. A second Ctrl-C stops at once (no checkpoint is saved then)."""
+
+    def __init__(self) -> None:
+        self.pending = False
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.getsignal(signal.SIGINT)
+
+        def handler(signum, frame):
+            if self.pending:
+                signal.signal(signal.SIGINT, previous)
+                raise KeyboardInterrupt
+            self.pending = True
+            print("\n[maskgrpo] Ctrl-C: finishing the step in flight, then saving a checkpoint (Ctrl-C again to "
+                  "stop at once, without saving)", flush=True)
+
+        signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run training to `max_steps`; returns a summary (evaluations before and after, last checkpoint)."""
-    import ray
     from tqdm import tqdm
     from .driver import Trainer
-    from .evaluate import evaluate, format_table
+    from .evaluate import format_table
     from .pretrain import ensure_base_policy
 
     cpu_deepspeed_env()
+    prepare_output_dir(cfg.output_dir)
     ensure_base_policy(cfg)
+    note = verify_policy_init(cfg)
+    if note:
+        print(f"[maskgrpo] {note}", flush=True)
+    resume = _resume_path(cfg)
     save_resolved(cfg, cfg.output_dir)
     started = init_ray(cfg)
-    trainer = Trainer(cfg)
-    summary: dict[str, Any] = {"output_dir": cfg.output_dir}
+    trainer = None
     try:
-        resume = _resume_path(cfg)
-        if resume:
-            trainer.resume(resume)
-            print(f"[maskgrpo] resumed from {resume} at step {trainer.step}", flush=True)
-        trainer.sync_weights()
-        if cfg.eval.at_start and trainer.step == 0:
-            summary["eval_start"] = evaluate(cfg, trainer.fleet, trainer.eval_pool(), 0, trainer.decoder())
-            print(format_table(summary["eval_start"], "evaluation at step 0"), flush=True)
-        bar = tqdm(range(trainer.step, cfg.max_steps), initial=trainer.step, total=cfg.max_steps, desc="train",
-                   disable=not cfg.logging.progress, dynamic_ncols=True)
-        try:
-            for _ in bar:
+        check_cluster_resources(cfg, cfg.cluster.resource_wait_s)
+        if not started:
+            watch_cluster(cfg.cluster.cluster_lost_s)
+        trainer = Trainer(cfg)
+        return _train_loop(cfg, trainer, resume, tqdm, format_table)
+    finally:
+        if trainer is not None:
+            trainer.timeline.write()
+            trainer.shutdown()
+        if started:
+            shutdown_local_ray()
+
+
+def _train_loop(cfg: DictConfig, trainer, resume: Optional[str], tqdm, format_table) -> dict[str, Any]:
+    summary: dict[str, Any] = {"output_dir": cfg.output_dir}
+    if resume:
+        trainer.resume(resume)
+        print(f"[maskgrpo] resumed from {resume} at step {trainer.step}", flush=True)
+    trainer.sync_weights()
+    if cfg.eval.at_start and trainer.step == 0:
+        summary["eval_start"] = trainer.evaluate(0)
+        print(format_table(summary["eval_start"], "evaluation at step 0"), flush=True)
+    bar = tqdm(range(trainer.step, cfg.max_steps), initial=trainer.step, total=cfg.max_steps, desc="train",
+               disable=not cfg.logging.progress, dynamic_ncols=True)
+    guard = InterruptGuard()
+    in_step = False
+    try:
+        for _ in bar:
+            with guard.deferred():
+                in_step = True
                 record = trainer.train_step()
                 step = record["step"]
                 last = step == cfg.max_steps - 1
                 if cfg.logging.sample_every and step % cfg.logging.sample_every == 0 or step == 0 or last:
                     trainer.save_samples(step, trainer.last_groups)
                 if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and not last:
-                    rep = evaluate(cfg, trainer.fleet, trainer.eval_pool(), step + 1, trainer.decoder())
+                    rep = trainer.evaluate(step + 1)
                     record["eval_overall"] = rep["overall"]
                 if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
                     record["checkpoint"] = trainer.save_checkpoint()
                 trainer.metrics.log(record)
-                bar.set_postfix_str(progress_line(record), refresh=False)
-                if not cfg.logging.progress:
-                    print(f"[maskgrpo] step {step} {progress_line(record)}", flush=True)
-        except KeyboardInterrupt:
-            print("[maskgrpo] interrupted: saving a checkpoint before shutting down", flush=True)
-            summary["checkpoint"] = trainer.save_checkpoint()
-            raise
-        summary["checkpoint"] = trainer.save_checkpoint()
-        summary["eval_end"] = evaluate(cfg, trainer.fleet, trainer.eval_pool(), trainer.step, trainer.decoder())
-        print(format_table(summary["eval_end"], f"evaluation at step {trainer.step}"), flush=True)
-        from .plots import reward_curve
-        summary["reward_curve"] = str(reward_curve(cfg.output_dir))
-        summary["counters"] = dict(trainer.counters)
-        _print_outcome(cfg, summary)
-        return summary
-    finally:
-        trainer.shutdown()
-        if started:
-            ray.shutdown()
+                in_step = False
+            bar.set_postfix_str(progress_line(record), refresh=False)
+            if not cfg.logging.progress:
+                print(f"[maskgrpo] step {step} {progress_line(record)}", flush=True)
+    except KeyboardInterrupt:
+        if in_step:    # a second Ctrl-C inside a step: learner and driver may disagree, so save nothing
+            raise Interrupted(trainer.step, trainer.last_checkpoint, consistent=False) from None
+        print("[maskgrpo] interrupted: saving a checkpoint before shutting down", flush=True)
+        raise Interrupted(trainer.step, trainer.save_checkpoint()) from None
+    summary["checkpoint"] = trainer.save_checkpoint()
+    summary["eval_end"] = trainer.evaluate(trainer.step)
+    print(format_table(summary["eval_end"], f"evaluation at step {trainer.step}"), flush=True)
+    from .plots import reward_curve
+    summary["reward_curve"] = str(reward_curve(cfg.output_dir))
+    summary["counters"] = dict(trainer.counters)
+    summary["busy_share"] = trainer.timeline.busy_share()
+    summary["timeline"] = str(trainer.timeline.write())
+    _print_outcome(cfg, summary)
+    return summary
 
 
 def progress_line(record: dict[str, Any]) -> str:
@@ -144,6 +234,9 @@ def _print_outcome(cfg: DictConfig, summary: dict[str, Any]) -> None:
     grids = f"{end.with_suffix('')}/" + (f" (after), {start.with_suffix('')}/ (before)" if before is not None else "")
     print(f"[maskgrpo] reward curve: {summary['reward_curve']}\n[maskgrpo] image grids: {grids}, "
           f"{Path(cfg.output_dir) / 'samples'}/\n[maskgrpo] last checkpoint: {summary['checkpoint']}", flush=True)
+    share = ", ".join(f"{role} {100 * v:.0f} %" for role, v in summary["busy_share"].items())
+    print(f"[maskgrpo] timeline: {summary['timeline']} (open in https://ui.perfetto.dev); busy share of the "
+          f"wall time: {share}", flush=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

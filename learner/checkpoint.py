@@ -17,7 +17,6 @@ anything is loaded, and loading never writes to the checkpoint directory.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
-from policy.files import atomic_write_json
+from policy.files import atomic_write_json, disk_full_error, is_disk_full, remove_path, sha256_file
 from policy.weights import CheckpointError, save_state_dict
 
 from . import dist
@@ -44,14 +43,6 @@ _NAME = re.compile(r"^step_(\d+)$")
 
 def checkpoint_name(step: int) -> str:
     return f"step_{step:06d}"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -82,6 +73,32 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def pick_resume_checkpoint(root: str | Path) -> tuple[Optional[Path], str]:
+    """The checkpoint `resume=auto` continues from — the newest one that verifies (manifest, sizes, sha256) — and
+    one line saying which and why. A newer checkpoint that fails is renamed ``<name>.damaged`` (kept for
+    inspection, never overwritten by the resumed run) and named in the line."""
+    root = Path(root)
+    candidates = sorted((int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else [])
+                        if (m := _NAME.match(p.name)) and p.is_dir())
+    damaged: list[str] = []
+    for step, p in reversed(candidates):
+        try:
+            verify_checkpoint(p)
+        except CheckpointError as e:
+            target = p.with_name(p.name + ".damaged")
+            k = 1
+            while target.exists():
+                target, k = p.with_name(f"{p.name}.damaged{k}"), k + 1
+            os.replace(p, target)
+            damaged.append(f"{p.name} is damaged ({str(e).split(': ', 1)[-1]}; kept as {target.name})")
+            continue
+        why = "the newest checkpoint, verified" if not damaged else "the newest intact checkpoint; " + "; ".join(damaged)
+        return p, f"resume=auto: continuing from {p} ({why})"
+    if damaged:
+        return None, f"resume=auto: no intact checkpoint under {root}, starting at step 0; " + "; ".join(damaged)
+    return None, f"resume=auto: no checkpoint under {root} yet, starting at step 0"
+
+
 def latest_checkpoint(root: str | Path) -> Optional[Path]:
     """The newest complete checkpoint under `root` (None if there is none)."""
     for _, p in reversed(list_checkpoints(root)):
@@ -104,7 +121,7 @@ def verify_checkpoint(path: str | Path, check_hash: bool = True) -> dict[str, An
         if f.stat().st_size != info["size"]:
             raise CheckpointError(f"checkpoint {str(path)!r} is corrupted: {rel!r} has {f.stat().st_size} bytes, "
                                   f"the manifest says {info['size']}")
-        if check_hash and info.get("sha256") and _sha256(f) != info["sha256"]:
+        if check_hash and info.get("sha256") and sha256_file(f) != info["sha256"]:
             raise CheckpointError(f"checkpoint {str(path)!r} is corrupted: {rel!r} does not match its sha256")
     return manifest
 
@@ -135,6 +152,42 @@ def _param_shapes(learner: "Learner") -> dict[str, list[int]]:
     return {n: list(getattr(p, "ds_shape", p.shape)) for n, p in learner.policy.named_parameters()}
 
 
+def _write_checkpoint_files(learner: "Learner", tmp: Path, trainer_state: dict[str, Any], hash_files: bool) -> None:
+    """Everything of a checkpoint into the temporary directory `tmp` (all ranks), the manifest last."""
+    rank = learner.rank
+    state_dict = learner.gathered_state_dict()          # collective under ZeRO-3
+    if rank == 0:
+        save_state_dict(state_dict, tmp / "model.safetensors")
+        cfg = learner.policy.config.to_dict()
+        cfg["_class_name"] = "Showo"
+        cfg["mask_token_id"] = learner.policy.layout.mask_id
+        atomic_write_json(tmp / "config.json", cfg)
+        atomic_write_json(tmp / "trainer_state.json", trainer_state)
+    del state_dict
+    try:
+        learner.engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
+    except Exception as e:
+        if is_disk_full(e):
+            raise
+        raise CheckpointError(f"DeepSpeed could not write the engine state to {str(tmp)!r}: {e}; the previous "
+                              f"checkpoints are untouched") from e
+    torch.save(_rng_state(), tmp / f"rng_rank{rank:03d}.pt")
+    dist.barrier()
+
+    if rank == 0:
+        files = {}
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file():
+                rel = f.relative_to(tmp).as_posix()
+                files[rel] = {"size": f.stat().st_size, **({"sha256": sha256_file(f)} if hash_files else {})}
+        manifest = {"format": FORMAT, "step": learner.step, "version": learner.version,
+                    "world_size": learner.world_size, "zero_stage": learner.config.zero_stage,
+                    "bf16": learner.bf16, "transition": learner.config.transition,
+                    "model_config": learner.policy.config.to_dict(), "param_shapes": _param_shapes(learner),
+                    "files": files}
+        atomic_write_json(tmp / MANIFEST, manifest)
+
+
 def save_checkpoint(learner: "Learner", root: str | Path, keep_last: int = 0, hash_files: bool = True) -> Path:
     """Write ``root/step_NNNNNN`` (all ranks call this). `keep_last` > 0 deletes older complete checkpoints
     beyond that many, after the new one is in place."""
@@ -154,35 +207,19 @@ def save_checkpoint(learner: "Learner", root: str | Path, keep_last: int = 0, ha
         tmp.mkdir()
     dist.barrier()
 
-    state_dict = learner.gathered_state_dict()          # collective under ZeRO-3
-    if rank == 0:
-        save_state_dict(state_dict, tmp / "model.safetensors")
-        cfg = learner.policy.config.to_dict()
-        cfg["_class_name"] = "Showo"
-        cfg["mask_token_id"] = learner.policy.layout.mask_id
-        atomic_write_json(tmp / "config.json", cfg)
-        atomic_write_json(tmp / "trainer_state.json", trainer_state)
-    del state_dict
     try:
-        learner.engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
+        _write_checkpoint_files(learner, tmp, trainer_state, hash_files)
     except Exception as e:
-        raise CheckpointError(f"DeepSpeed could not write the engine state to {str(tmp)!r}: {e}; the previous "
+        if rank == 0:
+            remove_path(tmp)            # no debris: a full disk stays no fuller than before the attempt
+        if is_disk_full(e):
+            raise CheckpointError(f"{disk_full_error(tmp, e)}; the previous checkpoints are untouched") from e
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"could not write checkpoint {str(final)!r} ({type(e).__name__}: {e}); the previous "
                               f"checkpoints are untouched") from e
-    torch.save(_rng_state(), tmp / f"rng_rank{rank:03d}.pt")
-    dist.barrier()
 
     if rank == 0:
-        files = {}
-        for f in sorted(tmp.rglob("*")):
-            if f.is_file():
-                rel = f.relative_to(tmp).as_posix()
-                files[rel] = {"size": f.stat().st_size, **({"sha256": _sha256(f)} if hash_files else {})}
-        manifest = {"format": FORMAT, "step": learner.step, "version": learner.version,
-                    "world_size": learner.world_size, "zero_stage": learner.config.zero_stage,
-                    "bf16": learner.bf16, "transition": learner.config.transition,
-                    "model_config": learner.policy.config.to_dict(), "param_shapes": _param_shapes(learner),
-                    "files": files}
-        atomic_write_json(tmp / MANIFEST, manifest)
         old = None
         if final.exists():              # re-saving the same step: swap, then drop the old copy
             old = root / f".{name}.old"

@@ -30,6 +30,16 @@ class Advantage(StrEnum):
     running = "running"
 
 
+class StaleLogprobs(StrEnum):
+    """What the importance ratio of a stale trajectory (sampled with older weights, `cluster.max_staleness` > 0)
+    is taken against. ``recompute``: the learner's own log-probs at the start of the update (the proximal policy,
+    as verl and AReaL recompute "old" log-probs), one extra forward pass without gradients over the stale rows.
+    ``recorded``: the behaviour log-probs the rollout worker recorded (importance weights back to the sampling
+    policy); on this project's default world it stalls learning (README, "Why one-step-stale updates stalled")."""
+    recompute = "recompute"
+    recorded = "recorded"
+
+
 @dataclass
 class LearnerConfig:
     """Everything the Mask-GRPO learner needs; defaults follow the paper / the authors' release.
@@ -57,6 +67,7 @@ class LearnerConfig:
     reduction_n: int = 2                    # every_n: train steps 0, n, 2n, ...
     # ----- advantages and filtering ----------------------------------------------------------------------------
     advantage: Advantage = Advantage.group  # group: (r - mean_G)/(std_G + eps); running: per-prompt history
+    stale_logprobs: StaleLogprobs = StaleLogprobs.recompute   # see StaleLogprobs
     adv_eps: float = 1e-4
     adv_std_unbiased: bool = True           # torch.std's default (Bessel's correction) for the group std
     running_buffer: int = 64                # "running": how many past rewards per prompt are remembered
@@ -87,7 +98,7 @@ class LearnerConfig:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
         problems = []
         for name, kind in (("transition", Transition), ("loss_average", LossAverage), ("reduction", Reduction),
-                           ("advantage", Advantage)):
+                           ("advantage", Advantage), ("stale_logprobs", StaleLogprobs)):
             try:
                 setattr(self, name, kind(getattr(self, name)))
             except ValueError:

@@ -30,7 +30,7 @@ from policy.trajectory import Trajectory
 from policy.device import resolve_device
 
 from . import dist
-from .config import LearnerConfig
+from .config import LearnerConfig, StaleLogprobs
 from .loss import mask_grpo_row_loss, scored_terms
 from .update import GroupUpdate, UpdateStats
 from .weights_export import WeightBucket, iter_weight_buckets
@@ -224,6 +224,7 @@ class Learner:
         beh = [(g.behaviour_logprob if g.behaviour_logprob is not None
                 else g.trajectory.behaviour_step_logprob(cfg.transition)).detach().float()
                for g in groups]
+        stale = [g.behaviour_logprob is None and g.trajectory.policy_version != self.version for g in groups]
         # The loss normaliser is global (the update equals that of one rank holding the whole batch), and every
         # rank runs as many backward passes as the busiest one (ZeRO reduces during each backward).
         kept = sum(int(g.keep.sum()) for g in groups)
@@ -246,6 +247,8 @@ class Learner:
         pool = trajectories if trajectories else [self._dummy_trajectory()]
         while len(chunks) < int(n_chunks):
             chunks.append(Chunk(0, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), dummy=True))
+        if cfg.stale_logprobs == StaleLogprobs.recompute and any(stale):
+            beh = self._proximal_logprobs(chunks, trajectories, beh, stale, stats)
         nonfinite = False
         for i, ch in enumerate(chunks):
             self.engine.set_gradient_accumulation_boundary(i == len(chunks) - 1)
@@ -257,7 +260,8 @@ class Learner:
                 continue
             dev = logp.device
             b_lp = beh[ch.group].to(dev)[ch.samples.to(dev)][:, ch.steps.to(dev)].reshape(-1)
-            adv = groups[ch.group].advantages.to(dev)[ch.samples.to(dev)].repeat_interleave(ch.steps.numel())
+            adv = groups[ch.group].advantages.to(dev)[ch.samples.to(dev)]
+            adv = adv[:, ch.steps.to(dev)].reshape(-1) if adv.dim() == 2 else adv.repeat_interleave(ch.steps.numel())
             ref = None
             if self.reference is not None:
                 with torch.no_grad():
@@ -291,6 +295,25 @@ class Learner:
         stats.nonfinite_skipped = nonfinite      # this rank's view; the update is skipped on every rank
         stats.seconds_forward_backward += time.perf_counter()
         return stats
+
+    @torch.no_grad()
+    def _proximal_logprobs(self, chunks: list[Chunk], trajectories: list[Trajectory], beh: list[torch.Tensor],
+                           stale: list[bool], stats: UpdateStats) -> list[torch.Tensor]:
+        """The log-probs of the stale groups' trained rows under the weights at the start of this update (no
+        gradients), replacing their recorded behaviour log-probs; `stats` gets how far the two were apart."""
+        out = [b.clone() if s else b for b, s in zip(beh, stale)]
+        for ch in chunks:
+            if ch.dummy or not stale[ch.group]:
+                continue
+            logp, _ = self.engine(trajectories[ch.group].select(ch.samples), ch.steps)
+            rows = (ch.samples.view(-1, 1), ch.steps.view(1, -1))
+            recorded = beh[ch.group][rows]
+            proximal = logp.float().reshape(recorded.shape).to(recorded.device)
+            out[ch.group][rows] = proximal
+            log_w = (proximal - recorded).double()
+            stats.stale_rows += float(log_w.numel())
+            stats.stale_behaviour_kl += float((log_w.exp() - 1.0 - log_w).sum())
+        return out
 
     def _dummy_trajectory(self) -> Trajectory:
         """A one-step, one-rollout trajectory with the policy's layout, for zero-weight padding passes."""
@@ -409,9 +432,10 @@ def _check_group(g: GroupUpdate) -> None:
     if not isinstance(tr, Trajectory):
         raise TypeError(f"group {g.group_id}: expected a fetched Trajectory, got {type(tr).__name__}")
     size = (tr.batch_size,)
-    if tuple(g.advantages.shape) != size or tuple(g.keep.shape) != size:
+    if tuple(g.advantages.shape) not in (size, (tr.batch_size, tr.num_steps)) or tuple(g.keep.shape) != size:
         raise ValueError(f"group {g.group_id}: advantages {tuple(g.advantages.shape)} and keep "
-                         f"{tuple(g.keep.shape)} must both have shape {size}")
+                         f"{tuple(g.keep.shape)} must have shapes {size} (or {(tr.batch_size, tr.num_steps)} for "
+                         f"per-step advantages) and {size}")
     if g.behaviour_logprob is not None and tuple(g.behaviour_logprob.shape) != (tr.batch_size, tr.num_steps):
         raise ValueError(f"group {g.group_id}: behaviour_logprob has shape {tuple(g.behaviour_logprob.shape)}, "
                          f"expected {(tr.batch_size, tr.num_steps)}")

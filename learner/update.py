@@ -13,7 +13,7 @@ import torch
 class GroupUpdate:
     """One group's share of an update, decided by the driver (`cluster.advantages.plan_update`)."""
     trajectory: Any                 # the group's `Trajectory` (an object reference until the rank fetches it)
-    advantages: torch.Tensor        # float32 [G]
+    advantages: torch.Tensor        # float32 [G] (or [G, T]: per unmasking step)
     keep: torch.Tensor              # bool [G]: the samples that are trained (filtering)
     steps: torch.Tensor             # long [S]: the unmasking steps that are trained (reduction)
     group_id: int = 0
@@ -36,6 +36,8 @@ class UpdateStats:
     stale_sum: float = 0.0
     on_policy_dev: list[float] = field(default_factory=list)
     on_policy_outside_clip: float = 0.0
+    stale_rows: float = 0.0             # rows whose ratio was taken against recomputed (proximal) log-probs
+    stale_behaviour_kl: float = 0.0     # Σ k3 KL(behaviour ‖ proximal) over those rows: how far the weights moved
     micro_batches: float = 0.0
     # the same on every rank
     grad_norm: float = 0.0
@@ -48,9 +50,11 @@ class UpdateStats:
     seconds_fetch: float = 0.0
     seconds_forward_backward: float = 0.0
     seconds_step: float = 0.0
+    started: float = 0.0                # wall-clock span of the update on this rank (the run's timeline)
+    finished: float = 0.0
 
     _SUMMED = ("rows", "loss", "clipped", "ratio_sum", "approx_kl_sum", "kl_sum", "stale_sum", "on_policy_outside_clip",
-               "micro_batches")
+               "stale_rows", "stale_behaviour_kl", "micro_batches")
 
     @staticmethod
     def merge(parts: list["UpdateStats"]) -> "UpdateStats":
@@ -63,6 +67,7 @@ class UpdateStats:
         out.on_policy_dev = [d for p in parts for d in p.on_policy_dev]
         for k in ("seconds_fetch", "seconds_forward_backward", "seconds_step"):
             setattr(out, k, max(getattr(p, k) for p in parts))
+        out.started, out.finished = min(p.started for p in parts), max(p.finished for p in parts)
         return out
 
     def metrics(self) -> dict[str, float]:
@@ -78,7 +83,9 @@ class UpdateStats:
                "seconds_forward_backward": self.seconds_forward_backward, "seconds_step": self.seconds_step,
                "on_policy_rows": float(n_on),
                "on_policy_ratio_dev": statistics.median(self.on_policy_dev) if n_on else float("nan"),
-               "on_policy_outside_clip": self.on_policy_outside_clip / n_on if n_on else float("nan")}
+               "on_policy_outside_clip": self.on_policy_outside_clip / n_on if n_on else float("nan"),
+               "stale_rows": self.stale_rows,
+               "stale_behaviour_kl": self.stale_behaviour_kl / self.stale_rows if self.stale_rows else 0.0}
         if self.has_reference:
             out["kl"] = self.kl_sum / rows
         return out

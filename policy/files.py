@@ -8,6 +8,7 @@ full disk is named as such (`DiskFullError`), so the disk is not left fuller and
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -56,6 +57,21 @@ def remove_path(path: str | os.PathLike) -> None:
             p.unlink()
         except FileNotFoundError:
             pass
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_manifest(directory: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """{relative path: {"size", "sha256"}} of every file under `directory` (a manifest's "files" entry)."""
+    root = Path(directory)
+    return {f.relative_to(root).as_posix(): {"size": f.stat().st_size, "sha256": sha256_file(f)}
+            for f in sorted(root.rglob("*")) if f.is_file() and f.name != "manifest.json"}
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:

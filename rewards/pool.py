@@ -33,10 +33,11 @@ class RewardPoolError(RuntimeError):
 
 @dataclass
 class PendingScore:
-    """A submitted call: the Ray object ref, which actor runs it, and the items (kept for a retry)."""
+    """A submitted call: the Ray object ref, which actor runs it, and its arguments (kept for a retry)."""
     ref: Any
     actor: int
     items: Sequence[Mapping[str, Any]]
+    trajectories: Sequence[Any] = ()
 
 
 def _failed_reward(err: BaseException) -> Optional[str]:
@@ -77,10 +78,13 @@ class RewardPool:
     def _names(self) -> str:
         return ", ".join(self.labels) if self.labels else "the pool's rewards"
 
-    def submit(self, items: Sequence[Mapping[str, Any]], actor: Optional[int] = None) -> PendingScore:
-        """Start scoring `items` on the next actor (round robin) without waiting."""
+    def submit(self, items: Sequence[Mapping[str, Any]], trajectories: Sequence[Any] = (),
+               actor: Optional[int] = None) -> PendingScore:
+        """Start scoring `items` on the next actor (round robin) without waiting. `trajectories`: object
+        references of the groups' trajectories (see `RewardWorker.score_groups`): the call starts when they
+        exist, so a rollout's groups can be submitted as soon as the rollout is dispatched."""
         i = next(self._next) % len(self.actors) if actor is None else actor % len(self.actors)
-        return PendingScore(self.actors[i].score_groups.remote(items), i, items)
+        return PendingScore(self.actors[i].score_groups.remote(items, *trajectories), i, items, tuple(trajectories))
 
     def result(self, pending: PendingScore) -> list[dict[str, Any]]:
         """Wait for a submitted call; on failure retry it once on the next actor, then raise RewardPoolError."""
@@ -93,7 +97,7 @@ class RewardPool:
             log.warning("reward call failed on actor %d (%s: %s); retrying once on actor %d",
                         pending.actor, type(first).__name__, str(first).splitlines()[0] if str(first) else "", target)
             self._wait_ready(target)
-            retry = self.submit(pending.items, actor=target)
+            retry = self.submit(pending.items, pending.trajectories, actor=target)
             try:
                 return ray.get(retry.ref, timeout=self.timeout_s)
             except Exception as second:

@@ -1,8 +1,10 @@
 """The reward worker: decodes and scores groups of samples in batches (a Ray actor via `make_reward_actor_cls`).
 
-Each item it scores is one group: ``codes`` (long [G, N], decoded on the worker by the decoder), ``images``
-(uint8 [G, H, W, 3]) or ``trajectory`` (an object reference to a `Trajectory`, fetched here), plus ``prompts``
-(G strings) and optionally ``metadata`` (G dicts). The driver side is `rewards.pool.RewardPool`.
+Each item it scores is one group: ``codes`` (long [G, N], decoded on the worker by the decoder) or ``images``
+(uint8 [G, H, W, 3]), plus ``prompts`` (G strings) and optionally ``metadata`` (G dicts). Groups can also come
+as `Trajectory`s passed after the items (`score_groups(items, *trajectories)`): as a Ray actor call with object
+references there, Ray starts the call once those trajectories exist, and reward actors run calls out of order,
+so each rollout worker's groups are scored as soon as they arrive. The driver side is `rewards.pool.RewardPool`.
 """
 from __future__ import annotations
 
@@ -68,20 +70,7 @@ class RewardWorker:
     def ping(self) -> bool:
         return True
 
-    @staticmethod
-    def _resolve_trajectories(items: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-        """Items may carry ``trajectory``: a Ray object reference to a `policy.trajectory.Trajectory` (the
-        driver never fetches them); fetch them all at once here and score their final codes."""
-        refs = [it["trajectory"] for it in items if "trajectory" in it]
-        if not refs:
-            return list(items)
-        import ray
-        fetched = iter(ray.get(refs))
-        return [{**{k: v for k, v in it.items() if k != "trajectory"}, "codes": next(fetched).final_codes}
-                if "trajectory" in it else it for it in items]
-
     def _flatten(self, items: Sequence[Mapping[str, Any]]) -> list[_Sample]:
-        items = self._resolve_trajectories(items)
         samples: list[_Sample] = []
         for g, item in enumerate(items):
             prompts = list(item["prompts"])
@@ -115,9 +104,16 @@ class RewardWorker:
             raise ValueError(f"samples in one batch have different image shapes {sorted(shapes)}")
         return torch.stack([x.to("cpu") for x in imgs]).to(torch.uint8)
 
-    def score_groups(self, items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        """Per group: ``{"rewards": float32 [G], "components": {label: [G]}, "details": {key: [G]}}``."""
+    def score_groups(self, items: Sequence[Mapping[str, Any]], *trajectories: Any) -> list[dict[str, Any]]:
+        """Per group: ``{"rewards": float32 [G], "components": {label: [G]}, "details": {key: [G]},
+        "span": (start, end)}`` (wall-clock seconds of this call, for the run's timeline). With `trajectories`,
+        item i is scored on ``trajectories[i].final_codes``."""
+        start = time.time()
         self._calls += 1
+        if trajectories:
+            if len(trajectories) != len(items):
+                raise ValueError(f"{len(trajectories)} trajectories for {len(items)} items")
+            items = [{**it, "codes": tr.final_codes} for it, tr in zip(items, trajectories)]
         samples = self._flatten(items)
         totals, comps, details = [], {l: [] for l in self.rewards.labels}, {}
         for s in range(0, len(samples), self.batch_size):
@@ -137,10 +133,11 @@ class RewardWorker:
         details = {k: torch.cat(v) for k, v in details.items()}
         groups = torch.tensor([smp.group for smp in samples], dtype=torch.long)
         result = []
+        span = (start, time.time())
         for g in range(len(items)):
             sel = groups == g
             result.append({"rewards": total[sel].clone(), "components": {l: v[sel].clone() for l, v in comps.items()},
-                           "details": {k: v[sel].clone() for k, v in details.items()}})
+                           "details": {k: v[sel].clone() for k, v in details.items()}, "span": span})
         return result
 
     def stats(self) -> dict[str, Any]:
@@ -152,7 +149,8 @@ class RewardWorker:
 def make_reward_actor_cls(num_gpus: float = 0, num_cpus: float = 1, max_restarts: int = 1,
                           **ray_options: Any):
     """The RewardWorker as a Ray actor class. Restarted up to `max_restarts` times if its process dies; calls are
-    not retried by Ray (the RewardPool retries once itself, on another actor when there is one)."""
+    not retried by Ray (the RewardPool retries once itself, on another actor when there is one). Calls run in
+    the order their trajectories arrive, not the order they were submitted (`allow_out_of_order_execution`)."""
     import ray
     return ray.remote(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=0,
-                      **ray_options)(RewardWorker)
+                      allow_out_of_order_execution=True, **ray_options)(RewardWorker)

@@ -101,7 +101,8 @@ def test_prompt_files_of_every_format(tmp_path):
     items = read_prompts(pq_path)
     assert [p.prompt for p in items] == ["a cat", "a dog"]
     assert items[1].metadata["include"] == [{"class": "dog", "count": 1}]
-    cfg = load_config(TINY, [f"data.train_prompts={pq_path}", f"data.eval_prompts={jl}"])
+    cfg = load_config(TINY, [f"data.train_prompts={pq_path}", f"data.eval_prompts={jl}",
+                             "rewards=[{name: 'rewards.testing:ConstantReward'}]"])   # "a dog" has no GenEval clauses
     assert cfg.data.train_prompts == str(pq_path)
 
 
@@ -142,7 +143,8 @@ def test_cluster_configs_load_once_paths_are_set(name, tmp_path):
     for d in ("show-o-512x512", "phi-1_5", "magvitv2"):
         (tmp_path / d).mkdir()
     prompts = tmp_path / "geneval.jsonl"
-    prompts.write_text(json.dumps({"prompt": "a photo of a cat", "tag": "single_object"}) + "\n")
+    prompts.write_text(json.dumps({"prompt": "a photo of a cat", "tag": "single_object",
+                                   "include": [{"class": "cat", "count": 1}]}) + "\n")
     cfg = load_config(path, [f"policy.init={tmp_path}/show-o-512x512", f"policy.tokenizer.path={tmp_path}/phi-1_5",
                              f"policy.decoder.path={tmp_path}/magvitv2", f"data.train_prompts={prompts}",
                              f"data.eval_prompts={prompts}"])

@@ -1,0 +1,169 @@
+"""Checks that run before any actor starts, so that a run that cannot work fails in seconds with the cause and
+the fix in its last line: the output directory, the initial weights, and whether the cluster can hold the run.
+
+`StartupError` is the error of this stage (and of an actor that fails while starting); the CLI prints its
+message as the last line and exits with status 1.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from omegaconf import DictConfig
+
+from .config import ConfigError
+
+
+class StartupError(RuntimeError):
+    """The run cannot start; the message names the cause and the fix."""
+
+
+# ----- output directory ---------------------------------------------------------------------------------------------
+def prepare_output_dir(output_dir: str | Path) -> Path:
+    """Create `output_dir` and prove it is writable (ConfigError naming it otherwise)."""
+    out = Path(output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{uuid.uuid4().hex[:8]}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        what = "is a file" if out.exists() and not out.is_dir() else f"is not writable ({e.strerror or e})"
+        raise ConfigError(f"output_dir={str(output_dir)!r} {what}: choose a writable directory, e.g. "
+                          f"output_dir=runs/my_run") from None
+    return out
+
+
+# ----- initial weights --------------------------------------------------------------------------------------------
+def verify_policy_init(cfg: DictConfig) -> Optional[str]:
+    """When `policy.init` is one of our checkpoints (a directory with manifest.json, e.g. a training checkpoint or
+    a pretrained base), check its weight files against the sha256 the manifest holds, and make `policy.arch` in
+    the run's config what the directory's config.json says (that is the model that trains). Returns a note to
+    print when the arch was replaced."""
+    from learner.checkpoint import MANIFEST
+    from policy.files import sha256_file
+    from policy.showo import ShowoConfig
+    from policy.weights import CheckpointError
+    init = cfg.policy.init
+    if init in ("random", "pretrained"):
+        return None
+    path = Path(init).expanduser()
+    if not path.is_dir():
+        return None
+    manifest_path = path / MANIFEST
+    if manifest_path.is_file():
+        try:
+            files = json.loads(manifest_path.read_text())["files"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise StartupError(f"policy.init={init!r}: its {MANIFEST} is unreadable ({e}); the checkpoint is "
+                               f"damaged: point policy.init at another checkpoint") from None
+        for rel, info in files.items():
+            if not re.search(r"(model|config)[^/]*\.(safetensors|bin|json)$", rel) or "/" in rel:
+                continue                      # weights and config only (optimizer state is not needed here)
+            f = path / rel
+            if not f.is_file() or f.stat().st_size != info["size"] or \
+                    (info.get("sha256") and sha256_file(f) != info["sha256"]):
+                raise StartupError(f"policy.init={init!r}: {rel} does not match the sha256 in its {MANIFEST} (the "
+                                   f"file is corrupted or was changed): copy it again or use another checkpoint")
+    if (path / "config.json").is_file():
+        try:
+            arch = ShowoConfig.from_release(path)
+        except (CheckpointError, ValueError, TypeError) as e:
+            raise StartupError(f"policy.init={init!r}: its config.json cannot be read ({e})") from None
+        from .config import section
+        if arch != section(cfg, "policy").arch:
+            from dataclasses import asdict
+            from omegaconf import OmegaConf
+            cfg.policy.arch = OmegaConf.merge(cfg.policy.arch, asdict(arch))
+            return (f"policy.arch taken from {path / 'config.json'} ({arch.phi.num_hidden_layers} layers, hidden "
+                    f"{arch.phi.hidden_size}, {arch.num_vq_tokens} image tokens); config.yaml records it")
+    return None
+
+
+# ----- cluster resources ------------------------------------------------------------------------------------------
+def required_resources(cfg: DictConfig) -> dict[str, Any]:
+    """The run's actors and what each asks of Ray: rollout workers, reward actors (a second pool when the
+    evaluation scores with other rewards), learner ranks (kept on one node when they use GPUs)."""
+    from .config import plain
+    c = cfg.cluster
+    reward_pools = 2 if plain(cfg.eval.rewards) and plain(cfg.eval.rewards) != plain(cfg.rewards) else 1
+    roles = [("rollout workers", c.num_rollout_workers, c.rollout_gpus),
+             ("reward actors", c.num_reward_actors * reward_pools, c.reward_gpus),
+             ("learner ranks", c.num_learner_ranks, c.learner_gpus)]
+    return {"roles": roles, "CPU": sum(n for _, n, _ in roles) * c.cpus_per_actor,
+            "GPU": sum(n * g for _, n, g in roles), "actors": sum(n for _, n, _ in roles),
+            "learner_node_gpu": c.num_learner_ranks * c.learner_gpus}
+
+
+def resource_problems(cfg: DictConfig, total: dict[str, float], node_gpus: list[float]) -> list[str]:
+    """What the cluster (`total` resources, GPUs per node) lacks for this run, with overrides that fit."""
+    need, c, problems = required_resources(cfg), cfg.cluster, []
+    have_cpu, have_gpu = float(total.get("CPU", 0.0)), float(total.get("GPU", 0.0))
+    if need["CPU"] > have_cpu + 1e-9:
+        fit = math.floor(have_cpu / need["actors"] * 4) / 4
+        listing = ", ".join(f"{n} {name}" for name, n, _ in need["roles"])
+        problems.append(f"{need['CPU']:g} CPUs needed ({listing} × cluster.cpus_per_actor={c.cpus_per_actor:g}) but "
+                        f"the cluster has {have_cpu:g}: "
+                        + (f"set cluster.cpus_per_actor={fit:g}" if fit > 0 else "use fewer actors")
+                        + " or add nodes")
+    if need["GPU"] > have_gpu + 1e-9:
+        listing = ", ".join(f"{n} {name} × {g:g}" for name, n, g in need["roles"] if g)
+        problems.append(f"{need['GPU']:g} GPUs needed ({listing}) but the cluster has {have_gpu:g}: lower "
+                        f"cluster.rollout_gpus / learner_gpus / reward_gpus (fractions share a GPU, see "
+                        f"configs/one_gpu.yaml), use device=cpu, or add GPU nodes")
+    elif need["learner_node_gpu"] > max(node_gpus, default=0.0) + 1e-9:
+        problems.append(f"the {c.num_learner_ranks} learner ranks need {need['learner_node_gpu']:g} GPUs on one node "
+                        f"but the largest node has {max(node_gpus, default=0.0):g}: lower cluster.num_learner_ranks")
+    return problems
+
+
+def check_cluster_resources(cfg: DictConfig, wait_s: float,
+                            read: Optional[Callable[[], tuple[dict[str, float], list[float]]]] = None,
+                            poll_s: float = 2.0) -> None:
+    """Fail (StartupError) when the cluster cannot hold the run's actors, instead of leaving them pending forever.
+    Nodes that an autoscaler adds late are waited for up to `wait_s` seconds."""
+    read = read or _ray_resources
+    deadline = time.monotonic() + wait_s
+    while True:
+        total, node_gpus = read()
+        problems = resource_problems(cfg, total, node_gpus)
+        if not problems:
+            return
+        if time.monotonic() >= deadline:
+            raise StartupError("the Ray cluster is too small for this config (waited "
+                               f"{wait_s:g} s for more nodes, cluster.resource_wait_s):\n  - "
+                               + "\n  - ".join(problems))
+        time.sleep(poll_s)
+
+
+def _ray_resources() -> tuple[dict[str, float], list[float]]:
+    import ray
+    node_gpus = [float(n.get("Resources", {}).get("GPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
+    return ray.cluster_resources(), node_gpus
+
+
+# ----- errors from actors -------------------------------------------------------------------------------------
+_ERROR_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)): (.+)$")
+
+
+def root_cause(err: BaseException) -> str:
+    """The original exception behind a Ray error (an actor's failed __init__ or task), as 'Type: message'."""
+    seen = set()
+    e: Optional[BaseException] = err
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        inner = getattr(e, "cause", None)
+        if isinstance(inner, BaseException) and not type(inner).__module__.startswith("ray"):
+            return f"{type(inner).__name__}: {inner}".splitlines()[0]
+        e = inner if isinstance(inner, BaseException) else None
+    found = [m for line in str(err).splitlines() if (m := _ERROR_LINE.match(line.strip()))]
+    found = [m for m in found if not m.group(1).startswith("ray.")] or found
+    if found:
+        kind, message = found[-1].group(1), found[-1].group(2)
+        return f"{kind.rsplit('.', 1)[-1]}: {message}"
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
