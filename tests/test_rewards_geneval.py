@@ -1,20 +1,16 @@
 """GenEval rule engine (hand-checked verdicts per category), detector post-processing and the geneval reward."""
 import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from policy.weights import CheckpointError
 from rewards.base import build_reward
-from rewards.geneval import (COCO_CLASSES, GenEvalEngine, relative_position,
-                             select_objects, summarize_geneval)
+from rewards.geneval import (COCO_CLASSES, GENEVAL_METADATA, GENEVAL_OBJECT_NAMES, GenEvalEngine,
+                             relative_position, select_objects, summarize_geneval)
 from rewards.types import GENEVAL_TAGS, Detection, GenEvalItem
 
-METADATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "geneval" / "evaluation_metadata.jsonl"
-if not METADATA.is_file():
-    METADATA = Path("/work/shared/data/geneval/evaluation_metadata.jsonl")
+METADATA = GENEVAL_METADATA
 
 
 def det(label, score=0.95, box=(0, 0, 10, 10), color=None, mask=None):
@@ -175,6 +171,16 @@ def test_fraction_and_strict_on_every_benchmark_prompt():
     assert not any(r.correct for r in empty)
     # counting prompts keep their exclude clause met on an empty image
     assert all(r.fraction == (0.5 if it.tag == "counting" else 0.0) for it, r in zip(items, empty))
+
+
+def test_packaged_geneval_data_matches_the_class_list():
+    """GenEval's prompts ship inside the package (rewards/data/geneval), with their licence notice."""
+    names = [l.strip() for l in GENEVAL_OBJECT_NAMES.read_text().splitlines() if l.strip()]
+    assert tuple(names) == COCO_CLASSES
+    assert "MIT License" in (GENEVAL_METADATA.parent / "LICENSE").read_text()
+    for line in GENEVAL_METADATA.read_text().splitlines():
+        item = GenEvalItem.from_json(json.loads(line))
+        assert all(req["class"] in COCO_CLASSES for req in item.include)
 
 
 def test_summary_is_mean_of_category_accuracies():
