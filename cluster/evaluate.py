@@ -115,7 +115,7 @@ def evaluate_command(cfg: DictConfig, checkpoint: Optional[str] = None, prompts:
         path = Path(checkpoint)
         if not path.exists():
             raise FileNotFoundError(f"checkpoint {checkpoint!r} not found")
-        cfg.policy.init = str(path)   # a training checkpoint holds config.json + model.safetensors
+        cfg.policy.init = str(path)   # a training checkpoint holds config.json + pytorch_model.safetensors
     if prompts is not None:
         cfg.data.eval_prompts = prompts
     init_ray(cfg)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from policy.factory import load_policy, policy_config_from_dict
+from policy.showo import has_pretrained_weights
 
 from .launch import plain
 from .data import shapes_world_kwargs, train_prompts
@@ -34,7 +35,7 @@ def ensure_base_policy(cfg: DictConfig) -> None:
     if cfg.policy.init != "pretrained":
         return
     target = base_dir(cfg)
-    if not (target / "model.safetensors").is_file():
+    if not has_pretrained_weights(target):
         print(f"[maskgrpo] no base policy at {target}: pretraining it ({cfg.pretrain.steps} steps)", flush=True)
         pretrain(cfg)
     cfg.policy.init = str(target)

@@ -1,7 +1,9 @@
 """Learner checkpoints: ``<root>/step_NNNNNN/`` holds
 
-- ``model.safetensors`` + ``config.json``: the policy in the released key layout (``Showo.from_pretrained`` loads
-  it; gathered from all ranks under ZeRO-3), in the training dtype;
+- ``pytorch_model.safetensors`` + ``config.json`` (+ ``llm/config.json`` for a Phi other than phi-1.5): the policy
+  in the released key layout, written by `policy.showo.write_pretrained` so that both our ``Showo.from_pretrained``
+  and showlab/Show-o's open it (gathered from all ranks under ZeRO-3), in the training dtype. Checkpoints of
+  earlier versions hold ``model.safetensors`` instead; they still load;
 - ``engine/``: DeepSpeed's engine state (fp32 master weights, optimizer moments, LR scheduler; partitioned per
   rank under ZeRO);
 - ``trainer_state.json``: step / weight version / call counter / non-finite counters / advantage tracker;
@@ -27,7 +29,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
-from policy.weights import CheckpointError, save_state_dict
+from policy.showo import write_pretrained
+from policy.weights import CheckpointError
 
 from . import dist
 
@@ -163,11 +166,7 @@ def save_checkpoint(learner: "Learner", root: str | Path, keep_last: int = 0, ha
 
     state_dict = learner.gathered_state_dict()          # collective under ZeRO-3
     if rank == 0:
-        save_state_dict(state_dict, tmp / "model.safetensors")
-        cfg = learner.policy.config.to_dict()
-        cfg["_class_name"] = "Showo"
-        cfg["mask_token_id"] = learner.policy.layout.mask_id
-        _write_json(tmp / "config.json", cfg)
+        write_pretrained(tmp, state_dict, learner.policy.config, final_directory=final)
         _write_json(tmp / "trainer_state.json", trainer_state)
     del state_dict
     try:
@@ -225,7 +224,7 @@ def _check_compatible(learner: "Learner", manifest: dict[str, Any], path: Path) 
     if problems:
         raise CheckpointError(f"checkpoint {str(path)!r} does not match this learner: " + "; ".join(problems)
                               + ". Use the same model, ZeRO stage and number of ranks (or start from its "
-                                "model.safetensors with a fresh optimizer)")
+                                "pytorch_model.safetensors with a fresh optimizer)")
 
 
 def load_checkpoint(learner: "Learner", path: str | Path, check_hash: bool = True) -> Path:

@@ -12,8 +12,9 @@ from typing import Mapping
 import torch
 from torch import nn
 
-WEIGHT_FILE_NAMES = ("model.safetensors", "pytorch_model.bin", "diffusion_pytorch_model.safetensors",
-                     "diffusion_pytorch_model.bin")
+# In order of preference: Show-o's own ModelMixin names (pytorch_model.*), transformers', diffusers'.
+WEIGHT_FILE_NAMES = ("pytorch_model.safetensors", "model.safetensors", "pytorch_model.bin",
+                     "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
 class CheckpointError(RuntimeError):
@@ -95,14 +96,15 @@ def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what:
 
 
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Write a state dict atomically (temporary name, then rename) as safetensors or torch pickle by suffix."""
+    """Write a state dict atomically (temporary name, then rename) as safetensors or torch pickle by suffix.
+    Safetensors files carry ``{"format": "pt"}`` metadata, as transformers' and diffusers' savers write."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
-        save_file(tensors, str(tmp))
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     else:
         torch.save(tensors, str(tmp))
     os.replace(tmp, path)
