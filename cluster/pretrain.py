@@ -51,8 +51,8 @@ def pretrain(cfg: DictConfig) -> Path:
     policy = load_policy(policy_cfg, "cpu", with_decoder=False)
     model, layout = policy.model.train(), policy.model.layout
     renderer = ShapesRenderer(**shapes_world_kwargs(cfg))
-    if renderer.tokenizer.codebook_size > layout.codebook_size:
-        raise ValueError(f"the shapes world needs {renderer.tokenizer.codebook_size} codes but the policy's "
+    if renderer.codebook.codebook_size > layout.codebook_size:
+        raise ValueError(f"the shapes world needs {renderer.codebook.codebook_size} codes but the policy's "
                          f"codebook has {layout.codebook_size}")
     items = train_prompts(cfg)
     geneval_items = [item_from_metadata(it.prompt, it.metadata) for it in items]
