@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional, Sequence
 
 import torch
 
@@ -29,14 +30,18 @@ META = [{"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red
                                         {"class": "cup", "count": 1, "position": ["left of", 0]}]}]
 
 
-def tiny_specs(d: Path) -> dict[str, dict]:
+def tiny_specs(d: Path, only: Optional[Sequence[str]] = None) -> dict[str, dict]:
+    """Specs of tiny random reward models written under `d`; with `only`, just the models those rewards need."""
+    need = lambda *names: only is None or any(n in only for n in names)  # noqa: E731
     cfg, ckpt = make_tiny_open_clip(d / "clip")
-    _, hps = make_tiny_open_clip(d / "hps", wrap_key="state_dict", filename="HPS_v2_compressed.pt")
+    _, hps = make_tiny_open_clip(d / "hps", wrap_key="state_dict", filename="HPS_v2_compressed.pt") \
+        if need("hpsv2") else (None, None)
     qcfg, qckpt = make_tiny_open_clip(d / "l14", name="tiny-clip-quickgelu", quick_gelu=True)
-    pm, pp = make_tiny_pickscore(d / "pick")
-    m2f = make_tiny_mask2former(d / "m2f")
-    return _specs(ckpt, hps, qckpt, make_tiny_aesthetic_mlp(d / "aesthetic.pth", 32), pm, pp, m2f,
-                  {"model_config": cfg}, {"model_config": qcfg}, input_size=32)
+    pm, pp = make_tiny_pickscore(d / "pick") if need("pickscore") else (None, None)
+    m2f = make_tiny_mask2former(d / "m2f") if need("geneval") else None
+    mlp = make_tiny_aesthetic_mlp(d / "aesthetic.pth", 32) if need("aesthetic") else None
+    specs = _specs(ckpt, hps, qckpt, mlp, pm, pp, m2f, {"model_config": cfg}, {"model_config": qcfg}, input_size=32)
+    return {k: v for k, v in specs.items() if need(k)}
 
 
 def _save_open_clip(arch: str, path: Path, quick_gelu: bool, wrap_key: str | None = None) -> str:
@@ -103,7 +108,7 @@ def bench(spec: dict, images: torch.Tensor, iters: int, device: str, dtype: str)
     return load_s, iters * b / (time.perf_counter() - t0)
 
 
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--full", action="store_true", help="full-size random models at 512x512 (needs CUDA)")
     ap.add_argument("--allow-cpu", action="store_true", help="run --full on the CPU anyway (slow)")
@@ -112,11 +117,11 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=None, help="image side (default 256 tiny, 512 full)")
     ap.add_argument("--only", nargs="*", default=None, help="reward names to run")
     ap.add_argument("--dtype", default="auto", help="auto = float16 on CUDA, float32 on CPU")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     if args.full and not cuda and not args.allow_cpu:
         print("--full needs CUDA (or --allow-cpu); nothing to do")
-        return
+        return 0
     device = "cuda" if cuda else "cpu"
     size = args.size or (512 if args.full else 256)
     torch.set_num_threads(max(os.cpu_count() or 1, 1))
@@ -124,7 +129,7 @@ def main() -> None:
     images = torch.randint(0, 256, (args.batch, size, size, 3), dtype=torch.uint8, generator=g)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        specs = full_specs(Path(tmp)) if args.full else tiny_specs(Path(tmp))
+        specs = full_specs(Path(tmp)) if args.full else tiny_specs(Path(tmp), args.only)
         print(f"# {'full-size' if args.full else 'tiny'} random models written in {time.perf_counter() - t0:.1f} s; "
               f"device {torch.cuda.get_device_name() if cuda else 'cpu'} ({torch.get_num_threads()} threads), "
               f"batch {args.batch} x {size}x{size}, dtype {args.dtype}")
@@ -134,7 +139,8 @@ def main() -> None:
                 continue
             load_s, ips = bench(spec, images, args.iters, device, args.dtype)
             print(f"{name:<12} {load_s:>8.2f} {ips:>10.1f}", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

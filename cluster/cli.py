@@ -15,7 +15,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in [("generate", "sample images for prompts"), ("pretrain", "train the tiny base model"),
                         ("train", "Mask-GRPO training (local or on a Ray cluster)"),
-                        ("eval", "GenEval-style evaluation of a checkpoint"), ("bench", "benchmarks")]:
+                        ("eval", "GenEval-style evaluation of a checkpoint")]:
         s = sub.add_parser(name, help=help_)
         s.add_argument("--config", default=None, help="YAML config (see configs/)")
         s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output_dir=runs/x seed=1 max_steps=5")
@@ -26,8 +26,9 @@ def _parser() -> argparse.ArgumentParser:
         if name == "eval":
             s.add_argument("--checkpoint", default=None, help="checkpoint dir (default: policy.init)")
             s.add_argument("--prompts", default=None, help="GenEval metadata .jsonl (default: data.eval_prompts)")
-        if name == "bench":
-            s.add_argument("what", nargs="?", default="sampler", choices=["sampler", "learner", "rewards", "pipeline"])
+    s = sub.add_parser("bench", help="benchmarks: maskgrpo bench WHAT [the benchmark's own options]")
+    s.add_argument("what", nargs="?", default="sampler", choices=["sampler", "learner", "rewards", "pipeline"])
+    s.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to benchmarks.bench_WHAT (e.g. --sizes tiny)")
     return p
 
 
@@ -62,7 +63,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "bench":
         from benchmarks import run_benchmark
-        return run_benchmark(args.what, args.overrides)
+        return run_benchmark(args.what, args.bench_args)
     try:
         cfg = load_config(args.config, args.overrides)
         file_prompts = read_prompts(args.prompts) if args.command == "generate" and args.prompts else []

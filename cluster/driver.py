@@ -313,13 +313,14 @@ class Trainer:
 
     def save_samples(self, step: int, groups: list[GroupResult], max_groups: int = 4) -> Optional[Path]:
         import json
-        from policy.images import save_grid
+        from policy.images import save_captioned_grid
         if not groups:
             return None
         trajs = ray.get([g.traj_ref for g in groups[:max_groups]])
         images = self.decoder()(torch.cat([t.final_codes for t in trajs]))
-        path = save_grid(images, self.out / "samples" / f"step_{step:06d}.png", nrow=self.cfg.data.group_size,
-                         scale=max(1, 128 // images.shape[1]))
+        path = save_captioned_grid(images, self.out / "samples" / f"step_{step:06d}.png",
+                                   [g.meta.prompt for g in groups[:max_groups]], nrow=self.cfg.data.group_size,
+                                   scale=max(1, 128 // images.shape[1]))
         (self.out / "samples" / f"step_{step:06d}.json").write_text(
             json.dumps([g.meta.prompt for g in groups[:max_groups]], indent=1))
         return path

@@ -48,7 +48,7 @@ def evaluate(cfg: DictConfig, fleet: RolloutFleet, pool, step: int, decoder=None
                    "samples_per_prompt": k, "guidance_scale": float(cfg.eval.guidance_scale)})
     path = atomic_write_json(report_path(cfg.output_dir, step), report)
     if decoder is not None and groups:
-        _category_grids(groups, tags, k, decoder, path.with_suffix(""))
+        _category_grids(groups, tags, verdicts, k, decoder, path.with_suffix(""))
     return report
 
 
@@ -61,16 +61,19 @@ def _strict_verdicts(scored: dict[str, Any]) -> torch.Tensor:
     return (scored["rewards"] >= 0.5).float()
 
 
-def _category_grids(groups, tags, k, decoder, directory: Path, per_category: int = 8) -> None:
-    from policy.images import save_grid
+def _category_grids(groups, tags, verdicts, k, decoder, directory: Path, per_category: int = 8) -> None:
+    """`<category>.png` per category: a row per prompt (its first `per_category` prompts), captioned with the
+    prompt, each image framed green (correct) or red (wrong) by its strict GenEval verdict."""
+    from policy.images import save_captioned_grid
     by_tag: dict[str, list] = {}
     for i, g in enumerate(groups):
-        by_tag.setdefault(tags[i * k], []).append(g)
-    for tag, gs in by_tag.items():
-        trajs = ray.get([g.traj_ref for g in gs[:per_category]])
+        by_tag.setdefault(tags[i * k], []).append((g, verdicts[i * k:(i + 1) * k]))
+    for tag, entries in by_tag.items():
+        entries = entries[:per_category]
+        trajs = ray.get([g.traj_ref for g, _ in entries])
         images = decoder(torch.cat([t.final_codes for t in trajs]))
-        save_grid(images, directory / f"{tag}.png", nrow=max(k, min(8, len(trajs) * k)),
-                  scale=max(1, 128 // images.shape[1]))
+        save_captioned_grid(images, directory / f"{tag}.png", [g.meta.prompt for g, _ in entries], nrow=k,
+                            verdicts=[v for _, vs in entries for v in vs], scale=max(1, 128 // images.shape[1]))
 
 
 def _header(cats: list[str]) -> str:
@@ -109,7 +112,7 @@ def evaluate_command(cfg: DictConfig, checkpoint: Optional[str] = None, prompts:
         path = Path(checkpoint)
         if not path.exists():
             raise FileNotFoundError(f"checkpoint {checkpoint!r} not found")
-        cfg.policy.init = str(path)   # a training checkpoint holds config.json + model.safetensors
+        cfg.policy.init = str(path)   # a training checkpoint holds config.json + pytorch_model.safetensors
     if prompts is not None:
         cfg.data.eval_prompts = prompts
     init_ray(cfg)

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from policy.device import resolve_device
 from policy.factory import load_policy
-from policy.images import save_grid
+from policy.images import save_captioned_grid
 from policy.sampler import UnmaskingSampler
 
 from .config import section
@@ -27,7 +27,7 @@ def generate(cfg: DictConfig, prompts: list[str], num_images: int = 1, out_name:
     images = policy.decode(traj.final_codes.to(device))
     out = Path(cfg.output_dir) / out_name
     out.mkdir(parents=True, exist_ok=True)
-    grid = save_grid(images, out / "grid.png", nrow=num_images, scale=max(1, 256 // images.shape[1]))
+    grid = save_captioned_grid(images, out / "grid.png", prompts, nrow=num_images, scale=max(1, 256 // images.shape[1]))
     torch.save({"codes": traj.final_codes, "prompts": prompts, "num_images": num_images, "seeds": seeds},
                out / "codes.pt")
     (out / "prompts.json").write_text(json.dumps(prompts, indent=1))

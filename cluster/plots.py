@@ -1,73 +1,104 @@
-"""Small PNG figures drawn with Pillow (no plotting library needed): the reward curve of a run."""
+"""Figures of a run, drawn with matplotlib (Agg, no display needed).
+
+``reward_curve.png``: top, the training reward per step (mean, ± the within-step std as a band, and a moving
+average) with the held-out GenEval overall score at each evaluation; bottom, the held-out accuracy of every
+GenEval category over the evaluation steps. `reward_curve_data` returns the plotted series, so tests and scripts
+can check what the figure shows without reading pixels.
+"""
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Any
 
 import numpy as np
 
+from policy.files import atomic_write
 
-Series = Union[Sequence[float], tuple[Sequence[float], Sequence[float]]]
+
+def moving_average(values: np.ndarray, k: int) -> np.ndarray:
+    """Trailing mean over the last `k` finite values (NaN where the window holds none); same length as `values`."""
+    v = np.asarray(values, dtype=float)
+    ok = np.isfinite(v)
+    sums = np.concatenate([[0.0], np.cumsum(np.where(ok, v, 0.0))])
+    counts = np.concatenate([[0], np.cumsum(ok)])
+    idx = np.arange(len(v)) + 1
+    lo = np.maximum(idx - k, 0)
+    n = counts[idx] - counts[lo]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(n > 0, (sums[idx] - sums[lo]) / np.maximum(n, 1), np.nan)
 
 
-def line_plot_png(xs: Sequence[float], series: dict[str, Series], path: str | Path, title: str = "",
-                  size: tuple[int, int] = (640, 360)) -> Path:
-    """A line per series: values at `xs`, or an `(x, y)` pair of sequences of its own (drawn with markers)."""
-    from PIL import Image, ImageDraw
-    w, h = size
-    left, right, top, bottom = 56, 16, 28, 36
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    own = {name: isinstance(v, tuple) for name, v in series.items()}
-    series = {name: (v if own[name] else (xs, v)) for name, v in series.items()}
-    all_x = [float(x) for sx, _ in series.values() for x in sx] or [float(x) for x in xs]
-    ys = np.concatenate([np.asarray(v, dtype=float) for _, v in series.values()]) if series else np.zeros(1)
-    ys = ys[np.isfinite(ys)] if np.isfinite(ys).any() else np.zeros(1)
-    y0, y1 = float(ys.min()), float(ys.max())
-    if y1 - y0 < 1e-9:
-        y0, y1 = y0 - 0.5, y1 + 0.5
-    x0, x1 = (min(all_x), max(all_x)) if all_x else (0.0, 1.0)
-    x1 = x1 if x1 > x0 else x0 + 1
-    px = lambda x: left + (x - x0) / (x1 - x0) * (w - left - right)
-    py = lambda y: h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom)
-    d.rectangle([left, top, w - right, h - bottom], outline="black")
-    for k in range(5):
-        yv = y0 + (y1 - y0) * k / 4
-        d.line([left - 4, py(yv), left, py(yv)], fill="black")
-        d.text((4, py(yv) - 6), f"{yv:.2f}", fill="black")
-    for k in range(5):
-        xv = x0 + (x1 - x0) * k / 4
-        d.text((px(xv) - 8, h - bottom + 6), f"{xv:.0f}", fill="black")
-    colors = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e"]
-    for i, (name, (sx, vals)) in enumerate(series.items()):
-        pts = [(px(x), py(y)) for x, y in zip(sx, vals) if np.isfinite(y)]
-        if len(pts) > 1:
-            d.line(pts, fill=colors[i % len(colors)], width=2)
-        if own[name]:
-            for x, y in pts:
-                d.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colors[i % len(colors)])
-        d.text((left + 8, top + 4 + 14 * i), name, fill=colors[i % len(colors)])
-    d.text((left, 8), title, fill="black")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path)
-    return path
+def _float(x: Any) -> float:
+    return float("nan") if x is None else float(x)
+
+
+def reward_curve_data(output_dir: str | Path) -> dict[str, Any]:
+    """The series `reward_curve` plots, from ``metrics.jsonl`` and ``eval/step_*.json``:
+
+    ``steps``, ``reward_mean``, ``reward_std`` (per training step; NaN where missing), ``moving_average`` and its
+    window ``window``; ``eval_steps``, ``eval_overall`` and ``eval_categories`` ({category: accuracies at
+    eval_steps}, NaN where a report lacks the category), evaluations sorted by step.
+    """
+    from rewards.types import GENEVAL_TAGS
+    from .metrics import read_metrics
+    records = read_metrics(output_dir)
+    steps = np.array([r["step"] for r in records], dtype=float)
+    mean = np.array([_float(r.get("reward_mean")) for r in records], dtype=float)
+    std = np.array([_float(r.get("reward_std")) for r in records], dtype=float)
+    window = max(1, len(mean) // 10)
+    reports = [json.loads(p.read_text()) for p in Path(output_dir).glob("eval/step_*.json")]
+    reports.sort(key=lambda r: r.get("step", 0))
+    names = sorted({c for r in reports for c in r.get("categories", {})},
+                   key=lambda c: (GENEVAL_TAGS.index(c) if c in GENEVAL_TAGS else len(GENEVAL_TAGS), c))
+    return {"steps": steps, "reward_mean": mean, "reward_std": std, "window": window,
+            "moving_average": moving_average(mean, window),
+            # the evaluation at step s scores the policy after s updates
+            "eval_steps": np.array([float(r.get("step", 0)) for r in reports]),
+            "eval_overall": np.array([_float(r.get("overall")) for r in reports]),
+            "eval_categories": {c: np.array([_float(r.get("categories", {}).get(c)) for r in reports])
+                                for c in names}}
+
+
+def reward_curve_figure(data: dict[str, Any]):
+    """A matplotlib Figure (Agg canvas) of `reward_curve_data`: two axes sharing the step axis."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(8, 6.5), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+    steps, mean, std = data["steps"], data["reward_mean"], data["reward_std"]
+    if len(steps):
+        band = np.isfinite(mean) & np.isfinite(std)
+        top.fill_between(steps, np.where(band, mean - std, np.nan), np.where(band, mean + std, np.nan),
+                         color="C0", alpha=0.15, linewidth=0, label="± std within the step")
+    top.plot(steps, mean, color="C0", linewidth=1, label="training reward (mean)")
+    top.plot(steps, data["moving_average"], color="C1", linewidth=2,
+             label=f"moving average ({data['window']} steps)")
+    if len(data["eval_steps"]):
+        top.plot(data["eval_steps"], data["eval_overall"], color="C2", marker="o", linewidth=2,
+                 label="held-out GenEval overall")
+    top.set_ylabel("reward / accuracy")
+    top.set_title("training reward and held-out score")
+    top.grid(alpha=0.3)
+    top.legend(loc="best", fontsize="small")
+    for i, (name, values) in enumerate(data["eval_categories"].items()):
+        bottom.plot(data["eval_steps"], values, marker="o", color=f"C{(i + 3) % 10}", label=name)
+    if len(data["eval_steps"]):
+        bottom.plot(data["eval_steps"], data["eval_overall"], color="C2", linestyle="--", label="overall")
+        bottom.legend(loc="best", fontsize="small", ncol=2)
+    else:
+        bottom.text(0.5, 0.5, "no held-out evaluation yet", ha="center", va="center", transform=bottom.transAxes)
+    bottom.set_ylim(-0.02, 1.02)
+    bottom.set_xlabel("training step")
+    bottom.set_ylabel("held-out accuracy")
+    bottom.set_title("held-out GenEval categories")
+    bottom.grid(alpha=0.3)
+    return fig
 
 
 def reward_curve(output_dir: str | Path) -> Path:
-    """reward_curve.png of a run: the per-step mean reward, its moving average and the held-out evaluations."""
-    import json
-    from .metrics import read_metrics
-    records = read_metrics(output_dir)
-    steps = [r["step"] for r in records]
-    reward = [r["reward_mean"] if r["reward_mean"] is not None else float("nan") for r in records]
-    k = max(1, len(reward) // 10)
-    smooth = np.convolve(np.nan_to_num(reward), np.ones(k) / k, mode="valid").tolist()
-    series: dict[str, Series] = {"reward_mean": reward,
-                                 f"moving average ({k})": [float("nan")] * (k - 1) + smooth}
-    evals = sorted(Path(output_dir).glob("eval/step_*.json"))
-    if evals:   # the evaluation at step s scores the policy after s updates
-        reports = [json.loads(p.read_text()) for p in evals]
-        series["held-out GenEval overall"] = ([float(r.get("step", 0)) for r in reports],
-                                              [float(r["overall"]) for r in reports])
-    return line_plot_png(steps, series, Path(output_dir) / "reward_curve.png", title="training reward and held-out score")
+    """Write ``<output_dir>/reward_curve.png`` (see the module docstring) and return its path."""
+    path = Path(output_dir) / "reward_curve.png"
+    fig = reward_curve_figure(reward_curve_data(output_dir))
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))

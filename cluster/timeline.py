@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from policy.files import atomic_write_json
+from policy.files import atomic_write, atomic_write_json
 
 ROLES = ("rollout", "reward", "learner", "weight_sync", "driver")
 
@@ -129,8 +129,6 @@ def plot_timelines(traces: dict[str, dict], path: str | Path, seconds: Optional[
         if seconds is not None:
             ax.set_xlim(0, seconds)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    path = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
     return path

@@ -1,7 +1,9 @@
 """Learner checkpoints: ``<root>/step_NNNNNN/`` holds
 
-- ``model.safetensors`` + ``config.json``: the policy in the released key layout (``Showo.from_pretrained`` loads
-  it; gathered from all ranks under ZeRO-3), in the training dtype;
+- ``pytorch_model.safetensors`` + ``config.json`` (+ ``llm/config.json`` for a Phi other than phi-1.5): the policy
+  in the released key layout, written by `policy.showo.write_pretrained` so that both our ``Showo.from_pretrained``
+  and showlab/Show-o's open it (gathered from all ranks under ZeRO-3), in the training dtype. Checkpoints of
+  earlier versions hold ``model.safetensors`` instead; they still load;
 - ``engine/``: DeepSpeed's engine state (fp32 master weights, optimizer moments, LR scheduler; partitioned per
   rank under ZeRO);
 - ``trainer_state.json``: step / weight version / non-finite counters / the driver's state (incl. its advantage
@@ -28,7 +30,8 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from policy.files import atomic_write_json, disk_full_error, is_disk_full, remove_path, sha256_file
-from policy.weights import CheckpointError, save_state_dict
+from policy.showo import write_pretrained
+from policy.weights import CheckpointError
 
 from . import dist
 
@@ -152,16 +155,14 @@ def _param_shapes(learner: "Learner") -> dict[str, list[int]]:
     return {n: list(getattr(p, "ds_shape", p.shape)) for n, p in learner.policy.named_parameters()}
 
 
-def _write_checkpoint_files(learner: "Learner", tmp: Path, trainer_state: dict[str, Any], hash_files: bool) -> None:
-    """Everything of a checkpoint into the temporary directory `tmp` (all ranks), the manifest last."""
+def _write_checkpoint_files(learner: "Learner", tmp: Path, final: Path, trainer_state: dict[str, Any],
+                            hash_files: bool) -> None:
+    """Everything of a checkpoint into the temporary directory `tmp` (to become `final`; all ranks), the manifest
+    last."""
     rank = learner.rank
     state_dict = learner.gathered_state_dict()          # collective under ZeRO-3
     if rank == 0:
-        save_state_dict(state_dict, tmp / "model.safetensors")
-        cfg = learner.policy.config.to_dict()
-        cfg["_class_name"] = "Showo"
-        cfg["mask_token_id"] = learner.policy.layout.mask_id
-        atomic_write_json(tmp / "config.json", cfg)
+        write_pretrained(tmp, state_dict, learner.policy.config, final_directory=final)
         atomic_write_json(tmp / "trainer_state.json", trainer_state)
     del state_dict
     try:
@@ -208,7 +209,7 @@ def save_checkpoint(learner: "Learner", root: str | Path, keep_last: int = 0, ha
     dist.barrier()
 
     try:
-        _write_checkpoint_files(learner, tmp, trainer_state, hash_files)
+        _write_checkpoint_files(learner, tmp, final, trainer_state, hash_files)
     except Exception as e:
         if rank == 0:
             remove_path(tmp)            # no debris: a full disk stays no fuller than before the attempt
@@ -255,7 +256,7 @@ def _check_compatible(learner: "Learner", manifest: dict[str, Any], path: Path) 
     if problems:
         raise CheckpointError(f"checkpoint {str(path)!r} does not match this learner: " + "; ".join(problems)
                               + ". Use the same model, ZeRO stage and number of ranks (or start from its "
-                                "model.safetensors with a fresh optimizer)")
+                                "pytorch_model.safetensors with a fresh optimizer)")
 
 
 def load_checkpoint(learner: "Learner", path: str | Path, check_hash: bool = True) -> Path:

@@ -1,36 +1,135 @@
-"""Image grids as PNG files (generation outputs, training samples, evaluation reports)."""
+"""Image grids as PNG files (generation outputs, training samples, evaluation reports).
+
+The tiling is `torchvision.utils.make_grid`; `captioned_grid` adds each row's prompt above the row (PIL
+ImageDraw) and, for evaluations, a verdict per image: a green frame with a drawn check mark (correct) or a red
+frame with a cross (wrong), so a grid can be read without its JSON report.
+"""
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
+WHITE = (255, 255, 255)
+PASS_COLOR = (0, 160, 60)      # frame and check mark of a correct image
+FAIL_COLOR = (220, 30, 30)     # frame and cross of a wrong image
+
+
+def _as_uint8_nhwc(images: torch.Tensor | np.ndarray) -> torch.Tensor:
+    t = images.detach().cpu() if isinstance(images, torch.Tensor) else torch.from_numpy(np.asarray(images))
+    if t.ndim != 4 or t.shape[-1] != 3 or t.dtype != torch.uint8:
+        raise ValueError(f"expected uint8 images [B, H, W, 3], got {t.dtype} {tuple(t.shape)}")
+    return t
+
+
+def _upscale(t: torch.Tensor, scale: int) -> torch.Tensor:
+    return t.repeat_interleave(scale, 1).repeat_interleave(scale, 2) if scale > 1 else t
+
 
 def image_grid(images: torch.Tensor | np.ndarray, nrow: int | None = None, pad: int = 2,
                scale: int = 1) -> np.ndarray:
-    """uint8 [B, H, W, 3] → one uint8 grid image, `nrow` images per row, nearest-neighbour upscaled by `scale`."""
-    arr = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
-    if arr.ndim != 4 or arr.shape[-1] != 3 or arr.dtype != np.uint8:
-        raise ValueError(f"expected uint8 images [B, H, W, 3], got {arr.dtype} {arr.shape}")
-    if scale > 1:
-        arr = arr.repeat(scale, axis=1).repeat(scale, axis=2)
-    b, h, w, _ = arr.shape
-    nrow = nrow or math.ceil(math.sqrt(b))
+    """uint8 [B, H, W, 3] → one uint8 grid image [H', W', 3] (white padding), `nrow` images per row (default:
+    a square-ish grid), nearest-neighbour upscaled by `scale`. The tiling is torchvision's `make_grid`."""
+    from torchvision.utils import make_grid
+    t = _upscale(_as_uint8_nhwc(images), scale)
+    nrow = nrow or math.ceil(math.sqrt(t.shape[0]))
+    grid = make_grid(t.permute(0, 3, 1, 2), nrow=nrow, padding=pad, pad_value=255)
+    return grid.permute(1, 2, 0).contiguous().numpy()
+
+
+def _font(size: int):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)    # scalable when Pillow has FreeType
+    except TypeError:                               # pragma: no cover - Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def _draw_mark(draw, x: int, y: int, size: int, correct: bool) -> None:
+    """A check mark or a cross in a white disc whose top-left corner is (x, y) (drawn, so no font glyph needed)."""
+    color = PASS_COLOR if correct else FAIL_COLOR
+    draw.ellipse([x, y, x + size, y + size], fill=WHITE, outline=color, width=max(1, size // 10))
+    w = max(2, size // 6)
+    s = size
+    if correct:
+        draw.line([(x + 0.22 * s, y + 0.52 * s), (x + 0.42 * s, y + 0.72 * s), (x + 0.78 * s, y + 0.30 * s)],
+                  fill=color, width=w)
+    else:
+        draw.line([(x + 0.28 * s, y + 0.28 * s), (x + 0.72 * s, y + 0.72 * s)], fill=color, width=w)
+        draw.line([(x + 0.72 * s, y + 0.28 * s), (x + 0.28 * s, y + 0.72 * s)], fill=color, width=w)
+
+
+def captioned_grid(images: torch.Tensor | np.ndarray, captions: Sequence[str], nrow: int, *,
+                   verdicts: Optional[Sequence[Optional[float]]] = None, scale: int = 1, pad: int = 6,
+                   font_size: int = 13) -> np.ndarray:
+    """uint8 [B, H, W, 3] → a grid with `nrow` images per row and `captions[r]` written above row r.
+
+    `verdicts` (one per image; truthy = correct, falsy = wrong, None = no verdict) frames each image in green or
+    red (each image's half of the padding around it carries the frame) and draws a check mark or a cross in its corner; each
+    caption then ends with "k/n correct" for its row.
+    """
+    from PIL import Image, ImageDraw
+    t = _upscale(_as_uint8_nhwc(images), scale)
+    b, h, w, _ = t.shape
     rows = math.ceil(b / nrow)
-    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, dtype=np.uint8)
-    for i in range(b):
-        r, c = divmod(i, nrow)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = arr[i]
-    return grid
+    if len(captions) != rows:
+        raise ValueError(f"{len(captions)} captions for {rows} rows of {nrow} images ({b} images)")
+    if verdicts is not None and len(verdicts) != b:
+        raise ValueError(f"{len(verdicts)} verdicts for {b} images")
+    font = _font(font_size)
+    width = nrow * (w + pad) + pad
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    char_w = max(1.0, probe.textlength("abcdefghijklmnopqrstuvwxyz", font=font) / 26)
+    line_h = font_size + 4
+    texts = []
+    for r, caption in enumerate(captions):
+        text = str(caption)
+        if verdicts is not None:
+            row = [v for v in verdicts[r * nrow:(r + 1) * nrow] if v is not None]
+            if row:
+                text += f"  [{sum(bool(v) for v in row)}/{len(row)} correct]"
+        texts.append(textwrap.wrap(text, max(8, int((width - 2 * pad) / char_w))) or [""])
+    heights = [len(lines) * line_h + pad for lines in texts]
+    canvas = Image.new("RGB", (width, sum(heights) + rows * (h + pad) + pad), WHITE)
+    draw = ImageDraw.Draw(canvas)
+    y = 0
+    mark = max(10, min(h, w) // 5)
+    for r in range(rows):
+        for k, line in enumerate(texts[r]):
+            draw.text((pad, y + pad + k * line_h), line, fill=(0, 0, 0), font=font)
+        y += heights[r]
+        for c in range(nrow):
+            i = r * nrow + c
+            if i >= b:
+                break
+            x0, y0 = pad + c * (w + pad), y + pad
+            v = verdicts[i] if verdicts is not None else None
+            if v is not None:   # the frame: this image's half of the padding around it
+                f = max(1, pad // 2)
+                draw.rectangle([x0 - f, y0 - f, x0 + w + f - 1, y0 + h + f - 1], fill=PASS_COLOR if v else FAIL_COLOR)
+            canvas.paste(Image.fromarray(t[i].numpy()), (x0, y0))
+            if v is not None:
+                _draw_mark(draw, x0 + w - mark - 2, y0 + 2, mark, bool(v))
+        y += h + pad
+    return np.asarray(canvas)
+
+
+def _save_png(array: np.ndarray, path: str | Path) -> Path:
+    from PIL import Image
+    from .files import atomic_write
+    return atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
 def save_grid(images: torch.Tensor | np.ndarray, path: str | Path, nrow: int | None = None, scale: int = 1) -> Path:
-    from PIL import Image
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    Image.fromarray(image_grid(images, nrow=nrow, scale=scale)).save(tmp)
-    tmp.replace(path)
-    return path
+    """`image_grid` written atomically as a PNG."""
+    return _save_png(image_grid(images, nrow=nrow, scale=scale), path)
+
+
+def save_captioned_grid(images: torch.Tensor | np.ndarray, path: str | Path, captions: Sequence[str], nrow: int,
+                        verdicts: Optional[Sequence[Optional[float]]] = None, scale: int = 1) -> Path:
+    """`captioned_grid` written atomically as a PNG."""
+    return _save_png(captioned_grid(images, captions, nrow, verdicts=verdicts, scale=scale), path)

@@ -24,7 +24,17 @@ from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 
 from .layout import TokenLayout, omni_attention_mask
+from .files import atomic_write_json
 from .weights import CheckpointError, load_strict, read_state_dict, save_state_dict
+
+# File names of a checkpoint directory. showlab/Show-o's `Showo.from_pretrained` (its own diffusers-style
+# ModelMixin, models/modeling_utils.py) opens `pytorch_model.safetensors`, else `pytorch_model.bin`; we write the
+# former and still read `model.safetensors`, the name this project wrote before.
+WEIGHTS_NAME = "pytorch_model.safetensors"
+LEGACY_WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+LLM_CONFIG_DIR = "llm"           # a Phi config.json for architectures other than phi-1.5 (see release_config)
+PHI_1_5 = "microsoft/phi-1_5"    # Show-o's `llm_model_path`: its Showo builds the Phi from AutoConfig of this
 
 
 @dataclass
@@ -56,6 +66,42 @@ class PhiArch:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
+
+    def hf_config(self, vocab_size: int, bos_id: int, eos_id: int) -> dict[str, Any]:
+        """This architecture as a transformers Phi ``config.json`` (what ``AutoConfig.from_pretrained`` reads).
+        QK LayerNorm is on: Show-o's Phi always applies it, transformers' only when the config says so."""
+        return {"model_type": "phi", "architectures": ["PhiForCausalLM"], "vocab_size": vocab_size,
+                "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+                "num_hidden_layers": self.num_hidden_layers, "num_attention_heads": self.num_attention_heads,
+                "num_key_value_heads": self.num_attention_heads, "partial_rotary_factor": self.partial_rotary_factor,
+                "rope_theta": self.rope_theta, "layer_norm_eps": self.layer_norm_eps, "hidden_act": self.hidden_act,
+                "max_position_embeddings": self.max_position_embeddings, "qk_layernorm": True,
+                "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attention_dropout": 0.0, "tie_word_embeddings": False,
+                "bos_token_id": bos_id, "eos_token_id": eos_id}
+
+    @staticmethod
+    def sizes_from_tensors(shapes: dict[str, Any], base: "PhiArch | None" = None) -> "PhiArch":
+        """`base` (default phi-1.5) with hidden size, layers, heads and MLP width read from a Show-o state dict's
+        tensor shapes (``showo.model.embed_tokens.weight``, ``…layers.N…``, ``…q_layernorm.weight`` = head_dim,
+        ``…mlp.fc1.weight``). Values the tensors do not fix (rotary fraction and base, eps, activation, maximum
+        position) stay those of `base`."""
+        base = base or PhiArch()
+        shape = {k: tuple(getattr(v, "shape", v)) for k, v in shapes.items()}
+        values = asdict(base)
+        prefix = "showo.model."
+        emb = shape.get(prefix + "embed_tokens.weight")
+        layers = {int(k[len(prefix + "layers."):].split(".", 1)[0]) for k in shape if k.startswith(prefix + "layers.")}
+        if emb is None or not layers:
+            return base
+        values["hidden_size"] = emb[1]
+        values["num_hidden_layers"] = max(layers) + 1
+        fc1 = shape.get(prefix + "layers.0.mlp.fc1.weight")
+        if fc1 is not None:
+            values["intermediate_size"] = fc1[0]
+        head_dim = shape.get(prefix + "layers.0.self_attn.q_layernorm.weight")
+        if head_dim is not None and head_dim[0] > 0 and emb[1] % head_dim[0] == 0:
+            values["num_attention_heads"] = emb[1] // head_dim[0]
+        return PhiArch(**values)
 
 
 @dataclass
@@ -91,31 +137,129 @@ class ShowoConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def release_config(self, llm_model_path: str | None = None) -> dict[str, Any]:
+        """config.json in the layout of showlab/Show-o's checkpoints, plus this project's keys.
+
+        Show-o's `Showo(w_clip_vit, vocab_size, llm_vocab_size, llm_model_path='', codebook_size=8192,
+        num_vq_tokens=256, load_from_showo=True, **kwargs)` is built from these keys by its `from_pretrained`
+        (diffusers' config handling: `_class_name` names the class, unknown keys are ignored); with
+        `load_from_showo` it builds the Phi from `AutoConfig.from_pretrained(llm_model_path)` and resizes the
+        vocabulary to `vocab_size`. `llm_model_path` defaults to "microsoft/phi-1_5" for phi-1.5's architecture
+        (every Show-o release); other architectures need the path of a Phi config (see `write_pretrained`).
+        Our keys: `num_new_special_tokens`, `max_seq_length`, `bos_id`, `eos_id` and `phi` (the architecture).
+        """
+        if llm_model_path is None:
+            if self.phi != PhiArch():
+                raise ValueError("this Phi architecture is not phi-1.5's: give llm_model_path (a Phi config dir)")
+            llm_model_path = PHI_1_5
+        return {"_class_name": "Showo", "w_clip_vit": False, "vocab_size": self.vocab_size,
+                "llm_vocab_size": self.llm_vocab_size, "llm_model_path": str(llm_model_path),
+                "codebook_size": self.codebook_size, "num_vq_tokens": self.num_vq_tokens,
+                "num_new_special_tokens": self.num_new_special_tokens, "load_from_showo": True,
+                "mask_token_id": self.vocab_size - 1, "max_seq_length": self.max_seq_length,
+                "bos_id": self.bos_id, "eos_id": self.eos_id, "phi": asdict(self.phi)}
+
     @staticmethod
     def from_release(release_dir: str | Path, phi_config: str | Path | dict | None = None,
-                     max_seq_length: int | None = None, bos_id: int = 50256, eos_id: int = 50256) -> "ShowoConfig":
-        """Read a Show-o release's config.json (diffusers-style: vocab_size, llm_vocab_size, codebook_size,
-        num_vq_tokens, ...). The phi architecture comes from `phi_config` (a phi-1.5 config.json path or dict),
-        else from a ``phi`` entry in the file, else phi-1.5's defaults. ``max_seq_length`` is a training-config
-        value of Show-o (128 for show-o-512x512, 128 for show-o); it is not in config.json."""
-        path = Path(release_dir) / "config.json"
+                     max_seq_length: int | None = None, bos_id: int | None = None, eos_id: int | None = None,
+                     tensor_shapes: dict[str, Any] | None = None) -> "ShowoConfig":
+        """Read the config.json of a Show-o checkpoint directory: a release (showlab/show-o, show-o-512x512), a
+        directory saved by Show-o's own code, or one saved here.
+
+        Show-o's keys: vocab_size, llm_vocab_size, codebook_size, num_vq_tokens, llm_model_path (and
+        num_new_special_tokens when its training config passed it). The Phi architecture comes from `phi_config`
+        (a Phi config.json path or dict), else from our ``phi`` entry, else from the Phi config that
+        ``llm_model_path`` names when it is a local path, else phi-1.5's values; in the last two cases the sizes
+        (hidden, layers, heads, MLP width) are read from `tensor_shapes` when given, so a directory saved by
+        Show-o's code for any Phi size loads without extra arguments. Missing values: num_new_special_tokens =
+        vocab_size - llm_vocab_size - codebook_size - 1; bos/eos = phi-1.5's <|endoftext|> (50256) if the text
+        vocabulary has it, else its last id; max_seq_length (the prompt length: a value of Show-o's training yaml,
+        in neither its config.json nor any tensor) = 128 as in every Show-o release; pass it when the
+        checkpoint was trained with another.
+        """
+        d = Path(release_dir)
+        path = d / CONFIG_NAME
         if not path.is_file():
             raise CheckpointError(f"{str(path)!r} not found: a Show-o release directory holds config.json "
-                                  f"and pytorch_model.bin or *.safetensors")
+                                  f"and pytorch_model.safetensors / pytorch_model.bin / *.safetensors")
         try:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise CheckpointError(f"{str(path)!r} is not valid JSON: {e}") from e
+        missing = [k for k in ("vocab_size", "llm_vocab_size") if k not in raw]
+        if missing:
+            raise CheckpointError(f"{str(path)!r} lacks {missing}: not the config.json of a Show-o checkpoint")
+        llm = _local_llm_config(raw.get("llm_model_path"), d)
         if isinstance(phi_config, (str, Path)):
             phi_config = json.loads(Path(phi_config).read_text())
-        phi = phi_config or raw.get("phi") or {}
+        if phi_config:
+            phi = PhiArch.from_dict(phi_config)
+        elif raw.get("phi"):
+            phi = PhiArch.from_dict(raw["phi"])
+        else:
+            phi = PhiArch.from_dict(llm) if llm else PhiArch()
+            if tensor_shapes:
+                phi = PhiArch.sizes_from_tensors(tensor_shapes, phi)
         values = {k: raw[k] for k in ("vocab_size", "llm_vocab_size", "codebook_size", "num_vq_tokens",
                                       "num_new_special_tokens", "max_seq_length", "bos_id", "eos_id") if k in raw}
-        values.setdefault("bos_id", bos_id)
-        values.setdefault("eos_id", eos_id)
+        values.setdefault("codebook_size", ShowoConfig.codebook_size)
+        values.setdefault("num_new_special_tokens",
+                          values["vocab_size"] - values["llm_vocab_size"] - values["codebook_size"] - 1)
+        text_vocab = values["llm_vocab_size"]
+        for key, given in (("bos_id", bos_id), ("eos_id", eos_id)):
+            if given is not None:
+                values[key] = given
+            elif key not in values:     # (a Phi config's bos/eos_token_id are not the tokenizer's: not used)
+                values[key] = 50256 if text_vocab > 50256 else text_vocab - 1
         if max_seq_length is not None:
             values["max_seq_length"] = max_seq_length
-        return ShowoConfig(phi=PhiArch.from_dict(phi) if isinstance(phi, dict) else phi, **values)
+        return ShowoConfig(phi=phi, **values)
+
+
+def _local_llm_config(llm_model_path: Any, base: Path) -> dict[str, Any] | None:
+    """The Phi config.json that a config's `llm_model_path` names, when it is a local directory or file (absolute,
+    relative to the working directory, or relative to the checkpoint directory); None for a hub id."""
+    if not llm_model_path or not isinstance(llm_model_path, str):
+        return None
+    for candidate in (Path(llm_model_path).expanduser(), base / llm_model_path):
+        f = candidate / CONFIG_NAME if candidate.is_dir() else candidate
+        if f.is_file() and f.suffix == ".json":
+            try:
+                return json.loads(f.read_text())
+            except json.JSONDecodeError as e:
+                raise CheckpointError(f"{str(f)!r} (llm_model_path) is not valid JSON: {e}") from e
+    return None
+
+
+def write_pretrained(directory: str | Path, state_dict: dict[str, torch.Tensor], config: ShowoConfig,
+                     final_directory: str | Path | None = None) -> list[Path]:
+    """Write a Show-o checkpoint directory that both loaders open: ``pytorch_model.safetensors`` (the released
+    key layout) and ``config.json`` (`ShowoConfig.release_config`); for a Phi other than phi-1.5 also
+    ``llm/config.json``, which ``llm_model_path`` names by absolute path (of `final_directory`, where the
+    directory will live once renamed; default `directory`): Show-o's code resolves it from its own working
+    directory, so move the checkpoint and it needs that key edited, while our loader reads ``phi`` instead.
+    A stale ``model.safetensors`` of an earlier save is removed. Returns the files written."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    written = []
+    llm_path = None
+    if config.phi != PhiArch():
+        llm_dir = d / LLM_CONFIG_DIR
+        llm_dir.mkdir(exist_ok=True)
+        written.append(atomic_write_json(llm_dir / CONFIG_NAME,
+                                         config.phi.hf_config(config.vocab_size, config.bos_id, config.eos_id)))
+        llm_path = str((Path(final_directory) if final_directory is not None else d).resolve() / LLM_CONFIG_DIR)
+    save_state_dict(state_dict, d / WEIGHTS_NAME)
+    written.append(d / WEIGHTS_NAME)
+    written.append(atomic_write_json(d / CONFIG_NAME, config.release_config(llm_path)))
+    (d / LEGACY_WEIGHTS_NAME).unlink(missing_ok=True)
+    return written
+
+
+def has_pretrained_weights(directory: str | Path) -> bool:
+    """Whether a directory holds a Show-o checkpoint's config and weights (current or earlier file name)."""
+    d = Path(directory)
+    return (d / CONFIG_NAME).is_file() and any((d / n).is_file() for n in (WEIGHTS_NAME, LEGACY_WEIGHTS_NAME))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -311,28 +455,28 @@ class Showo(nn.Module):
     @staticmethod
     def from_pretrained(path: str | Path, config: ShowoConfig | None = None, phi_config: str | Path | None = None,
                         max_seq_length: int | None = None) -> "Showo":
-        """Load a Show-o release directory (config.json + weights), our saved checkpoint, or a plain state-dict
-        file such as the Mask-GRPO authors' `mycheckpoint.pth` (then `config` must be given)."""
+        """Load a Show-o checkpoint directory (a release, one saved by Show-o's code, or ours: config.json +
+        pytorch_model.safetensors / pytorch_model.bin / model.safetensors / shards), or a plain state-dict file
+        such as the Mask-GRPO authors' `mycheckpoint.pth` (then `config` must be given). Without `phi_config`
+        the Phi sizes of a directory lacking our ``phi`` entry are read from its tensors (see
+        `ShowoConfig.from_release`)."""
         p = Path(path).expanduser()
         if not p.exists():
             raise CheckpointError(f"Show-o checkpoint {str(p)!r} does not exist: give the local path of "
                                   f"showlab/show-o, showlab/show-o-512x512 or a mycheckpoint.pth")
+        if config is None and p.is_file():
+            raise CheckpointError(f"{str(p)!r} is a plain state dict: also give the model config "
+                                  f"(policy.config or the release's config.json) to build the model")
+        if config is None and not (p / CONFIG_NAME).is_file():
+            ShowoConfig.from_release(p)     # raises the missing-config.json error before reading any weights
+        state_dict = read_state_dict(p)
         if config is None:
-            if p.is_file():
-                raise CheckpointError(f"{str(p)!r} is a plain state dict: also give the model config "
-                                      f"(policy.config or the release's config.json) to build the model")
-            config = ShowoConfig.from_release(p, phi_config=phi_config, max_seq_length=max_seq_length)
+            config = ShowoConfig.from_release(p, phi_config=phi_config, max_seq_length=max_seq_length,
+                                              tensor_shapes={k: v.shape for k, v in state_dict.items()})
         model = Showo(config)
-        model.load_released_state_dict(read_state_dict(p), what=f"Show-o checkpoint {str(p)!r}")
+        model.load_released_state_dict(state_dict, what=f"Show-o checkpoint {str(p)!r}")
         return model
 
     def save_pretrained(self, directory: str | Path) -> None:
-        """config.json (Show-o's fields plus ``phi``) and model.safetensors in the released key layout."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        cfg = self.config.to_dict()
-        cfg["_class_name"] = "Showo"
-        cfg["mask_token_id"] = self.layout.mask_id
-        (d / "config.json.tmp").write_text(json.dumps(cfg, indent=1))
-        (d / "config.json.tmp").replace(d / "config.json")
-        save_state_dict(self.state_dict(), d / "model.safetensors")
+        """A directory Show-o's own `Showo.from_pretrained` and ours both open (see `write_pretrained`)."""
+        write_pretrained(directory, self.state_dict(), self.config)

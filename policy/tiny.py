@@ -7,7 +7,7 @@ from .showo import PhiArch, ShowoConfig
 
 
 def showo_config_from_fixture(tiny: dict[str, Any]) -> ShowoConfig:
-    """The ShowoConfig of a `tiny_config.json` of the reference vectors (shared/fixtures/showo)."""
+    """The ShowoConfig of a `tiny_config.json` of the reference vectors (tests/fixtures/showo)."""
     return ShowoConfig(vocab_size=tiny["vocab_size"], llm_vocab_size=tiny["llm_vocab_size"],
                        codebook_size=tiny["codebook_size"], num_vq_tokens=tiny["num_vq_tokens"],
                        num_new_special_tokens=tiny["num_new_special_tokens"], max_seq_length=tiny["max_seq_length"],

@@ -14,8 +14,9 @@ from torch import nn
 
 from .files import atomic_write
 
-WEIGHT_FILE_NAMES = ("model.safetensors", "pytorch_model.bin", "diffusion_pytorch_model.safetensors",
-                     "diffusion_pytorch_model.bin")
+# In order of preference: Show-o's own ModelMixin names (pytorch_model.*), transformers', diffusers'.
+WEIGHT_FILE_NAMES = ("pytorch_model.safetensors", "model.safetensors", "pytorch_model.bin",
+                     "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
 class CheckpointError(RuntimeError):
@@ -97,11 +98,12 @@ def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what:
 
 
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Write a state dict atomically (temporary name, then rename) as safetensors or torch pickle by suffix."""
+    """Write a state dict atomically (temporary name, then rename) as safetensors or torch pickle by suffix.
+    Safetensors files carry ``{"format": "pt"}`` metadata, as transformers' and diffusers' savers write."""
     path = Path(path)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
-        atomic_write(path, lambda tmp: save_file(tensors, str(tmp)))
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     else:
         atomic_write(path, lambda tmp: torch.save(tensors, str(tmp)))

@@ -22,6 +22,7 @@ So ``fraction == 1`` iff the strict GenEval verdict is correct.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -43,6 +44,11 @@ COCO_CLASSES = (
     "computer keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock",
     "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
 )
+
+# GenEval's prompt set (djghosh13/geneval `prompts/`, MIT licence; see data/geneval/README.md), shipped in the package.
+DATA_DIR = Path(__file__).resolve().parent / "data" / "geneval"
+GENEVAL_METADATA = DATA_DIR / "evaluation_metadata.jsonl"
+GENEVAL_OBJECT_NAMES = DATA_DIR / "object_names.txt"
 
 THRESHOLD = 0.3
 COUNTING_THRESHOLD = 0.9

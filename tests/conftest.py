@@ -13,16 +13,20 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+FIXTURES = REPO / "tests" / "fixtures" / "showo"
+
+
 def parity_dir() -> Path:
-    """Reference vectors: $MASKGRPO_PARITY_DIR, default ../shared/fixtures/showo."""
-    return Path(os.environ.get("MASKGRPO_PARITY_DIR", REPO.parent / "shared" / "fixtures" / "showo"))
+    """Reference vectors: $MASKGRPO_PARITY_DIR, default tests/fixtures/showo (in the repository)."""
+    return Path(os.environ.get("MASKGRPO_PARITY_DIR", FIXTURES))
 
 
 @pytest.fixture(scope="session")
 def fixture_dir() -> Path:
     d = parity_dir()
     if not d.is_dir():
-        pytest.fail(f"reference vectors not found at {d}: set MASKGRPO_PARITY_DIR")
+        pytest.fail(f"reference vectors not found at {d}: they ship in tests/fixtures/showo; "
+                    f"MASKGRPO_PARITY_DIR, when set, must name a directory made the same way")
     return d
 
 

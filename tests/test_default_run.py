@@ -40,7 +40,7 @@ def test_default_run_learns(tmp_path):
     assert gain > 3 * se, f"training reward did not rise beyond noise: gain {gain:.3f}, 3·SE {3 * se:.3f}"
 
     # the run directory a researcher expects
-    for name in ("config.yaml", "metrics.jsonl", "reward_curve.png", "base/model.safetensors",
+    for name in ("config.yaml", "metrics.jsonl", "reward_curve.png", "base/pytorch_model.safetensors",
                  "eval/step_000000.json", f"eval/step_{STEPS:06d}.json", "samples/step_000000.png"):
         assert (tmp_path / name).exists(), name
     report = json.loads((tmp_path / "eval" / f"step_{STEPS:06d}.json").read_text())

@@ -158,7 +158,8 @@ def test_save_resume_continues_bit_for_bit(data, tmp_path):
     # the checkpoint's policy is the released layout: Show-o's loader reads it as is
     policy = Showo.from_pretrained(path)
     manifest = json.loads((path / "manifest.json").read_text())
-    assert manifest["step"] == 2 and "model.safetensors" in manifest["files"]
+    assert manifest["step"] == 2 and "pytorch_model.safetensors" in manifest["files"]
+    assert "llm/config.json" in manifest["files"] and "model.safetensors" not in manifest["files"]
     assert set(policy.state_dict()) == set(a.policy.state_dict())
     assert all(k.startswith("showo.") for k in policy.state_dict())
 
@@ -204,7 +205,7 @@ def test_checkpoint_crash_corruption_and_mismatch(data, tmp_path, monkeypatch):
     # corruption: a truncated weight file and a flipped byte are refused before anything is loaded
     fresh = Learner(_model(data), _config())
     before = _state(fresh)
-    weights = second / "model.safetensors"
+    weights = second / "pytorch_model.safetensors"
     blob = weights.read_bytes()
     weights.write_bytes(blob[: len(blob) // 2])
     with pytest.raises(CheckpointError, match="corrupted"):

@@ -1,20 +1,16 @@
 """GenEval rule engine (hand-checked verdicts per category), detector post-processing and the geneval reward."""
 import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from policy.weights import CheckpointError
 from rewards.base import build_reward
-from rewards.geneval import (COCO_CLASSES, GenEvalEngine, relative_position,
-                             select_objects, summarize_geneval)
+from rewards.geneval import (COCO_CLASSES, GENEVAL_METADATA, GENEVAL_OBJECT_NAMES, GenEvalEngine,
+                             relative_position, select_objects, summarize_geneval)
 from rewards.types import GENEVAL_TAGS, Detection, GenEvalItem
 
-METADATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "geneval" / "evaluation_metadata.jsonl"
-if not METADATA.is_file():
-    METADATA = Path("/work/shared/data/geneval/evaluation_metadata.jsonl")
+METADATA = GENEVAL_METADATA
 
 
 def det(label, score=0.95, box=(0, 0, 10, 10), color=None, mask=None):
@@ -177,6 +173,16 @@ def test_fraction_and_strict_on_every_benchmark_prompt():
     assert all(r.fraction == (0.5 if it.tag == "counting" else 0.0) for it, r in zip(items, empty))
 
 
+def test_packaged_geneval_data_matches_the_class_list():
+    """GenEval's prompts ship inside the package (rewards/data/geneval), with their licence notice."""
+    names = [l.strip() for l in GENEVAL_OBJECT_NAMES.read_text().splitlines() if l.strip()]
+    assert tuple(names) == COCO_CLASSES
+    assert "MIT License" in (GENEVAL_METADATA.parent / "LICENSE").read_text()
+    for line in GENEVAL_METADATA.read_text().splitlines():
+        item = GenEvalItem.from_json(json.loads(line))
+        assert all(req["class"] in COCO_CLASSES for req in item.include)
+
+
 def test_summary_is_mean_of_category_accuracies():
     s = summarize_geneval(["single_object", "single_object", "counting", "position"], [True, False, True, 0.0])
     assert s["categories"] == {"single_object": 0.5, "counting": 1.0, "position": 0.0}
@@ -249,18 +255,60 @@ def tiny_m2f(tmp_path_factory):
     return {"m2f": make_tiny_mask2former(d / "m2f"), "clip_cfg": cfg, "clip": ckpt, "dir": d}
 
 
+@torch.no_grad()
+def _reference_detections(model_dir, images, top_k=100):
+    """mmdet's Mask2Former post-processing written out independently (numpy), on images that need no resize
+    (48x64 with shortest edge 48 / longest 64): ImageNet-normalised pixels zero-padded to 64x64, the model's own
+    forward, the top (query, class) pairs by class probability, masks upsampled x4 and cut to the image, binary at
+    logit > 0, score = class probability x mean mask probability inside the mask, box = the mask's extent."""
+    from transformers import Mask2FormerForUniversalSegmentation
+    model = Mask2FormerForUniversalSegmentation.from_pretrained(model_dir).eval()
+    b, h, w, _ = images.shape
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    pixels = np.zeros((b, 3, 64, 64), dtype=np.float32)
+    pixels[:, :, :h, :w] = ((images.numpy() / 255.0 - mean) / std).transpose(0, 3, 1, 2)
+    pmask = np.zeros((b, 64, 64), dtype=np.int64)
+    pmask[:, :h, :w] = 1
+    out = model(pixel_values=torch.from_numpy(pixels), pixel_mask=torch.from_numpy(pmask))
+    result = []
+    for cl, ml in zip(out.class_queries_logits.numpy(), out.masks_queries_logits):
+        e = np.exp(cl - cl.max(-1, keepdims=True))
+        probs = (e / e.sum(-1, keepdims=True))[:, :-1]
+        order = np.argsort(-probs, axis=None, kind="stable")[:top_k]
+        up = torch.nn.functional.interpolate(ml[None], size=(64, 64), mode="bilinear", align_corners=False)[0]
+        up = up[:, :h, :w].numpy().astype(np.float64)
+        dets = []
+        for flat in order:
+            q, c = divmod(int(flat), probs.shape[1])
+            m = up[q] > 0
+            mask_score = (1 / (1 + np.exp(-up[q])) * m).sum() / (m.sum() + 1e-6)
+            ys, xs = np.nonzero(m)
+            box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) if len(xs) else (0, 0, 0, 0)
+            dets.append((COCO_CLASSES[c], probs[q, c] * mask_score, tuple(float(v) for v in box), m))
+        result.append(dets)
+    return result
+
+
 def test_mask2former_detector_through_real_loader(tiny_m2f):
     from rewards.detectors import build_detector
-    from rewards.mask2former import masks_to_boxes
-    detector = build_detector({"name": "mask2former", "path": tiny_m2f["m2f"], "shortest_edge": 64,
-                               "longest_edge": 128, "min_score": 0.0})
-    images = torch.randint(0, 256, (2, 48, 64, 3), dtype=torch.uint8)
-    dets = detector.detect(images)
-    assert len(dets) == 2 and all(len(d) > 0 for d in dets)
-    for d in dets[0]:
-        assert d.label in COCO_CLASSES and 0 <= d.score <= 1 and d.mask.shape == (48, 64)
-        if d.mask.any():
-            assert list(d.box) == masks_to_boxes(torch.as_tensor(d.mask)[None])[0].tolist()
+    detector = build_detector({"name": "mask2former", "path": tiny_m2f["m2f"], "shortest_edge": 48,
+                               "longest_edge": 64, "min_score": 0.0})
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2, 48, 64, 3), dtype=torch.uint8, generator=g)
+    got = detector.detect(images)
+    expected = _reference_detections(tiny_m2f["m2f"], images)
+    assert [len(d) for d in got] == [len(d) for d in expected] == [100, 100]     # 8 queries x 80 classes, top 100
+    for dets, refs in zip(got, expected):
+        assert [d.label for d in dets] == [r[0] for r in refs]
+        np.testing.assert_allclose([d.score for d in dets], [r[1] for r in refs], rtol=1e-4, atol=1e-7)
+        assert [d.box for d in dets] == [r[2] for r in refs]
+        assert all(np.array_equal(d.mask, r[3]) for d, r in zip(dets, refs))
+    assert any(d.box != (0.0, 0.0, 0.0, 0.0) for d in got[0])                  # some masks are not empty
+    # min_score drops pairs below it, nothing else
+    strict = build_detector({"name": "mask2former", "path": tiny_m2f["m2f"], "shortest_edge": 48,
+                             "longest_edge": 64, "min_score": 0.05}).detect(images)
+    for dets, all_dets in zip(strict, got):
+        assert [(d.label, d.box) for d in dets] == [(d.label, d.box) for d in all_dets if d.score >= 0.05]
 
 
 def test_mask2former_checkpoint_errors(tiny_m2f, tmp_path):
@@ -272,8 +320,33 @@ def test_mask2former_checkpoint_errors(tiny_m2f, tmp_path):
         build_detector({"name": "mask2former", "path": make_tiny_mask2former(tmp_path / "m10", num_labels=10)})
 
 
+@torch.no_grad()
+def _reference_colors(clip_cfg, clip_ckpt, crops, classname):
+    """GenEval's zero-shot colour: 100 x cos(image, mean of the normalised template embeddings), by open_clip's
+    own encoders on 64x64 crops (the tiny model's input size: no resize); returns (logits [n, 10], classifier)."""
+    import open_clip
+    from rewards.colors import TEMPLATES
+    from rewards.types import GENEVAL_COLORS
+    open_clip.add_model_config(clip_cfg)
+    name = clip_cfg.rsplit("/", 1)[-1][:-5]
+    model = open_clip.create_model(name, pretrained=None, force_quick_gelu=True)
+    model.load_state_dict(torch.load(clip_ckpt, weights_only=True))
+    model.eval()
+    tok = open_clip.get_tokenizer(name)
+    per_color = []
+    for c in GENEVAL_COLORS:
+        emb = model.encode_text(tok([t.format(c=c, object=classname) for t in TEMPLATES]), normalize=True)
+        per_color.append(torch.nn.functional.normalize(emb.mean(0), dim=-1))
+    classifier = torch.stack(per_color, 1)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    x = (torch.stack([torch.from_numpy(c).permute(2, 0, 1).float() / 255 for c in crops]) - mean) / std
+    return 100 * model.encode_image(x, normalize=True) @ classifier, classifier
+
+
 def test_clip_color_classifier(tiny_m2f):
     from rewards.colors import ClipColorClassifier, masked_crop
+    from rewards.types import GENEVAL_COLORS
     img = torch.zeros(20, 30, 3, dtype=torch.uint8)
     img[5:10, 10:20] = torch.tensor([200, 10, 10], dtype=torch.uint8)
     mask = np.zeros((20, 30), dtype=bool)
@@ -282,26 +355,76 @@ def test_clip_color_classifier(tiny_m2f):
     assert crop.shape == (3, 6, 10)                       # rounded box, as PIL's crop rounds
     assert torch.allclose(crop[:, 0, 0], torch.full((3,), 153 / 255))   # outside the mask: grey #999
     assert torch.allclose(crop[:, 2, 2], torch.tensor([200, 10, 10]) / 255)
+
+    # classification, against open_clip's own encoders on crops of exactly the model's input size
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(-12, 13, (2, 96, 128, 3), generator=g)          # coloured halves, a little noise
+    for i, (left, right) in enumerate([((20, 200, 40), (20, 40, 220)), ((250, 250, 250), (5, 5, 5))]):
+        images[i, :, :64] += torch.tensor(left)
+        images[i, :, 64:] += torch.tensor(right)
+    images = images.clamp(0, 255).to(torch.uint8)
+    obj = np.zeros((96, 128), dtype=bool)
+    obj[24:72, 8:56] = True                                               # pasted on grey outside the mask
+    queries = [(0, det("apple", box=(0, 0, 64, 64)), "apple"), (0, det("apple", box=(64, 32, 128, 96)), "apple"),
+               (1, det("apple", box=(0, 16, 64, 80), mask=obj), "apple"), (1, det("apple", box=(64, 0, 128, 64)), "apple")]
+    crops = []
+    for i, d, _ in queries:
+        x = images[i].numpy().copy()
+        if d.mask is not None:
+            x[~d.mask] = 153
+        x0, y0, x1, y1 = (int(v) for v in d.box)
+        crops.append(x[y0:y1, x0:x1])
+    logits, classifier = _reference_colors(tiny_m2f["clip_cfg"], tiny_m2f["clip"], crops, "apple")
     clf = ClipColorClassifier(tiny_m2f["clip"], model_config=tiny_m2f["clip_cfg"])
-    queries = [(0, det("apple", box=(10, 5, 20, 10), mask=mask), "apple"), (1, det("cup", box=(0, 0, 30, 20)), "cup")]
-    colors = clf.classify(torch.stack([img, 255 - img]), queries)
-    assert len(colors) == 2 and all(c in clf.colors for c in colors)
+    torch.testing.assert_close(clf.text_classifier("apple"), classifier, rtol=1e-5, atol=1e-6)
     assert clf.text_classifier("apple").shape == (32, 10)
+    expected = [GENEVAL_COLORS[int(k)] for k in logits.argmax(1)]
+    top2 = logits.topk(2, dim=1).values
+    assert (top2[:, 0] - top2[:, 1]).min() > 1e-3                # no near-tie: the argmax is well defined
+    assert clf.classify(images, queries) == expected
+    assert len(set(expected)) > 1                                 # the crops' content decides the colour
 
 
 def test_geneval_reward_with_mask2former_and_clip_colors(tiny_m2f):
-    spec = {"name": "geneval", "strict": False,
-            "detector": {"name": "mask2former", "path": tiny_m2f["m2f"], "shortest_edge": 64, "longest_edge": 128,
-                         "min_score": 0.0},
+    """The reward's verdicts, worked out by hand from the detector's and the colour classifier's outputs."""
+    from rewards.colors import ClipColorClassifier
+    from rewards.detectors import build_detector
+    det_spec = {"name": "mask2former", "path": tiny_m2f["m2f"], "shortest_edge": 48, "longest_edge": 64,
+                "min_score": 0.0}
+    spec = {"name": "geneval", "strict": False, "detector": det_spec,
             "color_classifier": {"name": "clip", "path": tiny_m2f["clip"], "model_config": tiny_m2f["clip_cfg"]},
             "threshold": 0.0}                              # random weights: every detection counts
     reward = build_reward(spec)
-    images = torch.randint(0, 256, (2, 48, 64, 3), dtype=torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (3, 48, 64, 3), dtype=torch.uint8, generator=g)
     meta = [{"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}]},
-            {"tag": "two_object", "include": [{"class": "car", "count": 1}, {"class": "bus", "count": 1}]}]
-    out = reward.score(images, ["a red car", "a car and a bus"], meta)
-    assert out.scores.shape == (2,) and torch.isfinite(out.scores).all()
-    assert ((out.scores >= 0) & (out.scores <= 1)).all()
+            {"tag": "two_object", "include": [{"class": "car", "count": 1}, {"class": "bus", "count": 1}]},
+            {"tag": "colors", "include": [{"class": "person", "count": 1, "color": "green"}],
+             "exclude": [{"class": "dog", "count": 2}]}]
+    prompts = ["a red car", "a car and a bus", "a green person"]
+    out = reward.score(images, prompts, meta)
+
+    dets = build_detector(det_spec).detect(images)
+    clf = ClipColorClassifier(tiny_m2f["clip"], model_config=tiny_m2f["clip_cfg"])
+
+    def best(i, label):                                  # the highest-scoring detection of a class, or None
+        found = sorted((d for d in dets[i] if d.label == label and d.score > 0), key=lambda d: -d.score)
+        return found[0] if found else None
+
+    def color_fraction(i, label, color):                 # requirements: the count, then the colour of the best
+        top = best(i, label)
+        if top is None:
+            return 0.0
+        return (1 + (clf.classify(images, [(i, top, label)])[0] == color)) / 2
+
+    dogs = sum(1 for d in dets[2] if d.label == "dog" and d.score > 0)
+    expected = [color_fraction(0, "car", "red"),
+                ((best(1, "car") is not None) + (best(1, "bus") is not None)) / 2,
+                (2 * color_fraction(2, "person", "green") + (dogs < 2)) / 3]
+    torch.testing.assert_close(out.scores, torch.tensor(expected), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out.details["strict"], torch.tensor([float(e == 1.0) for e in expected]))
+    assert best(0, "car") is not None and best(2, "person") is not None   # the colour classifier was asked
+    assert len(set(expected)) > 1, expected
 
 
 def test_geneval_reward_on_the_shapes_world():

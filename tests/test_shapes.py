@@ -6,6 +6,7 @@ import copy
 import importlib
 import json
 import pickle
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -32,29 +33,47 @@ def world(request) -> ShapesWorld:
 
 
 # ------------------------------------------------------------------------------------------- GenEval reference
-POSITION_THRESHOLD = 0.1
+MARGIN = Fraction(1, 10)     # GenEval's position threshold: 0.1 x the sum of the two boxes' sizes, per axis
 
 
 def _relative_position(box_a, box_b) -> set[str]:
-    """GenEval's `relative_position` (evaluation/evaluate_images.py): relations of A relative to B."""
-    boxes = np.array([box_a, box_b], dtype=np.float64).reshape(2, 2, 2)
-    center_a, center_b = boxes.mean(axis=-2)
-    dim_a, dim_b = np.abs(np.diff(boxes, axis=-2))[..., 0, :]
-    offset = center_a - center_b
-    revised = np.maximum(np.abs(offset) - POSITION_THRESHOLD * (dim_a + dim_b), 0) * np.sign(offset)
-    if np.all(np.abs(revised) < 1e-3):
-        return set()
-    dx, dy = revised / np.linalg.norm(offset)
+    """Relations of A relative to B, derived from GenEval's rule in exact rational arithmetic, without its
+    vector formulation: on each axis the centres' offset d is shrunk towards 0 by 0.1 x (size of A + size of B)
+    (never past 0) to s; A is "right of"/"below" B when d > 0 and s exceeds half the length of the whole offset
+    (compared squared: 4 s^2 > dx^2 + dy^2), "left of"/"above" likewise when d < 0. Coordinates are exact here
+    (integers and halves), so GenEval's 1e-3 tolerance for "no offset left" only matters for s = 0 exactly."""
+    ax0, ay0, ax1, ay1 = (Fraction(v) for v in box_a[:4])
+    bx0, by0, bx1, by1 = (Fraction(v) for v in box_b[:4])
+    dx = (ax0 + ax1) / 2 - (bx0 + bx1) / 2
+    dy = (ay0 + ay1) / 2 - (by0 + by1) / 2
+    length2 = dx * dx + dy * dy
     rels = set()
-    if dx < -0.5:
-        rels.add("left of")
-    if dx > 0.5:
-        rels.add("right of")
-    if dy < -0.5:
-        rels.add("above")
-    if dy > 0.5:
-        rels.add("below")
+    for d, size, neg, pos in ((dx, abs(ax1 - ax0) + abs(bx1 - bx0), "left of", "right of"),
+                              (dy, abs(ay1 - ay0) + abs(by1 - by0), "above", "below")):
+        shrunk = abs(d) - MARGIN * size
+        if d != 0 and shrunk > 0 and 4 * shrunk * shrunk > length2:
+            rels.add(pos if d > 0 else neg)
     return rels
+
+
+def test_reference_position_rule_agrees_with_the_engine():
+    """The engine's float formula and the exact reference agree on every pair of grid-aligned boxes."""
+    from rewards.geneval import relative_position
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(3000):
+        a = rng.integers(0, 40, 2)
+        b = rng.integers(0, 40, 2)
+        sa, sb = rng.integers(1, 12, 2), rng.integers(1, 12, 2)
+        box_a, box_b = (*a, *(a + sa)), (*b, *(b + sb))
+        assert relative_position(box_a, box_b) == _relative_position(box_a, box_b), (box_a, box_b)
+        checked += bool(_relative_position(box_a, box_b))
+    assert checked > 1000
+    # hand-made cases: A 150 px right of B (boxes 100 wide): 150 - 0.1 x 200 = 130 > 75 -> right of
+    assert _relative_position((150, 0, 250, 100), (0, 0, 100, 100)) == {"right of"}
+    assert _relative_position((10, 0, 110, 100), (0, 0, 100, 100)) == set()      # 10 - 20 < 0: no offset left
+    assert _relative_position((95, 95, 105, 105), (-5, -5, 5, 5)) == {"right of", "below"}
+    assert _relative_position((95, 55, 105, 65), (-5, -5, 5, 5)) == {"right of"}  # 4 x 58^2 < 100^2 + 60^2
 
 
 def _reference_verdict(item: GenEvalItem, dets: list[Detection]) -> bool:

@@ -1,0 +1,86 @@
+"""The prompt schedule (which prompts and sampler seeds each step uses) and the metrics loggers (JSONL, TensorBoard)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from cluster.data import PromptSchedule
+from cluster.metrics import MetricsLogger, read_metrics
+
+
+# ---------------------------------------------------------------------------------------------- PromptSchedule
+
+@pytest.mark.parametrize("num_prompts,per_step", [(10, 2), (10, 3), (7, 7), (5, 8)])
+def test_schedule_epochs_are_permutations(num_prompts, per_step):
+    sched = PromptSchedule(num_prompts, per_step, seed=3)
+    steps = -(-4 * num_prompts // per_step)                     # enough steps for four whole epochs
+    drawn = [i for s in range(steps) for i in sched.indices(s)]
+    assert all(len(sched.indices(s)) == per_step for s in range(steps))
+    epochs = [drawn[k * num_prompts:(k + 1) * num_prompts] for k in range(4)]
+    for e in epochs:                                             # every prompt exactly once per epoch
+        assert sorted(e) == list(range(num_prompts))
+    if num_prompts > 3:
+        assert len({tuple(e) for e in epochs}) == 4              # each epoch its own order
+        assert epochs[0] != sorted(epochs[0])                    # shuffled
+
+
+def test_schedule_is_deterministic_and_resumable():
+    a = PromptSchedule(94, 8, seed=0)
+    b = PromptSchedule(94, 8, seed=0)
+    forward = [a.indices(s) for s in range(40)]
+    backward = [b.indices(s) for s in reversed(range(40))][::-1]   # no state: a resumed run draws the same
+    assert forward == backward
+    assert [PromptSchedule(94, 8, seed=1).indices(s) for s in range(40)] != forward
+    assert a.seeds(5, 2, 8) == b.seeds(5, 2, 8)
+
+
+def test_schedule_seeds_are_distinct():
+    sched = PromptSchedule(94, 8, seed=0)
+    seeds = [x for step in range(200) for slot in range(8) for x in sched.seeds(step, slot, 8)]
+    assert len(seeds) == len(set(seeds)) == 200 * 8 * 8          # across steps, groups and samples
+    assert all(0 <= x < 2 ** 62 for x in seeds)
+    other = PromptSchedule(94, 8, seed=1)
+    mine = set(seeds)
+    assert not any(x in mine for step in range(200) for slot in range(8) for x in other.seeds(step, slot, 8))
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+def test_metrics_jsonl_nonfinite_and_truncate(tmp_path):
+    log = MetricsLogger(tmp_path)
+    for step in range(5):
+        log.log({"step": step, "reward_mean": 0.1 * step, "loss": float("nan") if step == 2 else -step})
+    log.close()
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert rows[2]["loss"] is None and rows[3]["loss"] == -3     # NaN is written as null (valid JSON)
+    log = MetricsLogger(tmp_path)
+    log.truncate_after(2)                                        # resuming from the step-2 checkpoint
+    log.log({"step": 3, "reward_mean": 9.0})
+    log.close()
+    assert [(r["step"], r["reward_mean"]) for r in read_metrics(tmp_path)] == [(0, 0.0), (1, 0.1), (2, 0.2), (3, 9.0)]
+
+
+def test_tensorboard_logging(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    log = MetricsLogger(tmp_path, tensorboard=True)
+    for step in range(4):
+        log.log({"step": step, "reward_mean": 0.25 * step, "loss": 1.0 / (step + 1), "note": "text", "count": step * 3,
+                 "hist": [1, 2]})
+    log.log({"step": 4, "reward_mean": float("nan")})
+    log.close()
+    runs = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(runs) == 1
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert sorted(acc.Tags()["scalars"]) == ["count", "loss", "reward_mean"]   # numbers only; step is the axis
+    rewards = acc.Scalars("reward_mean")
+    assert [e.step for e in rewards] == [0, 1, 2, 3, 4]
+    assert [e.value for e in rewards[:4]] == [0.0, 0.25, 0.5, 0.75] and math.isnan(rewards[4].value)
+    assert [round(e.value, 6) for e in acc.Scalars("loss")] == [1.0, 0.5, round(1 / 3, 6), 0.25]
+    assert [e.value for e in acc.Scalars("count")] == [0, 3, 6, 9]
+    # the JSONL file is written as well
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1, 2, 3, 4]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])["note"] == "text"
