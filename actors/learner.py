@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from learner.config import LearnerConfig
-from policy.factory import load_policy, policy_config_from_dict
+from policy.factory import learner_bf16, load_policy, policy_config_from_dict
 
 from .weight_sync import SyncGroupSpec, WeightSyncGroup, param_digest
 
@@ -42,11 +42,17 @@ class LearnerWorker:
                            "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)})
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        from learner.dist import use_cuda
         from learner.engine import Learner
         torch.manual_seed(seed)
         self.rank = rank
-        model = load_policy(policy_config_from_dict(policy_cfg), "cpu", with_decoder=False).model
-        self.learner = Learner(model, LearnerConfig.from_dict(dict(learner_cfg)))
+        pcfg = policy_config_from_dict(policy_cfg)
+        lcfg = LearnerConfig.from_dict(dict(learner_cfg))
+        # The learner computes in the precision the rollout workers sample in (policy.dtype); it keeps fp32
+        # master weights and lets DeepSpeed cast the forward to bf16.
+        lcfg.bf16 = learner_bf16(pcfg, "cuda" if use_cuda() else "cpu", lcfg.bf16)
+        model = load_policy(pcfg, "cpu", with_decoder=False, dtype=torch.float32).model
+        self.learner = Learner(model, lcfg)
         self.sync_group: Optional[WeightSyncGroup] = None
 
     @staticmethod
@@ -99,7 +105,7 @@ class LearnerWorker:
         import ray
         refs, nbytes = [], 0
         for bucket in self.learner.iter_weight_buckets(bucket_bytes, getattr(torch, dtype) if dtype else None):
-            refs.append(ray.put(bucket))
+            refs.append(ray.put(bucket.to("cpu")))      # the object store carries CPU buffers
             nbytes += bucket.nbytes
         return {"refs": refs, "bytes": float(nbytes), "version": self.learner.version}
 

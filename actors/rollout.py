@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from learner.weights_export import WeightBucket, apply_weight_bucket
-from policy.factory import load_policy, policy_config_from_dict
+from policy.factory import compute_dtype, load_policy, policy_config_from_dict
 from policy.sampler import SamplerConfig, UnmaskingSampler
 
 from .types import GroupMeta, GroupRequest
@@ -28,10 +28,14 @@ class RolloutWorker:
             torch.set_num_threads(num_threads)
         self.worker_id = worker_id
         self.device = torch.device("cuda" if device == "cuda" and torch.cuda.is_available() else "cpu")
-        self.policy = load_policy(policy_config_from_dict(policy_cfg), self.device, with_decoder=False)
+        pcfg = policy_config_from_dict(policy_cfg)
+        # parameters in policy.dtype's compute dtype on this device: the learner computes in the same one
+        self.policy = load_policy(pcfg, self.device, with_decoder=False)
         self.model = self.policy.model.eval().requires_grad_(False)
-        if weight_dtype:
-            self.model.to(getattr(torch, weight_dtype))
+        if weight_dtype and getattr(torch, weight_dtype) != compute_dtype(pcfg.dtype, self.device):
+            raise ValueError(f"rollout weight_dtype={weight_dtype!r} differs from policy.dtype={pcfg.dtype!r} "
+                             f"({compute_dtype(pcfg.dtype, self.device)} on {self.device}): set policy.dtype "
+                             f"instead, so that rollout workers and learner compute in the same precision")
         self.sampler_cfg = SamplerConfig(**sampler_cfg)
         self.version = 0             # policy.init's weights: the learner starts from the same ones
         self.sync_group: Optional[WeightSyncGroup] = None

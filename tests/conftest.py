@@ -13,6 +13,16 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need a real GPU: skipped where CUDA is not available (CI, the CPU dev machines)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def parity_dir() -> Path:
     """Reference vectors: $MASKGRPO_PARITY_DIR, default ../shared/fixtures/showo."""
     return Path(os.environ.get("MASKGRPO_PARITY_DIR", REPO.parent / "shared" / "fixtures" / "showo"))
