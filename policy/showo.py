@@ -219,12 +219,18 @@ class PhiAttention(nn.Module):
         return self.dense(out.transpose(1, 2).reshape(b, length, -1)), new_kv
 
 
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
 class PhiMLP(nn.Module):
     def __init__(self, arch: PhiArch):
         super().__init__()
         self.fc1 = nn.Linear(arch.hidden_size, arch.intermediate_size)
         self.fc2 = nn.Linear(arch.intermediate_size, arch.hidden_size)
-        self.act = ACT2FN[arch.hidden_act]
+        # phi-1.5's "gelu_new" is the tanh approximation: torch's fused kernel computes the same function (to float
+        # rounding) in one pass and saves only its input for backward (transformers' Python formula: five tensors).
+        self.act = _gelu_tanh if arch.hidden_act in ("gelu_new", "gelu_pytorch_tanh") else ACT2FN[arch.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
