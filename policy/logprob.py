@@ -62,7 +62,9 @@ def all_transition_logprobs(model: Showo, traj: Trajectory, steps: Optional[torc
 
     def logits_for(text: torch.Tensor) -> torch.Tensor:
         if prefix_reuse:
-            return model.image_logits(model.encode_text(text).repeat_interleave(s), codes)
+            prefix = model.encode_text(text)
+            # one trajectory (the usual micro-batch at large T): its batch-1 prefix is expanded, not copied S times
+            return model.image_logits(prefix if b == 1 else prefix.repeat_interleave(s), codes)
         return model.image_logits_full(text.repeat_interleave(s, 0), codes)
 
     logits = logits_for(traj.text_ids)
