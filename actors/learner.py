@@ -15,7 +15,7 @@ import torch
 from learner.config import LearnerConfig
 from learner.dist import free_port
 from learner.update import GroupUpdate, UpdateStats
-from policy.factory import PolicyConfig, load_policy
+from policy.factory import PolicyConfig, learner_bf16, load_policy
 
 from .weight_sync import DeviceLocation, SyncGroupSpec, WeightSyncGroup, device_location, param_digest, share_buckets
 
@@ -38,7 +38,10 @@ class LearnerWorker:
         from learner.engine import Learner
         torch.manual_seed(seed)
         self.rank = rank
-        model = load_policy(policy_cfg, "cpu", with_decoder=False).model
+        # The learner computes in the precision the rollout workers sample in (policy.dtype); it keeps fp32
+        # master weights and lets DeepSpeed cast the forward to bf16.
+        learner_cfg = replace(learner_cfg, bf16=learner_bf16(policy_cfg, device, learner_cfg.bf16))
+        model = load_policy(policy_cfg, "cpu", with_decoder=False, dtype=torch.float32).model
         self.learner = Learner(model, learner_cfg, device=device)
         self.sync_group: Optional[WeightSyncGroup] = None
         self._ipc_keep: list[torch.Tensor] = []
@@ -110,7 +113,7 @@ class LearnerWorker:
         import ray
         refs, nbytes = [], 0
         for bucket in self.learner.iter_weight_buckets(bucket_bytes, getattr(torch, dtype) if dtype else None):
-            refs.append(ray.put(bucket))
+            refs.append(ray.put(bucket.to("cpu")))      # the object store carries CPU buffers
             nbytes += bucket.nbytes
         return {"refs": refs, "bytes": float(nbytes), "version": self.learner.version}
 

@@ -30,6 +30,7 @@ class RolloutWorker:
             torch.set_num_threads(num_threads)
         self.worker_id = worker_id
         self.device = resolve_device(device)
+        # parameters in policy.dtype's compute dtype on this device: the learner computes in the same one
         self.policy = load_policy(policy_cfg, self.device, with_decoder=False)
         self.model = self.policy.model.eval().requires_grad_(False)
         self.sampler_cfg = sampler_cfg

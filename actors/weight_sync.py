@@ -55,7 +55,8 @@ class WeightSyncGroup:
         self.pg.broadcast([tensor], opts).wait()
 
     def send(self, buckets: Iterable[WeightBucket]) -> dict[str, float]:
-        """Rank 0: broadcast every bucket's flat buffer. Returns bytes and seconds."""
+        """Rank 0: broadcast every bucket's flat buffer (device buckets go out as they are on NCCL; gloo takes
+        CPU buffers). Returns bytes and seconds."""
         t0, nbytes = time.perf_counter(), 0
         for bucket in buckets:
             flat = bucket.flat.to(self.device)
@@ -64,15 +65,24 @@ class WeightSyncGroup:
         return {"bytes": float(nbytes), "seconds": time.perf_counter() - t0}
 
     def receive(self, model: nn.Module, bucket_bytes: int, dtype: Optional[torch.dtype], version: int) -> int:
-        """Ranks > 0: receive every bucket into `model` (same plan as the sender's)."""
-        for index, members in enumerate(plan_buckets(model, bucket_bytes, dtype)):
+        """Ranks > 0: receive every bucket into `model` (same plan as the sender's). One receive buffer per dtype,
+        sized for the largest bucket, is reused for every bucket (the apply's copies are ordered before the next
+        broadcast writes it: NCCL's stream waits for the current one, gloo is synchronous)."""
+        plan = plan_buckets(model, bucket_bytes, dtype)
+        layouts = []
+        sizes: dict[torch.dtype, int] = {}
+        for members in plan:
             dt = dtype or members[0][1].dtype
             shapes = [tuple(p.shape) for _, p in members]
-            flat = torch.empty(sum(math.prod(s) for s in shapes), dtype=dt, device=self.device)
+            numel = sum(math.prod(s) for s in shapes)
+            layouts.append((dt, shapes, numel))
+            sizes[dt] = max(sizes.get(dt, 0), numel)
+        buffers = {dt: torch.empty(numel, dtype=dt, device=self.device) for dt, numel in sizes.items()}
+        for index, (members, (dt, shapes, numel)) in enumerate(zip(plan, layouts)):
+            flat = buffers[dt][:numel]
             self.broadcast(flat)
             apply_weight_bucket(model, WeightBucket(version, [n for n, _ in members], shapes,
-                                                    [str(dt)] * len(members), flat.cpu() if flat.is_cuda and
-                                                    not next(model.parameters()).is_cuda else flat, index))
+                                                    [str(dt)] * len(members), flat, index, index == len(plan) - 1))
         return version
 
 

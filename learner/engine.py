@@ -400,7 +400,7 @@ class Learner:
         """The full policy state dict on rank 0 (released key layout, CPU); {} on other ranks. Collective."""
         sd: dict[str, torch.Tensor] = {}
         for bucket in self.iter_weight_buckets():
-            for name, t in bucket.tensors():
+            for name, t in bucket.to("cpu").tensors():
                 sd[name] = t.clone()
         return sd
 

@@ -88,6 +88,6 @@ def policy_step_logprobs(model: Showo, traj: Trajectory, transition: str,
 def scored_terms(traj: Trajectory, transition: str, steps: torch.Tensor) -> torch.Tensor:
     """How many positions each (rollout, step) transition scores, float [B, S] (equals `StepLogprobs.num_terms`;
     computed from the trajectory alone, so averaging weights are known before any forward pass)."""
-    masked, kept, _ = traj.step_masks()
+    masked, kept, _ = traj.step_masks(steps)
     m = kept if transition == "candidate2" else masked   # candidate 1 scores kept + re-masked = all masked
-    return m[:, steps].sum(-1).float()
+    return m.sum(-1).float()

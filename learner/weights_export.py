@@ -4,12 +4,17 @@ The sender walks the policy's parameters in order, gathers each one (under ZeRO-
 `deepspeed.zero.GatheredParameters`), and packs them into flat buffers of at most `bucket_bytes` (one dtype per
 bucket; a single parameter larger than the bucket travels alone). Only rank 0 yields; the other ranks run the
 generator to the end for the collectives. Peak extra memory is one bucket plus one gathered parameter.
+
+Buckets stay on the parameters' device by default (flat GPU buffers on a GPU learner): an NCCL broadcast or an
+in-process apply then never goes through the host, and the receiving side copies device to device. Only the
+object-store path needs CPU tensors: a bucket moves its buffer to the CPU when it is pickled (``ray.put``), or
+explicitly with ``bucket.to("cpu")``.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterator, Optional
 
 import torch
@@ -23,9 +28,24 @@ class WeightBucket:
     names: list[str]
     shapes: list[tuple[int, ...]]
     dtypes: list[str]                 # e.g. "torch.bfloat16" (all equal to flat.dtype)
-    flat: torch.Tensor                # 1-D, the parameters concatenated in `names` order (CPU)
+    flat: torch.Tensor                # 1-D, the parameters concatenated in `names` order (any device)
     index: int = 0                    # bucket number within this export
     last: bool = False                # the final bucket of this export
+
+    def to(self, device: torch.device | str) -> "WeightBucket":
+        """The same bucket with its buffer on `device` (itself when it is there already)."""
+        if self.flat.device == torch.device(device):
+            return self
+        return replace(self, flat=self.flat.to(device))
+
+    def __getstate__(self) -> dict:
+        # Pickling (the object store) always carries a CPU buffer: a receiver may have no GPU, or another one.
+        state = dict(self.__dict__)
+        state["flat"] = self.flat.detach().cpu()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
 
     @property
     def nbytes(self) -> int:
@@ -73,17 +93,20 @@ def plan_buckets(module: nn.Module, bucket_bytes: int,
 
 
 def iter_weight_buckets(module: nn.Module, bucket_bytes: int, version: int, rank: int = 0,
-                        dtype: Optional[torch.dtype] = None) -> Iterator[WeightBucket]:
+                        dtype: Optional[torch.dtype] = None,
+                        device: Optional[torch.device | str] = None) -> Iterator[WeightBucket]:
     """Yield `module`'s full parameters in buckets of at most `bucket_bytes` (rank 0 yields; see module doc).
 
-    `dtype` converts on the way (e.g. bf16 for the rollout engines); default: the training dtype. Every bucket
-    is a fresh tensor, so a consumer may keep it (e.g. in an object store) while the next one is built.
+    `dtype` converts on the way (e.g. bf16 for the rollout engines); default: the training dtype. `device`: where
+    the buffers live; default: the parameters' device (no host round trip on a GPU). Every bucket is a fresh
+    tensor, so a consumer may keep it (e.g. in an object store) while the next one is built.
     """
     plan = plan_buckets(module, bucket_bytes, dtype)
     for index, members in enumerate(plan):
         dt = dtype or members[0][1].dtype
+        dev = torch.device(device) if device is not None else members[0][1].device
         shapes = [_full_shape(p) for _, p in members]
-        flat = torch.empty(sum(math.prod(s) for s in shapes), dtype=dt) if rank == 0 else None
+        flat = torch.empty(sum(math.prod(s) for s in shapes), dtype=dt, device=dev) if rank == 0 else None
         offset = 0
         for (name, param), shape in zip(members, shapes):
             n = math.prod(shape)
@@ -111,5 +134,5 @@ def apply_weight_bucket(model: nn.Module, bucket: WeightBucket) -> int:
         if tuple(p.shape) != tuple(value.shape):
             raise ValueError(f"weight bucket parameter {name!r}: shape {tuple(value.shape)} != receiving model's "
                              f"{tuple(p.shape)}")
-        p.data.copy_(value.to(p.device, p.dtype))
+        p.data.copy_(value)          # one copy, converting device and dtype on the way (device to device on GPUs)
     return bucket.version

@@ -18,6 +18,20 @@ from .tokenizer import HFTextTokenizer, TextTokenizer, WordTokenizer
 ImageDecoder = Callable[[torch.Tensor], torch.Tensor]   # codes long [B, N] -> uint8 [B, H, W, 3]
 
 
+class PolicyDtype(StrEnum):
+    auto = "auto"           # bf16 on CUDA, fp32 on the CPU
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+class AttentionPrecision(StrEnum):
+    model = "model"         # attention in the policy's dtype (fused kernels)
+    fp32 = "fp32"           # scores in fp32, as the reference implementation
+
+
+DTYPES = tuple(d.value for d in PolicyDtype)
+
+
 class TokenizerKind(StrEnum):
     hf = "hf"           # the phi-1.5 tokenizer from a local directory
     words = "words"     # an in-process word list (tests, the shapes world)
@@ -51,6 +65,31 @@ class PolicyConfig:
     init_seed: int = 0
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    # The ONE place that decides how the policy computes, for rollout workers and learner alike (the learner's
+    # bf16 follows it, see `learner_bf16`), so that recorded and recomputed log-probs agree by construction:
+    dtype: PolicyDtype = PolicyDtype.auto
+    attention_precision: AttentionPrecision = AttentionPrecision.model
+
+
+def compute_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
+    """The policy's compute dtype on `device` for a `policy.dtype` value ("auto": bf16 on CUDA, else fp32)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"policy.dtype must be one of {DTYPES}, not {dtype!r}")
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def learner_bf16(cfg: PolicyConfig, device: torch.device | str, requested: Optional[bool] = None) -> bool:
+    """Whether the learner on `device` trains in bf16: what `policy.dtype` says the rollout workers compute in
+    there. A `learner.bf16` set explicitly must agree (a learner that recomputes log-probs in another precision
+    than the sampler recorded them turns the clipped objective into noise)."""
+    bf16 = compute_dtype(cfg.dtype, device) == torch.bfloat16
+    if requested is not None and bool(requested) != bf16:
+        raise ValueError(f"learner.bf16={requested} but policy.dtype={cfg.dtype!r} computes in "
+                         f"{compute_dtype(cfg.dtype, device)} on {device}: rollout workers and learner must compute "
+                         f"log-probs in the same precision; set policy.dtype and leave learner.bf16 unset")
+    return bf16
 
 
 def build_showo(cfg: PolicyConfig) -> Showo:
@@ -115,8 +154,12 @@ class Policy:
         return self.model.layout.text_area(self.tokenizer(prompts))
 
 
-def load_policy(cfg: PolicyConfig, device: torch.device | str = "cpu", with_decoder: bool = True) -> Policy:
-    model = build_showo(cfg).to(device)
+def load_policy(cfg: PolicyConfig, device: torch.device | str = "cpu", with_decoder: bool = True,
+                dtype: Optional[torch.dtype] = None) -> Policy:
+    """The policy on `device`, its parameters in `policy.dtype`'s compute dtype there (or `dtype`: a learner keeps
+    fp32 master weights and lets its engine cast, see `learner_bf16`)."""
+    model = build_showo(cfg).to(device=device, dtype=dtype or compute_dtype(cfg.dtype, device))
+    model.attention_precision = cfg.attention_precision
     tokenizer = build_tokenizer(cfg, model.layout.llm_vocab_size)
     decode = build_decoder(cfg, device) if with_decoder else _no_decoder
     return Policy(model, tokenizer, decode)

@@ -412,12 +412,12 @@ class MagvitV2(nn.Module):
         h, w = int(shape[0]), int(shape[1])
         if h * w != n:
             raise ValueError(f"decode: shape {(h, w)} does not hold {n} codes")
-        codes = codes.to(device=self._device(), dtype=torch.long)
-        if codes.numel():
+        if codes.numel():   # checked where the codes are (CPU codes from a trajectory: no device read-back)
             lo, hi = int(codes.min()), int(codes.max())
             if lo < 0 or hi >= self.codebook_size:
                 raise ValueError(f"decode: codes must be in [0, {self.codebook_size - 1}], got range [{lo}, {hi}] "
                                  f"(remove the text-vocabulary offset and clamp as the reference does)")
+        codes = codes.to(device=self._device(), dtype=torch.long)
         z = self.quantize.latent_from_codes(codes, h, w).to(self._param_dtype())
         return self.decoder(z)
 

@@ -2,17 +2,23 @@
 
 All prompts and all G samples of each group advance together: one forward pass per step for the whole batch
 (two halves, cond and uncond, when classifier-free guidance is on). The text prefix's keys/values are computed
-once per prompt and reused at every step (text tokens never attend to image tokens).
+once per prompt and written once into preallocated per-layer buffers that every step's image keys/values are
+written after (text tokens never attend to image tokens), so no step concatenates the prefix again.
 
 Randomness is per sample: each row draws its uniforms for all steps from its own seeded generator up front, so a
 sample is the same whether it is drawn alone or in a batch (tokens by inverse-CDF sampling, re-masking by
-Gumbel-perturbed confidence), and the same on any device.
+Gumbel-perturbed confidence), and the same on any device. The uniforms are drawn on the CPU (seeded CPU
+generators are what makes them device-independent) and copied to the device once per rollout.
 
 Schedule (as MaskGIT/Show-o): after step t (0-based) ``floor(N·γ((t+1)/T))`` positions stay masked, at least 1
 and at most (still masked − 1), except that the last step commits every remaining position (the reference keeps
 one position masked at its last step yet emits its sample; we commit it so that every emitted token is a scored
 decision). The re-masking temperature is annealed linearly, ``temperature·(1 − (t+1)/T)`` (the reference compounds
 the factor from step to step; MaskGIT and this sampler do not).
+
+The step loop never reads a device tensor back to the host; each step holds one fp32 [B, N, C] tensor (the
+log-probabilities, `policy.transition`), from which the sampled codes, their log-probs, the threshold and the
+re-masked positions' below-threshold mass are all read.
 """
 from __future__ import annotations
 
@@ -24,9 +30,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .showo import Showo, TextPrefix
+from .showo import PrefixCache, Showo
 from .trajectory import Trajectory
-from .transition import codebook_probs, code_logprob, remask_log_mass
+from .transition import code_logprob, codebook_logprobs, remask_log_mass, sample_codes
 
 class Schedule(StrEnum):
     """How many positions stay masked after each step: N·γ((t+1)/T)."""
@@ -34,9 +40,13 @@ class Schedule(StrEnum):
     linear = "linear"
 
 
-SCHEDULES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    Schedule.cosine: lambda r: torch.cos(r * math.pi * 0.5),
-    Schedule.linear: lambda r: (1.0 - r).clamp(min=1e-6, max=1.0),
+# gamma(r): the share of positions still masked after a fraction r of the steps. Plain float arithmetic (no
+# tensors, so no device and no host read): math.cos gives the same floor(N·gamma) as the float64 torch.cos used
+# before for every square N <= 4096 and T <= 100 (checked), and cos(pi/3) = 1/2 is the only rational value
+# cos takes at r in (0, 1) (Niven), the one place where a last-bit difference could move the floor.
+SCHEDULES: dict[str, Callable[[float], float]] = {
+    Schedule.cosine: lambda r: math.cos(r * math.pi * 0.5),
+    Schedule.linear: lambda r: min(max(1.0 - r, 1e-6), 1.0),
 }
 
 
@@ -65,7 +75,7 @@ def masked_counts(num_tokens: int, steps: int, schedule: str = "cosine") -> list
         if t == steps - 1:
             keep_masked = 0
         else:
-            target = int(math.floor(num_tokens * float(gamma(torch.tensor((t + 1) / steps, dtype=torch.float64)))))
+            target = int(math.floor(num_tokens * gamma((t + 1) / steps)))
             keep_masked = max(1, min(unknown - 1, target)) if unknown > 1 else 0
         counts.append(keep_masked)
         unknown = keep_masked
@@ -88,7 +98,7 @@ class UnmaskingSampler:
         self.config = config
         self.layout = model.layout
 
-    def _logits(self, text_area: torch.Tensor, prefix: Optional[TextPrefix], codes: torch.Tensor) -> torch.Tensor:
+    def _logits(self, text_area: torch.Tensor, prefix: Optional[PrefixCache], codes: torch.Tensor) -> torch.Tensor:
         if prefix is not None:
             return self.model.image_logits(prefix, codes)
         return self.model.image_logits_full(text_area, codes)
@@ -111,14 +121,11 @@ class UnmaskingSampler:
         both_text = torch.cat([text_area, uncond]) if cfg_on else text_area
         prefix = None
         if cfg.prefix_reuse:
-            cond_prefix = model.encode_text(text_area[::group_size]).repeat_interleave(group_size)
+            parts = [(model.encode_text(text_area[::group_size]), group_size)]
             if cfg_on:
-                un = model.encode_text(uncond[:1])
-                prefix = TextPrefix([(torch.cat([ck, uk.expand(b, -1, -1, -1)]), torch.cat([cv, uv.expand(b, -1, -1, -1)]))
-                                     for (ck, cv), (uk, uv) in zip(cond_prefix.kv, un.kv)],
-                                    torch.cat([cond_prefix.not_pad, un.not_pad.expand(b, -1)]))
-            else:
-                prefix = cond_prefix
+                parts.append((model.encode_text(uncond[:1]), b))
+            prefix = model.prefix_cache(*parts)
+            del parts
 
         u = _uniforms(seeds, steps, n, device)
         counts = masked_counts(n, steps, cfg.schedule)
@@ -132,12 +139,12 @@ class UnmaskingSampler:
         for t in range(steps):
             unknown = codes < 0
             logits = self._logits(both_text, prefix, torch.cat([codes, codes]) if cfg_on else codes)
-            probs = codebook_probs(*logits.chunk(2), cfg.guidance_scale) if cfg_on else codebook_probs(logits)
-            cdf = probs.cumsum(-1)
-            drawn = torch.searchsorted(cdf, u[:, t, 0].unsqueeze(-1).contiguous()).squeeze(-1)
-            drawn = drawn.clamp(max=probs.shape[-1] - 1)
+            logprobs = (codebook_logprobs(*logits.chunk(2), cfg.guidance_scale) if cfg_on
+                        else codebook_logprobs(logits))                       # fp32 [B, N, C]
+            del logits
+            drawn = sample_codes(logprobs, u[:, t, 0])
             drawn = torch.where(unknown, drawn, torch.full_like(drawn, -1))
-            logp = code_logprob(probs, drawn)
+            logp = code_logprob(logprobs, drawn)
             # Re-mask the least confident samples: confidence = log p + annealed Gumbel noise; committed = +inf.
             temp = cfg.temperature * (1.0 - (t + 1) / steps)
             gumbel = -torch.log((-torch.log(u[:, t, 1].clamp(1e-20, 1.0))).clamp(min=1e-20))
@@ -147,13 +154,15 @@ class UnmaskingSampler:
             remask = torch.zeros_like(unknown)
             remask[rows.unsqueeze(1), order[:, :keep_masked]] = True
             kept = unknown & ~remask
-            thr = probs.gather(-1, drawn.clamp(min=0).unsqueeze(-1)).squeeze(-1)[rows, order[:, keep_masked]]
+            # the threshold: probability of the least confident kept sample (as the learner reads it back)
+            thr = logp[rows, order[:, keep_masked]].exp()
 
             sampled_codes[:, t] = drawn
             token_logprob[:, t] = logp
             threshold[:, t] = thr
             if keep_masked:
-                remask_logprob[:, t] = torch.where(remask, remask_log_mass(probs, thr), 0.0)
+                remask_logprob[:, t] = torch.where(remask, remask_log_mass(logprobs, thr), 0.0)
+            del logprobs
             codes = torch.where(kept, drawn, codes)
             unmask_step = torch.where(kept, torch.full_like(unmask_step, t), unmask_step)
             if on_step is not None:

@@ -15,7 +15,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -272,9 +272,19 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, dim: int, base: float):
         super().__init__()
-        self.dim = dim
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.dim, self.base = dim, base
+        self.register_buffer("inv_freq", self._inv_freq(None), persistent=False)
+
+    def _inv_freq(self, device: Optional[torch.device]) -> torch.Tensor:
+        return 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.int64, device=device).float() / self.dim))
+
+    def _apply(self, fn, recurse=True):
+        # A model cast to bf16 (ours, or DeepSpeed's) keeps the rotary frequencies in fp32: in bf16 they would
+        # be off by up to 0.4 %, i.e. whole radians at the image positions (> 1000).
+        out = super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = self._inv_freq(self.inv_freq.device)
+        return out
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
@@ -289,6 +299,27 @@ class RotaryEmbedding(nn.Module):
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
+ATTENTION_PRECISIONS = ("model", "fp32")
+
+
+class KVSlot:
+    """One layer's preallocated key/value buffers [B, heads, text_len + image_len, head_dim]: the text prefix
+    is written once, and each forward writes the image block's keys/values after it in place (no
+    ``torch.cat`` of the prefix per layer per step). Inference only: the in-place writes are not differentiable."""
+
+    __slots__ = ("k", "v", "start")
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, start: int):
+        self.k, self.v, self.start = k, v, start
+
+    def write(self, k: torch.Tensor, v: torch.Tensor) -> KV:
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            raise RuntimeError("a preallocated prefix cache is for inference (torch.no_grad()); training runs "
+                               "through TextPrefix, whose keys/values stay in the autograd graph")
+        self.k[:, :, self.start:].copy_(k)
+        self.v[:, :, self.start:].copy_(v)
+        return self.k, self.v
+
 
 class PhiAttention(nn.Module):
     def __init__(self, arch: PhiArch):
@@ -301,9 +332,10 @@ class PhiAttention(nn.Module):
         self.dense = nn.Linear(h, h)
         self.q_layernorm = nn.LayerNorm(d, eps=arch.layer_norm_eps)
         self.k_layernorm = nn.LayerNorm(d, eps=arch.layer_norm_eps)
+        self.attention_precision = "model"
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor, past: Optional[KV] = None) -> tuple[torch.Tensor, KV]:
+                mask: torch.Tensor, past: "Optional[KV | KVSlot]" = None) -> tuple[torch.Tensor, KV]:
         b, length, _ = x.shape
         shape = (b, length, self.num_heads, self.head_dim)
         q = self.q_layernorm(self.q_proj(x).view(shape)).transpose(1, 2)
@@ -311,12 +343,23 @@ class PhiAttention(nn.Module):
         v = self.v_proj(x).view(shape).transpose(1, 2)
         q, k = rope.rotate(q, cos, sin), rope.rotate(k, cos, sin)
         new_kv = (k, v)
-        if past is not None:
+        if isinstance(past, KVSlot):
+            k, v = past.write(k, v)
+        elif past is not None:
             k = torch.cat([past[0].expand(b, -1, -1, -1), k], dim=2)
             v = torch.cat([past[1].expand(b, -1, -1, -1), v], dim=2)
-        # Phi computes attention scores in fp32 to avoid overflow.
-        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(x.dtype)
+        if self.attention_precision == "fp32" and x.dtype != torch.float32:
+            # The reference (Phi) computes attention in fp32 to avoid fp16 overflow of the scores.
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(x.dtype)
+        else:
+            # In the model's dtype: bf16 on GPUs reaches the fused kernels (flash / cuDNN / memory-efficient),
+            # which accumulate the scores and the softmax in fp32 internally; QK LayerNorm bounds the scores.
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.dense(out.transpose(1, 2).reshape(b, length, -1)), new_kv
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
 
 
 class PhiMLP(nn.Module):
@@ -324,7 +367,9 @@ class PhiMLP(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(arch.hidden_size, arch.intermediate_size)
         self.fc2 = nn.Linear(arch.intermediate_size, arch.hidden_size)
-        self.act = ACT2FN[arch.hidden_act]
+        # phi-1.5's "gelu_new" is the tanh approximation: torch's fused kernel computes the same function (to float
+        # rounding) in one pass and saves only its input for backward (transformers' Python formula: five tensors).
+        self.act = _gelu_tanh if arch.hidden_act in ("gelu_new", "gelu_pytorch_tanh") else ACT2FN[arch.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
@@ -374,6 +419,44 @@ class TextPrefix:
         return TextPrefix([(k.repeat_interleave(repeats, 0), v.repeat_interleave(repeats, 0)) for k, v in self.kv],
                           self.not_pad.repeat_interleave(repeats, 0))
 
+    @property
+    def text_len(self) -> int:
+        return int(self.not_pad.shape[1])
+
+
+class PrefixCache:
+    """Text prefixes in preallocated per-layer key/value buffers, for an image block of `image_len` tokens (see
+    `KVSlot`), with the attention mask of the image rows built once. The sampler's fixed-shape steps reuse it;
+    inference only.
+
+    `parts`: (prefix, repeats) pairs stacked along the batch; each row of a part's prefix fills `repeats`
+    consecutive rows (the G samples of a prompt, or all rows of the unconditional prompt for CFG), written
+    straight into the buffers (no repeated copy of the prefix is materialised first)."""
+
+    def __init__(self, parts: Sequence[tuple[TextPrefix, int]], image_len: int):
+        first = parts[0][0]
+        text_len = first.text_len
+        self.text_len, self.image_len = text_len, image_len
+        self.batch = sum(p.not_pad.shape[0] * r for p, r in parts)
+        self.slots: list[KVSlot] = []
+        for layer in range(len(first.kv)):
+            k0 = first.kv[layer][0]
+            shape = (self.batch, k0.shape[1], text_len + image_len, k0.shape[3])
+            kb = torch.empty(shape, dtype=k0.dtype, device=k0.device)
+            vb = torch.empty(shape, dtype=k0.dtype, device=k0.device)
+            offset = 0
+            for prefix, repeats in parts:
+                k, v = prefix.kv[layer]
+                rows = k.shape[0] * repeats
+                for buf, src in ((kb, k), (vb, v)):
+                    dst = buf[offset:offset + rows, :, :text_len].view(k.shape[0], repeats, *src.shape[1:])
+                    dst.copy_(src.unsqueeze(1).expand(-1, repeats, -1, -1, -1))
+                offset += rows
+            self.slots.append(KVSlot(kb, vb, text_len))
+        not_pad = torch.cat([p.not_pad.repeat_interleave(r, 0) for p, r in parts])
+        self.mask = torch.cat([not_pad, torch.ones(self.batch, image_len, dtype=torch.bool, device=not_pad.device)],
+                              dim=1).view(self.batch, 1, 1, -1)
+
 
 class Showo(nn.Module):
     """Show-o for text-to-image: full-sequence logits, and image-block logits with a reusable text prefix."""
@@ -385,9 +468,24 @@ class Showo(nn.Module):
         self.showo = PhiForCausalLM(config.phi, config.vocab_size)
         self.gradient_checkpointing = False
 
+    # ----- precision -----------------------------------------------------------------------------------------
+    @property
+    def attention_precision(self) -> str:
+        """"model": attention in the parameters' dtype (fused bf16 kernels on GPUs); "fp32": scores, softmax and
+        the weighted sum in fp32 as the reference Phi. The same for fp32 models."""
+        return self.showo.model.layers[0].self_attn.attention_precision if len(self.showo.model.layers) else "model"
+
+    @attention_precision.setter
+    def attention_precision(self, value: str) -> None:
+        if value not in ATTENTION_PRECISIONS:
+            raise ValueError(f"attention_precision must be one of {ATTENTION_PRECISIONS}, not {value!r}")
+        for layer in self.showo.model.layers:
+            layer.self_attn.attention_precision = value
+
     # ----- building blocks -------------------------------------------------------------------------------
     def _run_layers(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                    past: Optional[list[KV]] = None) -> tuple[torch.Tensor, list[KV]]:
+                    past: "Optional[list[KV] | list[KVSlot]]" = None,
+                    keep_kv: bool = True) -> tuple[torch.Tensor, list[KV]]:
         rope = self.showo.model.rotary_emb
         cos, sin = rope(positions)
         kvs: list[KV] = []
@@ -397,7 +495,8 @@ class Showo(nn.Module):
                 x, kv = checkpoint(layer, x, rope, cos, sin, mask, p, use_reentrant=False)
             else:
                 x, kv = layer(x, rope, cos, sin, mask, p)
-            kvs.append(kv)
+            if keep_kv:
+                kvs.append(kv)
         return self.showo.model.final_layernorm(x), kvs
 
     def codebook_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -416,7 +515,7 @@ class Showo(nn.Module):
             attention_mask = attention_mask.float().clamp(min=torch.finfo(torch.float32).min)
         x = self.showo.model.embed_tokens(input_ids)
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        hidden, _ = self._run_layers(x, positions, attention_mask)
+        hidden, _ = self._run_layers(x, positions, attention_mask, keep_kv=False)
         return self.showo.lm_head(hidden)
 
     def encode_text(self, text_area: torch.Tensor) -> TextPrefix:
@@ -427,17 +526,29 @@ class Showo(nn.Module):
         _, kvs = self._run_layers(x, positions, omni_attention_mask(text_area, self.layout))
         return TextPrefix(kvs, text_area != self.layout.pad_id)
 
-    def image_logits(self, prefix: TextPrefix, codes: torch.Tensor) -> torch.Tensor:
+    def prefix_cache(self, *parts: tuple[TextPrefix, int]) -> PrefixCache:
+        """(prefix, repeats) parts in preallocated key/value buffers (the sampler's steps; inference only)."""
+        return PrefixCache(parts, self.layout.num_vq_tokens + 2)
+
+    def image_logits(self, prefix: "TextPrefix | PrefixCache", codes: torch.Tensor) -> torch.Tensor:
         """Codebook logits [B, N, C] at the image positions, given the text prefix and current codes [B, N]
-        (-1 = masked). The prefix's batch must be B or 1."""
+        (-1 = masked). A `TextPrefix`'s batch must be B or 1; a `PrefixCache`'s must be B."""
         block = self.layout.image_block(codes)
         b, n2 = block.shape
-        text_len = prefix.not_pad.shape[1]
-        not_pad = prefix.not_pad.expand(b, -1)
-        mask = torch.cat([not_pad, torch.ones(b, n2, dtype=torch.bool, device=block.device)], dim=1)
+        if isinstance(prefix, PrefixCache):
+            if (prefix.batch, prefix.image_len) != (b, n2):
+                raise ValueError(f"prefix cache for {prefix.batch} rows x {prefix.image_len} image tokens, "
+                                 f"got {b} x {n2}")
+            text_len, mask, past = prefix.text_len, prefix.mask, prefix.slots
+        else:
+            text_len = prefix.text_len
+            not_pad = prefix.not_pad.expand(b, -1)
+            mask = torch.cat([not_pad, torch.ones(b, n2, dtype=torch.bool, device=block.device)],
+                             dim=1).view(b, 1, 1, -1)
+            past = prefix.kv
         positions = torch.arange(text_len, text_len + n2, device=block.device)
         x = self.showo.model.embed_tokens(block)
-        hidden, _ = self._run_layers(x, positions, mask.view(b, 1, 1, -1), past=prefix.kv)
+        hidden, _ = self._run_layers(x, positions, mask, past=past, keep_kv=False)
         return self.codebook_logits(hidden[:, 1:-1])
 
     def image_logits_full(self, text_area: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -445,7 +556,7 @@ class Showo(nn.Module):
         ids = self.layout.sequence(text_area, codes)
         x = self.showo.model.embed_tokens(ids)
         positions = torch.arange(ids.shape[1], device=ids.device)
-        hidden, _ = self._run_layers(x, positions, omni_attention_mask(ids, self.layout))
+        hidden, _ = self._run_layers(x, positions, omni_attention_mask(ids, self.layout), keep_kv=False)
         return self.codebook_logits(hidden[:, self.layout.text_len + 1:-1])
 
     # ----- checkpoints ----------------------------------------------------------------------------------------

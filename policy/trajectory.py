@@ -45,14 +45,18 @@ class Trajectory:
     def num_image_tokens(self) -> int:
         return int(self.final_codes.shape[1])
 
-    def step_masks(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Bool [B, T, N] masks: (masked at start of step, kept at step, re-masked at step)."""
-        t = torch.arange(self.num_steps).view(1, -1, 1)
+    def step_masks(self, steps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Bool [B, T, N] masks (or [B, S, N] for `steps` [S]): (masked at start of step, kept at step,
+        re-masked at step). Built on the trajectory's device."""
+        device = self.unmask_step.device
+        t = torch.arange(self.num_steps, device=device) if steps is None else steps.to(device)
+        t = t.view(1, -1, 1)
         u = self.unmask_step.unsqueeze(1)
         return u >= t, u == t, u > t
 
     def input_codes(self, steps: torch.Tensor, mask_code: int = -1) -> torch.Tensor:
         """Image codes the sampler fed the model at the start of each step: long [B, S, N] for steps [S]."""
+        steps = steps.to(self.unmask_step.device)
         committed = self.unmask_step.unsqueeze(1) < steps.view(1, -1, 1)
         codes = self.final_codes.unsqueeze(1).expand(-1, steps.numel(), -1)
         return torch.where(committed, codes, torch.full_like(codes, mask_code))

@@ -16,6 +16,16 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 FIXTURES = REPO / "tests" / "fixtures" / "showo"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need a real GPU: skipped where CUDA is not available (CI, the CPU dev machines)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def parity_dir() -> Path:
     """Reference vectors: $MASKGRPO_PARITY_DIR, default tests/fixtures/showo (in the repository)."""
     return Path(os.environ.get("MASKGRPO_PARITY_DIR", FIXTURES))

@@ -43,7 +43,7 @@ def _generate(out: Path, *extra: str) -> dict:
 def test_generate_writes_codes_prompts_and_a_captioned_grid(tmp_path, capsys):
     from PIL import Image
 
-    from cluster.config import load_config, to_dataclass
+    from cluster.config import load_config, section
     from policy.factory import PolicyConfig, build_decoder
     from policy.images import captioned_grid
     saved = _generate(tmp_path / "a")
@@ -56,7 +56,7 @@ def test_generate_writes_codes_prompts_and_a_captioned_grid(tmp_path, capsys):
     assert json.loads((tmp_path / "a" / "generate" / "prompts.json").read_text()) == PROMPTS
     # the grid: a row per prompt, captioned, the decoded codes at 16x (256 px)
     cfg = load_config(TINY, [])
-    decode = build_decoder(to_dataclass(cfg.policy, PolicyConfig))
+    decode = build_decoder(section(cfg, "policy"))
     expected = captioned_grid(decode(codes), PROMPTS, nrow=3, scale=16)
     with Image.open(tmp_path / "a" / "generate" / "grid.png") as im:
         assert np.array_equal(np.asarray(im.convert("RGB")), expected)
@@ -73,9 +73,9 @@ def test_generate_needs_a_prompt(tmp_path, capsys):
 
 def test_generate_from_a_saved_checkpoint_matches_the_random_policy(tmp_path):
     """policy.init=<checkpoint dir>: the weights saved from the tiny random policy give the same images."""
-    from cluster.config import load_config, to_dataclass
+    from cluster.config import load_config, section
     from policy.factory import PolicyConfig, build_showo
-    model = build_showo(to_dataclass(load_config(TINY, []).policy, PolicyConfig))
+    model = build_showo(section(load_config(TINY, []), "policy"))
     model.save_pretrained(tmp_path / "ckpt")
     assert torch.equal(_generate(tmp_path / "from_ckpt", f"policy.init={tmp_path / 'ckpt'}")["codes"],
                        _generate(tmp_path / "random")["codes"])
@@ -87,10 +87,10 @@ def test_generate_from_a_saved_checkpoint_matches_the_random_policy(tmp_path):
 @pytest.mark.slow
 def test_eval_of_a_saved_checkpoint(tmp_path):
     """`maskgrpo eval --checkpoint DIR` (a subprocess: it starts and leaves its own Ray instance)."""
-    from cluster.config import load_config, to_dataclass
+    from cluster.config import load_config, section
     from policy.factory import PolicyConfig, build_showo
     from rewards.types import GENEVAL_TAGS
-    build_showo(to_dataclass(load_config(TINY, []).policy, PolicyConfig)).save_pretrained(tmp_path / "ckpt")
+    build_showo(section(load_config(TINY, []), "policy")).save_pretrained(tmp_path / "ckpt")
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "cluster.cli", "eval", "--config", TINY, "--checkpoint",
                            str(tmp_path / "ckpt"), f"output_dir={out}", "eval.samples_per_prompt=2"],

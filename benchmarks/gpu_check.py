@@ -1,0 +1,475 @@
+"""The GPU check: one process, one command, Show-o's real shapes with random weights, every stage of a training
+step, correctness asserted and throughput printed.
+
+    python -m benchmarks.gpu_check                       # Show-o-512 shapes on the GPU (about 3 min on an H100/H200)
+    python -m benchmarks.gpu_check --tiny                # the same checks on a tiny model (CI runs it on the CPU)
+    bash scripts/gpu_check.sh                            # with the carried wheels installed first (see the README)
+
+Stages (no Ray, no omegaconf: neither is imported):
+  1. sampler: the rollout copy of the policy (``policy.dtype``: bf16 on CUDA) samples G=16 images, T=50 steps;
+  2. reward: a cheap reward read from the codes (mean code / codebook size; no reward model, random weights);
+  3. learner (`learner.engine.Learner`, DeepSpeed, one rank, ZeRO 2, bf16 on CUDA): before any update, the
+     behaviour log-probs the sampler recorded are recomputed with the learner's (identical) weights for all three
+     transitions: median |ratio − 1| and the share of rows outside the clip range [0.9, 1.2] must stay at the
+     same-precision level (≤ 1e-3, ≤ 1 %); then one update with all 50 steps trained (timed);
+  4. weight export + apply to the rollout copy (device buckets, device-to-device copies; timed), after which the
+     rollout copy must equal the learner's weights exactly;
+  5. one training step end to end: sample, score, update on 25 steps chosen with ``random_k``, hand the weights
+     over (timed), with the ratio check again on the fresh rollout (it checks the hand-over too);
+  6. learner with ZeRO 0 and a KL term (the reference policy's path): one update, finite loss, weights change,
+     hand-over exact.
+Figures: images/s and the share of the GPU's bf16 peak, model FLOPs counted analytically (2·matmul-params·tokens
+forward, ×3 forward+backward; attention-score FLOPs, about 9 % more at 1024 image tokens, are left out, so the
+shares are conservative). Exit status 0 iff every check passed; ``--json`` also writes every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+# Nominal dense bf16 peak by device name (FLOP/s). H200: the ~790 TFLOP/s that an 8192^3 bf16 matmul reaches
+# here; H100 SXM: the data-sheet dense figure. `--peak-flops` overrides; the measured matmul rate is printed too.
+PEAK_FLOPS = {"H200": 790e12, "H100": 990e12}
+TARGETS = {"sampler_img_s": 2.5, "learner_img_s": 0.8, "e2e_img_s": 0.8, "export_apply_s": 0.1}
+RATIO_MEDIAN_MAX, RATIO_OUTSIDE_MAX = 1e-3, 0.01
+CLIP = (0.9, 1.2)
+
+
+@dataclass
+class Report:
+    checks: list[tuple[str, bool, str]] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict)
+    t0: float = field(default_factory=time.perf_counter)
+    json_path: Optional[str] = None
+
+    def check(self, name: str, ok: bool, detail: str = "") -> bool:
+        self.checks.append((name, bool(ok), detail))
+        print(f"  [{'PASS' if ok else 'FAIL'}] {name}{': ' + detail if detail else ''}", flush=True)
+        return bool(ok)
+
+    def stage(self, title: str) -> None:
+        self.save()
+        print(f"\n== {title}  (t = {time.perf_counter() - self.t0:.0f} s)", flush=True)
+
+    def save(self) -> None:
+        """Write what is known so far (after every stage: a run cut off by its time limit leaves its figures)."""
+        if self.json_path:
+            with open(self.json_path, "w") as f:
+                json.dump({"ok": self.ok, "checks": self.checks, "figures": self.figures,
+                           "seconds": time.perf_counter() - self.t0}, f, indent=1, default=str)
+
+    def guarded(self, name: str, fn: Callable[[], Any]) -> Any:
+        """Run one stage; an exception fails the stage (with its traceback) and the check goes on."""
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - a one-shot device run should report everything it can
+            traceback.print_exc()
+            self.check(f"{name} ran", False, f"{type(e).__name__}: {e}")
+            return None
+
+    @property
+    def ok(self) -> bool:
+        return all(ok for _, ok, _ in self.checks)
+
+
+# ----- sizes and FLOPs -------------------------------------------------------------------------------------------
+def model_config(size: str):
+    from learner.testing import tiny_showo_config
+    from policy.showo import ShowoConfig
+    if size == "tiny":
+        return tiny_showo_config(hidden=64, layers=2, heads=4, num_vq_tokens=16, codebook_size=64)
+    if size == "showo256":
+        return ShowoConfig(num_vq_tokens=256, max_seq_length=128)
+    if size == "showo512":
+        return ShowoConfig(num_vq_tokens=1024, max_seq_length=128)      # phi-1.5: hidden 2048, 24 layers, 32 heads
+    raise ValueError(f"unknown size {size!r}")
+
+
+def forward_flops_per_row(cfg) -> tuple[float, float]:
+    """(image-block forward FLOPs of one (rollout, step) row, text-prefix forward FLOPs of one prompt):
+    2 · matmul parameters · tokens (the codebook head only at the N image positions)."""
+    h, i, layers = cfg.phi.hidden_size, cfg.phi.intermediate_size, cfg.phi.num_hidden_layers
+    per_token = layers * (4 * h * h + 2 * h * i)
+    n = cfg.num_vq_tokens
+    return 2.0 * (per_token * (n + 2) + cfg.codebook_size * h * n), 2.0 * per_token * (cfg.max_seq_length + 1)
+
+
+def activation_bytes_per_row(cfg) -> float:
+    """A rough upper estimate of the activation memory of one trained (rollout, step) row in bf16: per layer and
+    token ~(16·hidden + 3·intermediate) saved values (about 14·h + 2·i counted: layer-norm inputs, q/k/v before
+    and after their norms and the rotary, attention in/out, MLP in/out), plus the [N, C] logits, fp32 log-probs
+    and their gradient."""
+    h, i, layers = cfg.phi.hidden_size, cfg.phi.intermediate_size, cfg.phi.num_hidden_layers
+    tokens = cfg.num_vq_tokens + 2
+    return layers * tokens * (16 * h + 3 * i) * 2.0 + cfg.num_vq_tokens * cfg.codebook_size * (2 + 4 + 4)
+
+
+def max_rows(cfg, device: torch.device, override: Optional[int]) -> int:
+    """Most rows per micro-batch: what 60 % of the free GPU memory (free on the device plus PyTorch's cached,
+    unused blocks) holds by `activation_bytes_per_row`; call it after a warm-up step (ZeRO allocates its
+    gradient buffers at the first backward)."""
+    if override:
+        return override
+    if device.type != "cuda":
+        return 8
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return max(1, min(64, int(0.6 * free / activation_bytes_per_row(cfg))))
+
+
+def balanced(steps: int, most: int) -> int:
+    """Rows per micro-batch for trajectories of `steps` trained steps: as even as `most` allows (50 steps with
+    at most 31 rows → 25 + 25, not 31 + 19)."""
+    return math.ceil(steps / math.ceil(steps / most))
+
+
+def peak_flops(device: torch.device, override: Optional[float]) -> tuple[Optional[float], str]:
+    if override:
+        return override, "--peak-flops"
+    if device.type != "cuda":
+        return None, "CPU: no bf16 peak"
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_FLOPS.items():
+        if key in name:
+            return value, f"{key} nominal"
+    return None, f"unknown for {name!r} (pass --peak-flops)"
+
+
+def measured_matmul_flops(device: torch.device) -> Optional[float]:
+    if device.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize(device)
+    return 10 * 2 * 8192 ** 3 / (time.perf_counter() - t0)
+
+
+# ----- helpers ------------------------------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float]:
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
+
+
+def code_reward(traj, codebook_size: int) -> torch.Tensor:
+    """A cheap reward that needs no model: the mean code of each image over the codebook size (in [0, 1))."""
+    return traj.final_codes.float().mean(1) / codebook_size
+
+
+def build_model(cfg, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """Show-o with default-initialised random weights, built on `device` (fast at full size); the same seed on
+    the same device gives the same weights."""
+    from policy.showo import Showo
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Showo(cfg)
+    return model.to(dtype)
+
+
+def ratio_check(report: Report, label: str, model, traj, step_chunk: int) -> dict[str, tuple[float, float]]:
+    """Recorded behaviour log-probs vs the model's recomputation (no grad) for all three transitions: one forward
+    per rollout and chunk of steps gives all three."""
+    from policy.logprob import all_transition_logprobs
+    from policy.trajectory import TRANSITIONS
+    grid = {t: torch.empty(traj.batch_size, traj.num_steps) for t in TRANSITIONS}
+    with torch.no_grad():
+        for a in range(0, traj.num_steps, step_chunk):
+            steps = torch.arange(a, min(traj.num_steps, a + step_chunk))
+            for b in range(traj.batch_size):
+                out = all_transition_logprobs(model, traj.select(slice(b, b + 1)), steps)
+                for t in TRANSITIONS:
+                    grid[t][b, steps] = out[t].logprob[0].float().cpu()
+    stats = {}
+    for t in TRANSITIONS:
+        ratio = (grid[t].double() - traj.behaviour_step_logprob(t).double()).exp()
+        median = float((ratio - 1).abs().median())
+        outside = float(((ratio < CLIP[0]) | (ratio > CLIP[1])).double().mean())
+        stats[t] = (median, outside)
+        report.check(f"{label}: {t} recorded vs recomputed log-probs",
+                     median <= RATIO_MEDIAN_MAX and outside <= RATIO_OUTSIDE_MAX,
+                     f"median |r-1| {median:.2e} (<= {RATIO_MEDIAN_MAX:g}), outside {list(CLIP)} {outside:.2%} "
+                     f"(<= {RATIO_OUTSIDE_MAX:.0%}), max |r-1| {float((ratio - 1).abs().max()):.2e}")
+    return stats
+
+
+def params_equal(a, b) -> tuple[bool, str]:
+    bad = [n for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters())
+           if p.shape != q.shape or not torch.equal(p.detach().to(q.dtype), q.detach())]
+    count = sum(1 for _ in a.parameters())
+    return not bad, f"{count - len(bad)}/{count} parameter tensors identical" + (f"; first differing: {bad[0]}"
+                                                                                  if bad else "")
+
+
+def snapshot(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def changed_share(model, before: list[torch.Tensor]) -> float:
+    changed = sum(int(not torch.equal(p.detach(), q)) for p, q in zip(model.parameters(), before))
+    return changed / max(1, len(before))
+
+
+def hand_over(learner, rollout, bucket_bytes: int) -> None:
+    from learner.weights_export import apply_weight_bucket
+    dtype = next(rollout.parameters()).dtype
+    for bucket in learner.iter_weight_buckets(bucket_bytes, dtype):
+        apply_weight_bucket(rollout, bucket)
+
+
+def share(flops: float, seconds: float, peak: Optional[float]) -> str:
+    rate = flops / seconds
+    return f"{rate / 1e12:.1f} TFLOP/s" + (f" = {rate / peak:.1%} of peak" if peak else "")
+
+
+def target(name: str, value: float, size: str) -> str:
+    if size not in ("showo512",):
+        return "(targets apply to Show-o-512 on one H100/H200)"
+    goal = TARGETS[name]
+    ok = value <= goal if name.endswith("_s") and not name.endswith("img_s") else value >= goal
+    sign = "<=" if name == "export_apply_s" else ">="
+    return f"target {sign} {goal:g}: {'meets' if ok else 'BELOW TARGET'}"
+
+
+# ----- the check -----------------------------------------------------------------------------------------------------
+def run(args) -> Report:
+    report = Report(json_path=args.json)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    from learner.dist import free_port
+    # one rank of its own, whatever the environment says (e.g. a parent process's MASTER_PORT)
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    from learner.config import LearnerConfig
+    from learner.engine import Learner
+    from policy.factory import PolicyConfig, compute_dtype, learner_bf16
+    from policy.sampler import SamplerConfig, UnmaskingSampler
+
+    cfg = model_config(args.size)
+    pcfg = PolicyConfig(arch=cfg, dtype=args.dtype)
+    dtype = compute_dtype(pcfg.dtype, device)
+    bf16 = learner_bf16(pcfg, device)
+    steps, group = args.steps, args.group
+    fwd_row, fwd_prefix = forward_flops_per_row(cfg)
+    peak, peak_src = peak_flops(device, args.peak_flops)
+    try:
+        import deepspeed
+        ds_version = deepspeed.__version__
+    except ImportError as e:               # the learner stages will fail and say so; the sampler still runs
+        ds_version = f"NOT IMPORTABLE ({e}: carry its wheels, see scripts/gpu_check.sh)"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()}"
+    print(f"# gpu_check: {name}; torch {torch.__version__}, deepspeed {ds_version}; size {args.size} "
+          f"(hidden {cfg.phi.hidden_size}, {cfg.phi.num_hidden_layers} layers, {cfg.num_vq_tokens} image tokens, "
+          f"vocab {cfg.vocab_size}); policy dtype {dtype}, learner bf16 {bf16}; G={group}, T={steps}")
+    print(f"# bf16 peak: {peak / 1e12:.0f} TFLOP/s ({peak_src})" if peak else f"# bf16 peak: {peak_src}")
+    matmul = measured_matmul_flops(device)
+    if matmul:
+        print(f"# measured 8192^3 bf16 matmul: {matmul / 1e12:.0f} TFLOP/s")
+    report.figures.update(device=name, size=args.size, dtype=str(dtype), peak_flops=peak, matmul_flops=matmul)
+
+    rollout = build_model(cfg, device, dtype).eval().requires_grad_(False)
+    text = rollout.layout.text_area([[1, 2, 3, 4, 5, 6, 7, 8]])
+    n_params = sum(p.numel() for p in rollout.parameters())
+    print(f"# {n_params / 1e6:.1f} M parameters; forward FLOPs per (rollout, step) row {fwd_row / 1e9:.1f} G")
+
+    # 1-2. sampler + reward ------------------------------------------------------------------------------------
+    report.stage(f"sampler: {group} images x {steps} steps")
+    UnmaskingSampler(rollout, SamplerConfig(steps=2)).sample(text, list(range(group)), group)    # warm-up
+    sampler = UnmaskingSampler(rollout, SamplerConfig(steps=steps))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    traj, t_sample = timed(device, lambda: sampler.sample(text, list(range(group)), group))
+    sampler_flops = steps * group * fwd_row + fwd_prefix
+    ips = group / t_sample
+    print(f"  {t_sample:.2f} s, {ips:.2f} images/s, {share(sampler_flops, t_sample, peak)}; "
+          f"{target('sampler_img_s', ips, args.size)}")
+    if device.type == "cuda":
+        print(f"  peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+    report.figures.update(sampler_seconds=t_sample, sampler_img_s=ips, sampler_flops=sampler_flops)
+    rewards = code_reward(traj, cfg.codebook_size)
+    report.check("sampler: every position committed, finite log-probs",
+                 bool((traj.unmask_step < steps).all()) and bool(torch.isfinite(traj.token_logprob).all()))
+
+    # 3-5. learner ZeRO 2 -----------------------------------------------------------------------------------------
+    stages = [int(z) for z in args.zero.split(",") if z != ""]
+    first = stages[0] if stages else None
+    if first is not None:
+        report.stage(f"learner: DeepSpeed ZeRO {first}, bf16 {bf16}")
+
+        def main_learner():
+            lcfg = LearnerConfig(transition=args.transition, lr=args.lr, warmup_steps=1, total_steps=100,
+                                 zero_stage=first, bf16=bf16, reduction="all")
+            learner = Learner(build_model(cfg, device, torch.float32), lcfg)
+            ok, detail = params_equal(learner.policy, rollout)
+            report.check("learner and rollout copy start from the same weights", ok, detail)
+            report.figures["ratio_before_update"] = ratio_check(report, "same weights, before any update",
+                                                                learner.policy, traj, 25)
+
+            # warm-up: two rows of one rollout (ZeRO's gradient buffers, cuBLAS handles), then size the micro-batches
+            lcfg.reduction, lcfg.reduction_k, lcfg.micro_batch_rows = "first_k", 2, 2
+            learner.train_step([traj.select(slice(0, 1))], [rewards[:1]], ["warm-up"],
+                               advantages=[torch.tensor([1.0])])
+            most = max_rows(cfg, device, args.micro_batch_rows)
+            lcfg.reduction, lcfg.micro_batch_rows = "all", balanced(steps, most)
+            print(f"  micro-batch rows {lcfg.micro_batch_rows} (at most {most}: "
+                  f"{activation_bytes_per_row(cfg) / 2**30:.2f} GiB activations per row, estimated)")
+            before = snapshot(learner.policy)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            metrics, t_learn = timed(device, lambda: learner.train_step([traj], [rewards], ["gpu check"]))
+            rows = metrics["rows"]
+            learner_flops = 3 * (rows * fwd_row + metrics["micro_batches"] * fwd_prefix)
+            lips = group / t_learn
+            print(f"  all {steps} steps trained: {int(rows)} rows in {int(metrics['micro_batches'])} micro-batches, "
+                  f"{t_learn:.2f} s, {lips:.2f} images/s, {share(learner_flops, t_learn, peak)}; "
+                  f"{target('learner_img_s', lips, args.size)}")
+            if device.type == "cuda":
+                print(f"  peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+            report.figures.update(learner_seconds=t_learn, learner_img_s=lips, learner_rows=rows,
+                                  learner_flops=learner_flops, learner_metrics=metrics)
+            report.check("learner: finite loss, update applied",
+                         math.isfinite(metrics["loss"]) and metrics["nonfinite_skipped"] == 0
+                         and metrics["no_signal_skipped"] == 0, f"loss {metrics['loss']:.4g}, grad norm "
+                         f"{metrics['grad_norm']:.3g}")
+            moved = changed_share(learner.policy, before)
+            report.check("learner: the weights changed", moved >= 0.5, f"{moved:.0%} of parameter tensors")
+            del before
+
+            report.stage("weight export + apply to the rollout copy")
+            hand_over(learner, rollout, args.bucket_bytes)                       # warm-up (allocator)
+            _, t_sync = timed(device, lambda: hand_over(learner, rollout, args.bucket_bytes))
+            print(f"  {t_sync:.3f} s for {n_params * torch.finfo(dtype).bits / 8 / 2**30:.2f} GiB in "
+                  f"{args.bucket_bytes >> 20} MiB buckets; {target('export_apply_s', t_sync, args.size)}")
+            report.figures["export_apply_seconds"] = t_sync
+            ok, detail = params_equal(learner.policy, rollout)
+            report.check("rollout copy equals the learner's weights after apply", ok, detail)
+
+            report.stage(f"one training step end to end (sample, score, update {args.k} random steps, hand over)")
+            lcfg.reduction, lcfg.reduction_k, lcfg.micro_batch_rows = "random_k", args.k, balanced(args.k, most)
+            seeds = list(range(group, 2 * group))
+            traj2, t1 = timed(device, lambda: sampler.sample(text, seeds, group))
+            r2, t2 = timed(device, lambda: code_reward(traj2, cfg.codebook_size))
+            report.figures["ratio_after_hand_over"] = ratio_check(report, "after the hand-over", learner.policy,
+                                                                  traj2, 25)
+            m2, t3 = timed(device, lambda: learner.train_step([traj2], [r2], ["gpu check"]))
+            _, t4 = timed(device, lambda: hand_over(learner, rollout, args.bucket_bytes))
+            total = t1 + t2 + t3 + t4
+            e2e_flops = sampler_flops + 3 * (m2["rows"] * fwd_row + m2["micro_batches"] * fwd_prefix)
+            eips = group / total
+            print(f"  sample {t1:.2f} s + score {t2:.3f} s + update {t3:.2f} s ({int(m2['rows'])} rows) + hand over "
+                  f"{t4:.3f} s = {total:.2f} s: {eips:.2f} images/s, {share(e2e_flops, total, peak)}; "
+                  f"{target('e2e_img_s', eips, args.size)}")
+            print(f"  learner's own on-policy ratio: mean {m2['ratio_mean']:.6f}, max {m2['ratio_max']:.6f}, "
+                  f"clipped rows {m2['clip_frac']:.2%}")
+            report.figures.update(e2e_seconds=total, e2e_img_s=eips, e2e_parts=[t1, t2, t3, t4], e2e_metrics=m2)
+            report.check("end to end: finite loss, update applied, on-policy clip share <= 1 %",
+                         math.isfinite(m2["loss"]) and m2["nonfinite_skipped"] == 0 and m2["clip_frac"] <= 0.01,
+                         f"loss {m2['loss']:.4g}, clip share {m2['clip_frac']:.2%}")
+            ok, detail = params_equal(learner.policy, rollout)
+            report.check("end to end: rollout copy equals the learner's weights", ok, detail)
+
+        report.guarded(f"learner ZeRO {first}", main_learner)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # 6. other ZeRO stages, with a KL term (the reference policy's path) ------------------------------------------
+    for stage in stages[1:]:
+        if time.perf_counter() - report.t0 > args.budget_s:
+            report.check(f"learner ZeRO {stage} + KL", True, f"skipped: past the {args.budget_s:.0f} s budget")
+            continue
+        report.stage(f"learner: DeepSpeed ZeRO {stage}, bf16 {bf16}, KL to a frozen reference (beta 0.01)")
+
+        def other_learner(stage=stage):
+            lcfg = LearnerConfig(transition=args.transition, lr=args.lr, warmup_steps=1, total_steps=100,
+                                 zero_stage=stage, bf16=bf16, kl_beta=0.01, reduction="random_k", reduction_k=args.k)
+            learner = Learner(build_model(cfg, device, torch.float32), lcfg)
+            # no warm-up here: take a third of what the estimate allows (ZeRO and the reference take their share)
+            lcfg.micro_batch_rows = balanced(args.k, max(1, max_rows(cfg, device, args.micro_batch_rows) // 3))
+            fresh = build_model(cfg, device, dtype).eval().requires_grad_(False)
+            before = snapshot(learner.policy)
+            m, t = timed(device, lambda: learner.train_step([traj], [rewards], ["gpu check"]))
+            print(f"  {int(m['rows'])} rows in {t:.2f} s ({group / t:.2f} images/s with the reference forward)")
+            report.check(f"ZeRO {stage} + KL: finite loss and KL, update applied",
+                         math.isfinite(m["loss"]) and math.isfinite(m.get("kl", float("nan"))) and m["kl"] >= 0
+                         and m["nonfinite_skipped"] == 0, f"loss {m['loss']:.4g}, kl {m.get('kl', float('nan')):.3g}")
+            moved = changed_share(learner.policy, before)
+            report.check(f"ZeRO {stage} + KL: the weights changed", moved >= 0.5, f"{moved:.0%} of parameter tensors")
+            hand_over(learner, fresh, args.bucket_bytes)
+            ok, detail = params_equal(learner.policy, fresh)
+            report.check(f"ZeRO {stage} + KL: a rollout copy equals the learner's weights after apply", ok, detail)
+            report.figures[f"zero{stage}_kl_seconds"] = t
+
+        report.guarded(f"learner ZeRO {stage} + KL", other_learner)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    blocked = sorted(m for m in sys.modules if m.split(".")[0] in ("ray", "omegaconf") and sys.modules[m] is not None)
+    report.check("no Ray or omegaconf imported", not blocked, ", ".join(blocked[:5]))
+    return report
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default=None, choices=["showo512", "showo256", "tiny"],
+                    help="model shapes (default showo512; --tiny for the tiny model)")
+    ap.add_argument("--tiny", action="store_true", help="= --size tiny (the CPU/CI run)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="policy.dtype")
+    ap.add_argument("--group", type=int, default=None, help="G (default 16; tiny 4)")
+    ap.add_argument("--steps", type=int, default=None, help="T (default 50; tiny 6)")
+    ap.add_argument("--k", type=int, default=None, help="random_k steps of the end-to-end update (default T/2)")
+    ap.add_argument("--zero", default="2,0", help="ZeRO stages: the first runs stages 3-5, the others 6")
+    ap.add_argument("--transition", default="candidate1", choices=["candidate1", "candidate2", "ar_style"])
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--micro-batch-rows", type=int, default=None, help="default: from free GPU memory")
+    ap.add_argument("--bucket-bytes", type=int, default=256 << 20)
+    ap.add_argument("--peak-flops", type=float, default=None, help="bf16 peak FLOP/s (default by device name)")
+    ap.add_argument("--budget-s", type=float, default=240.0, help="skip the extra ZeRO stages after this long")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for --tiny on the CPU)")
+    ap.add_argument("--json", default=None, help="also write the figures and checks here")
+    args = ap.parse_args(argv)
+    args.size = "tiny" if args.tiny else (args.size or "showo512")
+    tiny = args.size == "tiny"
+    args.group = args.group or (4 if tiny else 16)
+    args.steps = args.steps or (6 if tiny else 50)
+    args.k = args.k or max(1, args.steps // 2)
+    threads = args.threads or (1 if tiny and args.device == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)      # a tiny model on a shared CPU: more threads only spin
+    report = run(args)
+    print(f"\n== {'ALL CHECKS PASSED' if report.ok else 'CHECKS FAILED'} "
+          f"({sum(ok for _, ok, _ in report.checks)}/{len(report.checks)}), "
+          f"{time.perf_counter() - report.t0:.0f} s")
+    for name, ok, detail in report.checks:
+        if not ok:
+            print(f"  FAILED: {name}: {detail}")
+    report.save()
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
