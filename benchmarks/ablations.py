@@ -51,7 +51,7 @@ def main(argv=None) -> int:
             else:
                 t0 = time.perf_counter()
                 summary = train(cfg)
-                summary = {k: summary[k] for k in ("eval_start", "eval_end")}
+                summary = {k: summary[k] for k in ("eval_start", "eval_end", "busy_share")}
                 summary["minutes"] = (time.perf_counter() - t0) / 60
                 rewards = [r["reward_mean"] for r in read_metrics(out)]
                 summary["train_reward_first10"] = float(np.mean(rewards[:10]))

@@ -61,10 +61,11 @@ def bench_ray_pipeline(out: str, overrides: list[str], steps: int, warmup: int) 
         startup = time.perf_counter() - t0
         for _ in range(warmup):
             tr.train_step()
-        recs, t0 = [], time.perf_counter()
+        recs, t0, since = [], time.perf_counter(), time.time()
         for _ in range(steps):
             recs.append(tr.train_step())
         wall = time.perf_counter() - t0
+        busy = tr.timeline.busy_share(since=since)     # each role's share of the timed steps' wall time
     finally:
         tr.shutdown()
     images = sum(r["groups"] for r in recs) * cfg.data.group_size
@@ -72,7 +73,8 @@ def bench_ray_pipeline(out: str, overrides: list[str], steps: int, warmup: int) 
     return {"images_per_s": images / wall, "step_s": wall / steps, "startup_s": startup,
             "rollout_s": mean("rollout_seconds"), "reward_s": mean("reward_seconds"),
             "learner_s": mean("learner_seconds"), "sync_s": mean("sync_seconds"),
-            "staleness_mean": mean("staleness_mean")}
+            "staleness_mean": mean("staleness_mean"),
+            **{f"busy_{role}": share for role, share in busy.items() if role != "driver"}}
 
 
 def bench_in_process(out: str, overrides: list[str], steps: int, warmup: int, threads: int) -> dict[str, Any]:
@@ -311,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
             print(_table(rows[-1:], ""), flush=True)
         r = bench_in_process(f"{args.out}/inproc", common, args.steps, args.warmup, args.threads)
         rows.append({"pipeline": f"one process, no Ray ({args.threads} thread)", **r})
-        keys = ["pipeline", "images_per_s", "step_s", "rollout_s", "reward_s", "learner_s", "sync_s"]
+        keys = ["pipeline", "images_per_s", "step_s", "rollout_s", "reward_s", "learner_s", "sync_s", "busy_rollout",
+                "busy_reward", "busy_learner", "busy_weight_sync"]
         results["pipeline"] = rows
         print(_table([{k: r.get(k, float("nan")) for k in keys} for r in rows],
                      f"\nend to end, tiny config, {args.prompts_per_step} prompts x {args.group_size} samples a "

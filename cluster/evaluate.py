@@ -107,7 +107,7 @@ def evaluate_command(cfg: DictConfig, checkpoint: Optional[str] = None, prompts:
     from omegaconf import OmegaConf
     from .config import plain, section
     from .launch import start_reward_pool
-    from .train import init_ray
+    from .train import init_ray, shutdown_local_ray
     if checkpoint is not None:
         path = Path(checkpoint)
         if not path.exists():
@@ -115,17 +115,21 @@ def evaluate_command(cfg: DictConfig, checkpoint: Optional[str] = None, prompts:
         cfg.policy.init = str(path)   # a training checkpoint holds config.json + pytorch_model.safetensors
     if prompts is not None:
         cfg.data.eval_prompts = prompts
-    init_ray(cfg)
-    fleet = RolloutFleet(cfg)
-    specs = plain(cfg.eval.rewards) or plain(cfg.rewards)
-    pool = start_reward_pool(cfg, specs)
+    mode = init_ray(cfg)
     try:
-        from policy.factory import build_decoder
-        decoder = build_decoder(section(cfg, "policy"), "cpu")
-        report = evaluate(cfg, fleet, pool, step=0, decoder=decoder)
+        fleet = RolloutFleet(cfg)
+        specs = plain(cfg.eval.rewards) or plain(cfg.rewards)
+        pool = start_reward_pool(cfg, specs)
+        try:
+            from policy.factory import build_decoder
+            decoder = build_decoder(section(cfg, "policy"), "cpu")
+            report = evaluate(cfg, fleet, pool, step=0, decoder=decoder)
+        finally:
+            fleet.shutdown()
+            pool.shutdown()
     finally:
-        fleet.shutdown()
-        pool.shutdown()
+        if mode == "local":
+            shutdown_local_ray()
     print(format_table(report, f"GenEval ({cfg.policy.init})"))
     print(f"reward mean {report['reward_mean']:.4f}; report in {Path(cfg.output_dir) / 'eval'}")
     return report

@@ -25,39 +25,46 @@ def cpu_deepspeed_env() -> None:
 
 
 def watch_cluster(lost_after_s: float, poll_s: float = 5.0, ping: Optional[Callable[[], Any]] = None,
-                  on_lost: Optional[Callable[[str], None]] = None) -> threading.Thread:
+                  on_lost: Optional[Callable[[str], None]] = None) -> threading.Event:
     """A daemon thread that ends this process when its Ray cluster has been unreachable for `lost_after_s`
-    seconds (a stopped head would otherwise leave the driver of a submitted job waiting forever)."""
+    seconds (a stopped head would otherwise leave the driver of a submitted job waiting forever). Set the
+    returned event to stop watching (e.g. before this process shuts Ray down itself)."""
     import ray
     ping = ping or ray.nodes
     on_lost = on_lost or _exit_lost
 
     def ping_once() -> bool:
+        """True when the cluster answered within the poll interval (the call may hang: it runs aside)."""
         box: list[bool] = []
-        t = threading.Thread(target=lambda: box.append(bool(ping()) or True), daemon=True)
+
+        def call() -> None:
+            try:
+                ping()
+                box.append(True)
+            except Exception:
+                pass
+        t = threading.Thread(target=call, daemon=True)
         t.start()
         t.join(timeout=max(poll_s, 1.0))
         return bool(box)
 
+    stop = threading.Event()
+
     def loop() -> None:
         last_ok = time.monotonic()
-        while True:
-            try:
-                ok = ping_once()
-            except Exception:
-                ok = False
+        while not stop.is_set():
+            ok = ping_once()
             now = time.monotonic()
             if ok:
                 last_ok = now
-            elif now - last_ok >= lost_after_s:
+            elif now - last_ok >= lost_after_s and not stop.is_set():
                 on_lost(f"the Ray cluster has been unreachable for {now - last_ok:.0f} s (its head stopped?): this "
                         f"driver exits; start the cluster again and resume with resume=auto")
                 return
-            time.sleep(poll_s)
+            stop.wait(poll_s)
 
-    thread = threading.Thread(target=loop, name="maskgrpo-cluster-watch", daemon=True)
-    thread.start()
-    return thread
+    threading.Thread(target=loop, name="maskgrpo-cluster-watch", daemon=True).start()
+    return stop
 
 
 def _exit_lost(message: str) -> None:

@@ -29,11 +29,13 @@ def in_ray_job() -> bool:
     return bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or os.environ.get("RAY_JOB_ID"))
 
 
-def init_ray(cfg: DictConfig) -> bool:
-    """Connect to (or start) Ray; returns True when this process started a local instance."""
+def init_ray(cfg: DictConfig) -> str:
+    """Connect to (or start) Ray. Returns "local" when this process started a private instance, "cluster" when it
+    joined a running cluster (an address, or the driver of a `ray job submit`), "reused" when Ray was already
+    initialized in this process."""
     import ray
     if ray.is_initialized():
-        return False
+        return "reused"
     repo = str(Path(__file__).resolve().parents[1])
     env = {"env_vars": {"PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
                         **({"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"]} if "DS_ACCELERATOR" in os.environ else {})}}
@@ -41,17 +43,17 @@ def init_ray(cfg: DictConfig) -> bool:
         # The driver of a `ray job submit`: join the job's cluster with the job's runtime env (its working_dir
         # carries this repository to every node), whatever cluster.address says.
         ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=True)
-        return False
+        return "cluster"
     address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
     if address:
         # An existing cluster: its nodes must see this repository at the same path (shared disk or image).
         ray.init(address=address, runtime_env=env, log_to_driver=True)
-        return False
+        return "cluster"
     # Logical CPUs: enough for every actor (Ray only counts them; each actor limits its own torch threads).
     needed = math.ceil(required_resources(cfg)["CPU"]) + 1
     ray.init(num_cpus=max(needed, cfg.cluster.local_num_cpus or os.cpu_count() or 1), include_dashboard=False,
              runtime_env=env, log_to_driver=True, configure_logging=False)
-    return True
+    return "local"
 
 
 def shutdown_local_ray() -> None:
@@ -144,19 +146,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         print(f"[maskgrpo] {note}", flush=True)
     resume = _resume_path(cfg)
     save_resolved(cfg, cfg.output_dir)
-    started = init_ray(cfg)
-    trainer = None
+    mode = init_ray(cfg)
+    trainer, watch = None, None
     try:
         check_cluster_resources(cfg, cfg.cluster.resource_wait_s)
-        if not started:
-            watch_cluster(cfg.cluster.cluster_lost_s)
+        if mode == "cluster":          # a cluster this process does not own can go away under it
+            watch = watch_cluster(cfg.cluster.cluster_lost_s)
         trainer = Trainer(cfg)
         return _train_loop(cfg, trainer, resume, tqdm, format_table)
     finally:
+        if watch is not None:
+            watch.set()
         if trainer is not None:
             trainer.timeline.write()
             trainer.shutdown()
-        if started:
+        if mode == "local":
             shutdown_local_ray()
 
 

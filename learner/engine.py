@@ -244,55 +244,58 @@ class Learner:
             norm = lambda tr: 1.0 / g_terms                           # noqa: E731
 
         # Pad with zero-weight passes over a real row (or a synthetic one on a rank that received no group).
-        pool = trajectories if trajectories else [self._dummy_trajectory()]
+        # Trajectories move to the device once; the figures stay on it until the end (no host sync per pass).
+        pool = [tr.to(self.device) for tr in trajectories] if trajectories else [self._dummy_trajectory()]
         while len(chunks) < int(n_chunks):
             chunks.append(Chunk(0, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), dummy=True))
+        beh = [b.to(self.device) for b in beh]
         if cfg.stale_logprobs == StaleLogprobs.recompute and any(stale):
-            beh = self._proximal_logprobs(chunks, trajectories, beh, stale, stats)
-        nonfinite = False
+            beh = self._proximal_logprobs(chunks, pool, beh, stale, stats)
+        # loss, non-finite passes, clipped rows, Σ ratio, Σ approx-KL, Σ KL, on-policy rows outside the clip range
+        sums = torch.zeros(7, dtype=torch.float64, device=self.device)
+        ratio_max = torch.zeros((), dtype=torch.float64, device=self.device)
+        on_policy: list[torch.Tensor] = []
         for i, ch in enumerate(chunks):
             self.engine.set_gradient_accumulation_boundary(i == len(chunks) - 1)
-            tr = pool[ch.group].select(ch.samples)
-            logp, _ = self.engine(tr, ch.steps)
+            samples, steps = ch.samples.to(self.device), ch.steps.to(self.device)
+            tr = pool[ch.group].select(samples)
+            logp, _ = self.engine(tr, steps)
             logp = logp.float().reshape(-1)
             if ch.dummy:   # same graph, zero gradient; independent of the (possibly non-finite) data terms
                 self.engine.backward(logp.sum() * 0.0)
                 continue
-            dev = logp.device
-            b_lp = beh[ch.group].to(dev)[ch.samples.to(dev)][:, ch.steps.to(dev)].reshape(-1)
-            adv = groups[ch.group].advantages.to(dev)[ch.samples.to(dev)]
-            adv = adv[:, ch.steps.to(dev)].reshape(-1) if adv.dim() == 2 else adv.repeat_interleave(ch.steps.numel())
+            b_lp = beh[ch.group][samples][:, steps].reshape(-1)
+            adv = groups[ch.group].advantages.to(self.device)[samples]
+            adv = adv[:, steps].reshape(-1) if adv.dim() == 2 else adv.repeat_interleave(steps.numel())
             ref = None
             if self.reference is not None:
                 with torch.no_grad():
-                    ref = transition_logprobs(self.reference, tr, cfg.transition, ch.steps,
+                    ref = transition_logprobs(self.reference, tr, cfg.transition, steps,
                                               cfg.prefix_reuse).logprob.float().reshape(-1)
             rl = mask_grpo_row_loss(logp, b_lp, adv, cfg.clip_low, cfg.clip_high, cfg.kl_beta, ref)
             # Every row of a micro-batch has the same weight: 1/(T·M) ("sequence") or 1/(scored terms) ("token").
             loss = rl.loss.sum() * norm(tr)
-            value = float(loss.detach())
-            if math.isfinite(value):
-                self.engine.backward(loss * self.world_size)
-            else:
-                # A NaN row can still give finite gradients (clamp/min mask it), so make sure the step is
-                # skipped on every rank and ZeRO stage: poison the gradients; DeepSpeed's overflow check
-                # (or ours for a plain optimizer) then discards the whole update.
-                nonfinite = True
-                self.engine.backward(logp.sum() * float("nan"))
+            # A NaN row can still give finite gradients (clamp/min mask it), so a non-finite loss poisons the
+            # gradients instead: DeepSpeed's overflow check (or ours for a plain optimizer) then discards the whole
+            # update on every rank. Decided on the device: no host read of the loss here.
+            finite = torch.isfinite(loss)
+            poison = torch.where(finite, 0.0, float("nan"))
+            self.engine.backward(torch.where(finite, loss, 0.0) * self.world_size + logp.sum() * poison)
             staleness = self.version - tr.policy_version
-            stats.loss += value
+            r = rl.ratio
+            sums += torch.stack([loss.detach(), (~finite).float(), rl.clipped.sum().float(), r.sum(),
+                                 rl.approx_kl.sum(), rl.kl.sum() if rl.kl is not None else r.new_zeros(()),
+                                 ((r < cfg.clip_low) | (r > cfg.clip_high)).sum().float() * (staleness == 0)]).double()
+            ratio_max = torch.maximum(ratio_max, r.max().double())
             stats.rows += ch.rows
             stats.stale_sum += staleness * ch.rows
-            stats.clipped += float(rl.clipped.sum())
-            stats.ratio_sum += float(rl.ratio.sum())
-            stats.ratio_max = max(stats.ratio_max, float(rl.ratio.max()))
-            stats.approx_kl_sum += float(rl.approx_kl.sum())
-            if rl.kl is not None:
-                stats.kl_sum += float(rl.kl.sum())
             if staleness == 0:
-                stats.on_policy_dev += (rl.ratio - 1.0).abs().tolist()
-                stats.on_policy_outside_clip += float(((rl.ratio < cfg.clip_low) | (rl.ratio > cfg.clip_high)).sum())
-        stats.nonfinite_skipped = nonfinite      # this rank's view; the update is skipped on every rank
+                on_policy.append((r - 1.0).abs())
+        loss, bad, clipped, ratio_sum, approx_kl, kl, outside, r_max = torch.cat([sums, ratio_max.view(1)]).tolist()
+        stats.loss, stats.clipped, stats.ratio_sum, stats.ratio_max = loss, clipped, ratio_sum, r_max
+        stats.approx_kl_sum, stats.kl_sum, stats.on_policy_outside_clip = approx_kl, kl, outside
+        stats.on_policy_dev = torch.cat(on_policy).tolist() if on_policy else []
+        stats.nonfinite_skipped = bad > 0        # this rank's view; the update is skipped on every rank
         stats.seconds_forward_backward += time.perf_counter()
         return stats
 
@@ -302,17 +305,20 @@ class Learner:
         """The log-probs of the stale groups' trained rows under the weights at the start of this update (no
         gradients), replacing their recorded behaviour log-probs; `stats` gets how far the two were apart."""
         out = [b.clone() if s else b for b, s in zip(beh, stale)]
+        kl = torch.zeros((), dtype=torch.float64, device=self.device)
         for ch in chunks:
             if ch.dummy or not stale[ch.group]:
                 continue
-            logp, _ = self.engine(trajectories[ch.group].select(ch.samples), ch.steps)
-            rows = (ch.samples.view(-1, 1), ch.steps.view(1, -1))
+            samples, steps = ch.samples.to(self.device), ch.steps.to(self.device)
+            logp, _ = self.engine(trajectories[ch.group].select(samples), steps)
+            rows = (samples.view(-1, 1), steps.view(1, -1))
             recorded = beh[ch.group][rows]
-            proximal = logp.float().reshape(recorded.shape).to(recorded.device)
+            proximal = logp.float().reshape(recorded.shape)
             out[ch.group][rows] = proximal
             log_w = (proximal - recorded).double()
             stats.stale_rows += float(log_w.numel())
-            stats.stale_behaviour_kl += float((log_w.exp() - 1.0 - log_w).sum())
+            kl += (log_w.exp() - 1.0 - log_w).sum()
+        stats.stale_behaviour_kl = float(kl)
         return out
 
     def _dummy_trajectory(self) -> Trajectory:

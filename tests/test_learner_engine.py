@@ -188,7 +188,7 @@ def test_checkpoint_crash_corruption_and_mismatch(data, tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="untouched"):
         learner.save_checkpoint(root)
     monkeypatch.undo()
-    assert (root / ".step_000002.tmp").exists() and not (root / "step_000002").exists()
+    assert not (root / ".step_000002.tmp").exists() and not (root / "step_000002").exists()   # no debris
     assert latest_checkpoint(root) == good
     assert {p.name: p.read_bytes() for p in good.iterdir() if p.is_file()} == good_files
     # a directory with a checkpoint name but no manifest (e.g. copied half-way) is not complete
@@ -303,7 +303,8 @@ def test_few_steps_raise_high_advantage_and_lower_low_advantage_logprobs(transit
     trajs, prompts = sample_groups(model, num_groups=1, group_size=4, steps=4, seed=4)
     rewards = [torch.tensor([1.0, 0.0, 0.2, 0.9])]
     before = policy_step_logprobs(model, trajs[0], transition).sum(-1)
-    learner = Learner(model, LearnerConfig(transition=transition, lr=1e-4, warmup_steps=1, micro_batch_rows=8))
+    learner = Learner(model, LearnerConfig(transition=transition, lr=1e-4, warmup_steps=1, micro_batch_rows=8,
+                                           stale_logprobs="recorded"))
     planner = Planner(learner.config)
     for i in range(3):
         m = planner.train(learner, trajs, rewards, prompts)
@@ -318,3 +319,23 @@ def test_few_steps_raise_high_advantage_and_lower_low_advantage_logprobs(transit
         assert change[1] < 0 and change[2] < 0, change          # negative advantages: less likely
     assert m["ratio_mean"] != pytest.approx(1.0, abs=1e-4)  # later steps are off-policy w.r.t. the recorded ones
     assert m["clip_frac"] > 0
+
+
+def test_stale_trajectories_take_their_ratio_against_recomputed_logprobs(data):
+    """`stale_logprobs: recompute` (the default): a trajectory sampled with older weights is scored against the
+    learner's log-probs at the start of the update (ratio 1, nothing clipped), and the distance to the recorded
+    behaviour log-probs is reported; `recorded` keeps the importance ratio to the behaviour policy."""
+    _, trajs, rewards, prompts = data
+    figures = {}
+    for mode in ("recompute", "recorded"):
+        learner = Learner(_model(data), _config(stale_logprobs=mode, reduction="all"))
+        planner = Planner(learner.config)
+        first = planner.train(learner, trajs, rewards, prompts)          # on-policy: version 0 sampled them
+        assert first["stale_rows"] == 0 and first["on_policy_ratio_dev"] < 1e-5
+        figures[mode] = planner.train(learner, trajs, rewards, prompts)  # now one version stale
+    fresh, old = figures["recompute"], figures["recorded"]
+    assert fresh["staleness_mean"] == old["staleness_mean"] == 1
+    assert fresh["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and fresh["ratio_max"] == pytest.approx(1.0, abs=1e-5)
+    assert fresh["stale_rows"] == fresh["rows"] == 2 * 3 * 4 and fresh["stale_behaviour_kl"] > 1e-6
+    assert old["stale_rows"] == 0 and old["ratio_max"] > 1.0 + 1e-3
+    assert fresh["stale_behaviour_kl"] == pytest.approx(old["approx_kl"], rel=1e-3)   # the same distance, seen twice

@@ -402,3 +402,22 @@ def test_local_ray_session_directory_is_removed():
         assert session.startswith(temp) and exists == "False", (out.returncode, out.stdout[-500:], out.stderr[-2000:])
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_cluster_watchdog_exits_after_the_cluster_is_gone_and_stops_when_told():
+    from cluster.runtime import watch_cluster
+    lost, answers = [], iter([True, True])
+
+    def ping():
+        if next(answers, False) is False:
+            raise ConnectionError("the head is gone")
+    watch_cluster(0.3, poll_s=0.05, ping=ping, on_lost=lost.append)
+    deadline = time.monotonic() + 5
+    while not lost and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lost and "unreachable" in lost[0] and "resume=auto" in lost[0]
+    quiet: list[str] = []
+    stop = watch_cluster(0.2, poll_s=0.05, ping=lambda: (_ for _ in ()).throw(ConnectionError()), on_lost=quiet.append)
+    stop.set()                                    # e.g. this process shuts Ray down itself
+    time.sleep(0.6)
+    assert quiet == []
