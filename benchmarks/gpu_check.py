@@ -239,6 +239,54 @@ def hand_over(learner, rollout, bucket_bytes: int) -> None:
         apply_weight_bucket(rollout, bucket)
 
 
+def param_sums(model) -> list[float]:
+    """Per-parameter float64 sums: equal lists mean the copies agree (bit-identical copies give equal sums)."""
+    return torch.stack([p.detach().double().sum() for p in model.parameters()]).tolist()
+
+
+def _ipc_child(size: str, dtype_name: str, inbox, outbox) -> None:
+    """Another process on the same GPU (as a rollout worker placed beside the learner): open the learner's CUDA
+    IPC handles, copy them into its own copy of the policy, and report what it holds."""
+    try:
+        from actors.weight_sync import open_bucket
+        from learner.weights_export import apply_weight_bucket
+        model = build_model(model_config(size), torch.device("cuda"), getattr(torch, dtype_name), seed=99)
+        shared = inbox.get(timeout=300)
+        t0 = time.perf_counter()
+        for bucket in shared:
+            apply_weight_bucket(model, open_bucket(bucket))
+        torch.cuda.synchronize()
+        outbox.put((param_sums(model), time.perf_counter() - t0, None))
+    except Exception as e:              # reported by the parent
+        outbox.put((None, 0.0, f"{type(e).__name__}: {e}"))
+
+
+def ipc_check(report: "Report", learner, rollout, size: str, bucket_bytes: int) -> None:
+    """The one-GPU placement's weight path: CUDA IPC handles to the learner's buckets, opened by another process
+    on the same GPU (actors.weight_sync.share_buckets / open_bucket), no copy through host memory."""
+    import torch.multiprocessing as mp
+    from actors.weight_sync import share_buckets
+    dtype = next(rollout.parameters()).dtype
+    t0 = time.perf_counter()
+    shared, keep = share_buckets(learner.iter_weight_buckets(bucket_bytes, dtype))
+    t_share = time.perf_counter() - t0
+    ctx = mp.get_context("spawn")
+    inbox, outbox = ctx.Queue(), ctx.Queue()
+    child = ctx.Process(target=_ipc_child, args=(size, str(dtype).removeprefix("torch."), inbox, outbox))
+    child.start()
+    inbox.put(shared)
+    sums, t_apply, error = outbox.get(timeout=600)
+    child.join(timeout=60)
+    del keep
+    if error:
+        report.check("CUDA IPC: another process on this GPU receives the weights", False, error)
+        return
+    print(f"  handles {t_share:.3f} s, the other process copied every bucket in {t_apply:.3f} s")
+    report.figures.update(ipc_share_seconds=t_share, ipc_apply_seconds=t_apply)
+    report.check("CUDA IPC: the other process holds exactly the learner's weights", sums == param_sums(rollout),
+                 f"{sum(a == b for a, b in zip(sums, param_sums(rollout)))}/{len(sums)} parameter sums equal")
+
+
 def share(flops: float, seconds: float, peak: Optional[float]) -> str:
     rate = flops / seconds
     return f"{rate / 1e12:.1f} TFLOP/s" + (f" = {rate / peak:.1%} of peak" if peak else "")
@@ -399,6 +447,9 @@ def run(args) -> Report:
                          f"loss {m2['loss']:.4g}, outside {m2['on_policy_outside_clip']:.2%}")
             ok, detail = params_equal(learner.policy, rollout)
             report.check("end to end: rollout copy equals the learner's weights", ok, detail)
+            if device.type == "cuda":
+                report.stage("weights to another process on the same GPU through CUDA IPC (configs/one_gpu.yaml)")
+                ipc_check(report, learner, rollout, args.size, args.bucket_bytes)
 
         report.guarded(f"learner ZeRO {first}", main_learner)
         gc.collect()

@@ -60,7 +60,6 @@ class Trainer:
         self.learners, self._learner_pg = start_learner_ranks(cfg)
         self.fleet = RolloutFleet(cfg, weights=self.export_weights)
         self.rewards = start_reward_pool(cfg)
-        self._wait_started()
         self._eval_pool = None
         self.worker_pids: dict[int, int] = {}
         self.sync_group_epoch = 0
@@ -68,6 +67,8 @@ class Trainer:
         self.sync_group_ready = False
         self.sync_path: Optional[SyncPath] = None   # chosen at the first sync and whenever the workers change
         self.sync_backend = ""
+        self._sync_configured: Optional[str] = None
+        self._sync_logged: tuple[Optional[str], str] = (None, "")
         self.step = 0                      # next training step to run
         self.inflight: dict[int, list[PendingRollout]] = {}
         self.accepted_groups: set[int] = set()
@@ -76,6 +77,7 @@ class Trainer:
         self.last_groups: list[GroupResult] = []
         self.metrics = MetricsLogger(self.out, cfg.logging.tensorboard, cfg.logging.wandb_project, config=plain(cfg))
         self.timeline = Timeline(self.out / "timeline.json")
+        self._wait_started()
 
     @property
     def version(self) -> int:
@@ -118,9 +120,11 @@ class Trainer:
         learner = self._learner_get(self.learners[0].location.remote(), "the weight sync")
         path, backend, why = choose_sync_path(self.cfg.cluster.weight_sync, learner,
                                               {i: s["location"] for i, s in status.items()})
-        if (path, backend) != (self.sync_path, self.sync_backend):
+        if (path, backend) != self._sync_logged:
             print(f"[maskgrpo] weight sync: {path}{f' ({backend})' if backend else ''}: {why}", flush=True)
+            self._sync_logged = (path, backend)
         self.sync_path, self.sync_backend = path, backend
+        self._sync_configured = self.cfg.cluster.weight_sync
 
     def _form_sync_group(self) -> None:
         backend = self.sync_backend
@@ -139,7 +143,7 @@ class Trainer:
         during the transfer is waited for (Ray restarts it) and served again."""
         t0 = time.perf_counter()
         self.fleet.version = self._learner_get(self.learners[0].version.remote(), "the weight sync")
-        nbytes = 0.0
+        nbytes, fallback = 0.0, False
         for attempt in range(3):
             status = self.fleet.wait_ready()
             pids = {i: s["pid"] for i, s in status.items()}
@@ -152,8 +156,10 @@ class Trainer:
             if pids != self.worker_pids:            # a worker (re)started or left: its group membership is gone
                 self.sync_group_ready = False
                 self.worker_pids = pids
+                self.sync_path = None
+            if self.sync_path is None or self.cfg.cluster.weight_sync != self._sync_configured:
                 self._choose_sync_path(status)
-            mode = self.sync_path
+            mode = SyncPath.object_store if fallback else self.sync_path
             try:
                 if mode == SyncPath.cuda_ipc:
                     shared = self._learner_get([l.share_weights_ipc.remote(self.bucket_bytes, self.weight_dtype)
@@ -186,7 +192,7 @@ class Trainer:
                 print(f"[maskgrpo] {mode} weight sync failed ({type(e).__name__}: {str(e).splitlines()[0]}); "
                       f"retrying through the object store", flush=True)
                 self.sync_group_ready = False
-                self.sync_path = SyncPath.object_store
+                fallback = True                  # for this sync; the next one tries the chosen path again
         seconds = time.perf_counter() - t0
         return {"sync_seconds": seconds, "sync_bytes": nbytes, "sync_collective": float(mode == SyncPath.collective),
                 "sync_path": str(mode)}
@@ -205,7 +211,11 @@ class Trainer:
             self.fleet.resync_restarted()   # a worker Ray restarted since the last sync gets the weights first
         for s in range(self.step, last + 1):
             if s not in self.inflight:
-                self.inflight[s] = self.fleet.dispatch(self._requests(s), rewards=self.rewards)
+                self.dispatch(s)
+
+    def dispatch(self, step: int) -> None:
+        """Put step `step`'s rollouts, and the reward calls that score them as they arrive, in flight."""
+        self.inflight[step] = self.fleet.dispatch(self._requests(step), rewards=self.rewards)
 
     def train_step(self) -> dict[str, Any]:
         step, t_step = self.step, time.perf_counter()

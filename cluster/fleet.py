@@ -46,6 +46,12 @@ class RolloutStats:
     staleness: list[int] = field(default_factory=list)
 
 
+def _submit_score(rewards: RewardPool, p: PendingRollout) -> PendingScore:
+    """The reward call for a worker's groups; it starts when their trajectories exist."""
+    items = [{"prompts": [r.prompt] * len(r.seeds), "metadata": [r.metadata] * len(r.seeds)} for r in p.requests]
+    return rewards.submit(items, p.traj_refs)
+
+
 class RolloutFleet:
     """`weights()` returns the current (version, weight-bucket refs) for workers that Ray restarted; without it a
     restarted worker keeps the weights it loads itself from `policy.init` (evaluation of a fixed checkpoint)."""
@@ -69,9 +75,7 @@ class RolloutFleet:
                 refs = self.workers[wid].rollout.options(num_returns=len(chunk) + 1).remote(chunk, overrides)
                 p = PendingRollout(wid, chunk, refs[0], list(refs[1:]))
                 if rewards is not None:
-                    items = [{"prompts": [r.prompt] * len(r.seeds), "metadata": [r.metadata] * len(r.seeds)}
-                             for r in chunk]
-                    p.score = rewards.submit(items, p.traj_refs)
+                    p.score = _submit_score(rewards, p)
                 pending.append(p)
         return pending
 
@@ -92,7 +96,9 @@ class RolloutFleet:
                       f"{len(p.requests)} groups", flush=True)
                 retry.extend(p.requests)
                 continue
-            scores = rewards.result(p.score) if rewards is not None and p.score is not None else [None] * len(metas)
+            if rewards is not None and p.score is None:        # dispatched without a pool: score now
+                p.score = _submit_score(rewards, p)
+            scores = rewards.result(p.score) if p.score is not None else [None] * len(metas)
             for meta, ref, score in zip(metas, p.traj_refs, scores):
                 if max_staleness is not None and self.version - meta.policy_version > max_staleness:
                     stats.stale_dropped += 1

@@ -63,7 +63,7 @@ def pretrain(cfg: DictConfig) -> Path:
         by_tag.setdefault(it.tag, []).append(i)
     rng = np.random.default_rng(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay, betas=(0.9, 0.99))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(p.warmup_steps, p.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(p.warmup_steps, p.steps, overlap=True))
     t0, losses = time.perf_counter(), []
     for step in range(p.steps):
         idx = rng.integers(0, len(items), p.batch_size)

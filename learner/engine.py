@@ -55,16 +55,23 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 class WarmupCosine:
     """LR factor for optimizer step s (0-based): linear warm-up (s+1)/W, then cosine to `min_ratio` at `total`.
+    With ``overlap=True`` the cosine runs from step 0 and the warm-up scales it (the pretraining schedule, as
+    Show-o's masked-token training: factor = min(1, (s+1)/W) · cosine(s/total)).
 
     A callable object (not a lambda) so that `LambdaLR.state_dict()` saves it with the scheduler."""
 
-    def __init__(self, warmup: int, total: int, min_ratio: float = 0.0):
-        self.warmup, self.total, self.min_ratio = int(warmup), int(total), float(min_ratio)
+    def __init__(self, warmup: int, total: int, min_ratio: float = 0.0, overlap: bool = False):
+        self.warmup, self.total, self.min_ratio, self.overlap = int(warmup), int(total), float(min_ratio), overlap
 
     def __call__(self, s: int) -> float:
+        if self.overlap:
+            progress = min(1.0, s / max(1, self.total))
+            return min(1.0, (s + 1) / max(1, self.warmup)) * self._cosine(progress)
         if s < self.warmup:
             return (s + 1) / self.warmup
-        progress = min(1.0, (s - self.warmup) / max(1, self.total - self.warmup))
+        return self._cosine(min(1.0, (s - self.warmup) / max(1, self.total - self.warmup)))
+
+    def _cosine(self, progress: float) -> float:
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 

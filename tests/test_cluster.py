@@ -241,7 +241,7 @@ def test_killed_rollout_worker_loses_and_duplicates_no_group(local_ray, trainer)
     old_pid = ray.get(victim.ready.remote())["pid"]
     # Put the step's rollouts in flight with worker 0's queued behind a sleep, then kill worker 0 (Ray restarts it).
     victim.__ray_call__.remote(lambda self: time.sleep(3))
-    tr.inflight[tr.step] = tr.fleet.dispatch(tr._requests(tr.step))
+    tr.dispatch(tr.step)
     assert {p.worker for p in tr.inflight[tr.step]} == {0, 1}
     ray.kill(victim, no_restart=False)
     recs = _run_steps(tr, 3, ids)

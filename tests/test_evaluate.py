@@ -57,25 +57,22 @@ class FakeFleet:
     def __init__(self):
         self.overrides = None
 
-    def dispatch(self, requests, overrides):
-        self.overrides = overrides
+    def dispatch(self, requests, overrides, rewards=None):
+        self.overrides, self.pool = overrides, rewards
         return requests
 
-    def gather(self, requests, stats, overrides):
+    def gather(self, requests, stats, overrides, rewards=None):
+        """Each group with its (streamed) scores, as the real fleet returns them."""
         from actors.types import GroupMeta
         from cluster.fleet import GroupResult
         out = []
         for r in requests:
             codes = torch.full((len(r.seeds), 4), r.prompt_index, dtype=torch.long)
-            meta = GroupMeta(r.group_id, r.step, r.prompt_index, r.prompt, r.metadata, 0, 0, 0.0)
-            out.append(GroupResult(meta, SimpleNamespace(final_codes=codes)))
+            meta = GroupMeta(r.group_id, r.step, r.prompt_index, r.prompt, r.metadata, 0, 0, 0.0, 0.0)
+            scores = {"rewards": torch.tensor(REWARDS[r.prompt_index]),
+                      "details": {"geneval/strict": torch.tensor(VERDICTS[r.prompt_index], dtype=torch.float32)}}
+            out.append(GroupResult(meta, SimpleNamespace(final_codes=codes), scores))
         return out
-
-
-def fake_score_groups(pool, groups, k):
-    return [{"rewards": torch.tensor(REWARDS[g.meta.prompt_index]),
-             "details": {"geneval/strict": torch.tensor(VERDICTS[g.meta.prompt_index], dtype=torch.float32)}}
-            for g in groups]
 
 
 def decode(codes):
@@ -84,14 +81,12 @@ def decode(codes):
 
 
 def test_evaluate_report_numbers_and_captioned_grids(tmp_path, monkeypatch):
-    import cluster.driver
     import cluster.evaluate as ev
     import policy.images
     from cluster.prompts import PromptItem
     items = [PromptItem(p, {"tag": t, "include": [{"class": "circle", "count": 1}]}) for p, t in PROMPTS]
     monkeypatch.setattr(ev, "eval_prompts", lambda cfg: items)
     monkeypatch.setattr(ev, "ray", SimpleNamespace(get=lambda refs: refs))
-    monkeypatch.setattr(cluster.driver, "score_groups", fake_score_groups)
     calls = []
     real = policy.images.save_captioned_grid
     monkeypatch.setattr(policy.images, "save_captioned_grid",
@@ -101,9 +96,10 @@ def test_evaluate_report_numbers_and_captioned_grids(tmp_path, monkeypatch):
     cfg = OmegaConf.create({"seed": 0, "output_dir": str(tmp_path),
                             "eval": {"samples_per_prompt": 3, "guidance_scale": 2.5}})
     fleet = FakeFleet()
-    report = ev.evaluate(cfg, fleet, pool=None, step=7, decoder=decode)
+    pool = object()
+    report = ev.evaluate(cfg, fleet, pool=pool, step=7, decoder=decode)
 
-    assert fleet.overrides == {"guidance_scale": 2.5}
+    assert fleet.overrides == {"guidance_scale": 2.5} and fleet.pool is pool     # rewards streamed by that pool
     # accuracies by hand: single_object (2 + 0) / 6, counting 2 / 3, colors (3 + 1) / 6; overall = their mean
     assert report["categories"] == pytest.approx({"single_object": 2 / 6, "counting": 2 / 3, "colors": 4 / 6})
     assert list(report["categories"]) == ["single_object", "counting", "colors"]      # GenEval's order

@@ -44,6 +44,12 @@ def test_weight_decay_groups_exclude_biases_and_1d():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
+def test_warmup_cosine_overlapping_is_the_pretraining_schedule():
+    f = WarmupCosine(warmup=30, total=500, overlap=True)
+    old = lambda s: min(1.0, (s + 1) / 30) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / 500)))  # noqa: E731
+    assert [f(s) for s in range(0, 520, 7)] == [old(s) for s in range(0, 520, 7)]
+
+
 def test_warmup_cosine():
     f = WarmupCosine(warmup=4, total=14, min_ratio=0.1)
     assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]

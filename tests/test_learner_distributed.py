@@ -100,14 +100,14 @@ def test_two_ranks_match_one_rank(tmp_path, stage):
     info = json.loads((tmp_path / "info.json").read_text())
     per_rank = [json.loads((tmp_path / f"stats{r}.json").read_text()) for r in range(2)]
     fields = set(UpdateStats.__dataclass_fields__)
-    merged = [{**UpdateStats.merge([UpdateStats(**{k: v for k, v in r[i].items() if k in fields})
-                                    for r in per_rank]).metrics(), **per_rank[0][i]} for i in range(len(STEPS))]
+    merged = [{**per_rank[0][i], **UpdateStats.merge([UpdateStats(**{k: v for k, v in r[i].items() if k in fields})
+                                                       for r in per_rank]).metrics()} for i in range(len(STEPS))]
 
     model, trajs, rewards, prompts = _job_data()
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     one = Learner(model, _config(stage))
     stats, tracker = _train(one, 0, 1, trajs, rewards, prompts)
-    metrics = [{**UpdateStats(**{k: v for k, v in m.items() if k in fields}).metrics(), **m} for m in stats]
+    metrics = [{**m, **UpdateStats(**{k: v for k, v in m.items() if k in fields}).metrics()} for m in stats]
     ref = one.gathered_state_dict()
 
     assert max((ref[k] - initial[k]).abs().max().item() for k in ref) > 1e-4        # it trained
