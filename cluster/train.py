@@ -132,10 +132,9 @@ class InterruptGuard:
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run training to `max_steps`; returns a summary (evaluations before and after, last checkpoint)."""
-    from tqdm import tqdm
+    """Run training to `max_steps`; returns a summary (evaluations before and after, last checkpoint). Everything
+    that can be checked before an actor starts is checked first (see `cluster.preflight`)."""
     from .driver import Trainer
-    from .evaluate import format_table
     from .pretrain import ensure_base_policy
 
     cpu_deepspeed_env()
@@ -153,7 +152,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if mode == "cluster":          # a cluster this process does not own can go away under it
             watch = watch_cluster(cfg.cluster.cluster_lost_s)
         trainer = Trainer(cfg)
-        return _train_loop(cfg, trainer, resume, tqdm, format_table)
+        return _train_loop(cfg, trainer, resume)
     finally:
         if watch is not None:
             watch.set()
@@ -164,7 +163,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             shutdown_local_ray()
 
 
-def _train_loop(cfg: DictConfig, trainer, resume: Optional[str], tqdm, format_table) -> dict[str, Any]:
+def _train_loop(cfg: DictConfig, trainer, resume: Optional[str]) -> dict[str, Any]:
+    from tqdm import tqdm
+    from .evaluate import format_table
     summary: dict[str, Any] = {"output_dir": cfg.output_dir}
     if resume:
         trainer.resume(resume)

@@ -94,7 +94,7 @@ class MagvitConfig:
         return 2 ** (len(self.encoder_ch_mult) - 1)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "MagvitConfig":
+    def from_release_config(cls, d: Mapping[str, Any]) -> "MagvitConfig":
         """A config from a dict: this dataclass's own keys, or nested reference-style ``encoder``/``decoder``
         dicts (``ch``, ``ch_mult``, ``num_res_blocks``, ``attn_resolutions``, ``resolution``, ``z_channels``,
         ``in_ch``, ``out_ch``); every other key (``_class_name``, ``_diffusers_version``, ...) is ignored."""
@@ -111,12 +111,12 @@ class MagvitConfig:
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "MagvitConfig":
         with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+            return cls.from_release_config(json.load(f))
 
     @classmethod
     def from_encoder_decoder(cls, encoder: Mapping[str, Any], decoder: Mapping[str, Any]) -> "MagvitConfig":
         """A config from the reference's separate ``VQGANEncoder`` / ``VQGANDecoder`` keyword dicts."""
-        return cls.from_dict({"encoder": encoder, "decoder": decoder})
+        return cls.from_release_config({"encoder": encoder, "decoder": decoder})
 
     @classmethod
     def from_tiny_fixture(cls, tiny_config: Mapping[str, Any]) -> "MagvitConfig":

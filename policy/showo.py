@@ -51,7 +51,7 @@ class PhiArch:
     max_position_embeddings: int = 2048
 
     @staticmethod
-    def from_dict(d: dict[str, Any]) -> "PhiArch":
+    def from_hf_config(d: dict[str, Any]) -> "PhiArch":
         known = {f.name for f in fields(PhiArch)}
         values = {k: v for k, v in d.items() if k in known}
         rope = d.get("rope_parameters") or {}
@@ -119,7 +119,7 @@ class ShowoConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.phi, dict):
-            self.phi = PhiArch.from_dict(self.phi)
+            self.phi = PhiArch.from_hf_config(self.phi)
         expected = self.llm_vocab_size + self.num_new_special_tokens + self.codebook_size + 1
         if self.vocab_size != expected:
             raise ValueError(f"vocab_size {self.vocab_size} != llm_vocab_size + special + codebook + mask = {expected}")
@@ -193,11 +193,11 @@ class ShowoConfig:
         if isinstance(phi_config, (str, Path)):
             phi_config = json.loads(Path(phi_config).read_text())
         if phi_config:
-            phi = PhiArch.from_dict(phi_config)
+            phi = PhiArch.from_hf_config(phi_config)
         elif raw.get("phi"):
-            phi = PhiArch.from_dict(raw["phi"])
+            phi = PhiArch.from_hf_config(raw["phi"])
         else:
-            phi = PhiArch.from_dict(llm) if llm else PhiArch()
+            phi = PhiArch.from_hf_config(llm) if llm else PhiArch()
             if tensor_shapes:
                 phi = PhiArch.sizes_from_tensors(tensor_shapes, phi)
         values = {k: raw[k] for k in ("vocab_size", "llm_vocab_size", "codebook_size", "num_vq_tokens",

@@ -11,4 +11,4 @@ def showo_config_from_fixture(tiny: dict[str, Any]) -> ShowoConfig:
     return ShowoConfig(vocab_size=tiny["vocab_size"], llm_vocab_size=tiny["llm_vocab_size"],
                        codebook_size=tiny["codebook_size"], num_vq_tokens=tiny["num_vq_tokens"],
                        num_new_special_tokens=tiny["num_new_special_tokens"], max_seq_length=tiny["max_seq_length"],
-                       bos_id=tiny["bos"], eos_id=tiny["eos"], phi=PhiArch.from_dict(tiny["phi"]))
+                       bos_id=tiny["bos"], eos_id=tiny["eos"], phi=PhiArch.from_hf_config(tiny["phi"]))

@@ -69,3 +69,19 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray instance for one test module (12 logical CPUs; every actor limits its own threads), shut down
+    after the module unless one with enough CPUs was already running."""
+    import ray
+    if ray.is_initialized() and ray.cluster_resources().get("CPU", 0) < 10:
+        ray.shutdown()                             # someone's small instance: not enough logical CPUs for us
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=12, include_dashboard=False, configure_logging=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}})
+    yield ray
+    if started:
+        ray.shutdown()

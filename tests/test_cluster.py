@@ -150,20 +150,6 @@ def test_ray_job_submit_runs_training_on_a_real_head(tmp_path):
 # ---------------------------------------------------------------------------------------------- shared Ray + Trainer
 
 @pytest.fixture(scope="module")
-def local_ray():
-    import ray
-    if ray.is_initialized() and ray.cluster_resources().get("CPU", 0) < 10:
-        ray.shutdown()                             # someone's small instance: not enough logical CPUs for us
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=12, include_dashboard=False, configure_logging=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}})
-    yield ray
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def trainer(local_ray, tmp_path_factory):
     """2 rollout workers, 1 reward actor, 1 learner rank, synchronous, collective weight sync."""
     from cluster.driver import Trainer

@@ -101,7 +101,7 @@ def test_magvit_manifest(fixture_dir):
 
 def test_magvit_release_config_json_gives_defaults(tmp_path):
     # the release's config.json holds no architecture (the reference constructor takes no arguments)
-    cfg = MagvitConfig.from_dict({"_class_name": "MAGViTv2", "_diffusers_version": "0.30.0"})
+    cfg = MagvitConfig.from_release_config({"_class_name": "MAGViTv2", "_diffusers_version": "0.30.0"})
     assert cfg == MagvitConfig()
     (tmp_path / "config.json").write_text(json.dumps({"ch": 64, "z_channels": 10, "unused": 1}))
     cfg = MagvitConfig.from_json_file(tmp_path / "config.json")
@@ -118,7 +118,7 @@ def test_magvit_config_from_nested_dicts(tiny_config):
         MagvitConfig(ch=48)
     with pytest.raises(ValueError, match="entries"):
         MagvitConfig(encoder_num_res_blocks=[1, 2])
-    assert MagvitConfig.from_dict({"encoder_num_res_blocks": 2}).encoder_num_res_blocks == [2] * 5
+    assert MagvitConfig.from_release_config({"encoder_num_res_blocks": 2}).encoder_num_res_blocks == [2] * 5
 
 
 def test_magvit_tiny_attention_placement(tiny_config):

@@ -78,20 +78,6 @@ def test_timeline_busy_share_and_chrome_trace(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- streaming (Ray)
 
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-    if ray.is_initialized() and ray.cluster_resources().get("CPU", 0) < 10:
-        ray.shutdown()
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=12, include_dashboard=False, configure_logging=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}})
-    yield ray
-    if started:
-        ray.shutdown()
-
-
 @pytest.mark.integration
 def test_reward_calls_run_as_their_trajectories_arrive(local_ray):
     """A reward call submitted first but waiting on a slow rollout does not hold back one submitted later whose
