@@ -99,9 +99,9 @@ class Timeline:
         return atomic_write_json(self.path, self.trace(), indent=None)
 
 
-def plot_timelines(traces: dict[str, dict], path: str | Path, seconds: Optional[float] = None) -> Path:
+def plot_timelines(traces: dict[str, dict], path: str | Path, window: Optional[tuple[float, float]] = None) -> Path:
     """Gantt charts of Chrome traces (one panel per trace, e.g. a synchronous and an asynchronous run), one row
-    per lane, coloured by role; `seconds` limits each panel to its first seconds."""
+    per lane, coloured by role; `window` = (start, end) seconds from each trace's start limits the panels."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -118,7 +118,7 @@ def plot_timelines(traces: dict[str, dict], path: str | Path, seconds: Optional[
             if e.get("ph") != "X":
                 continue
             start, dur = e["ts"] / 1e6, e["dur"] / 1e6
-            if seconds is not None and start > seconds:
+            if window is not None and (start > window[1] or start + dur < window[0]):
                 continue
             ax.broken_barh([(start, dur)], (rows[(e["pid"], e["tid"])] - 0.4, 0.8),
                            facecolors=colors.get(procs.get(e["pid"]), "black"))
@@ -126,8 +126,11 @@ def plot_timelines(traces: dict[str, dict], path: str | Path, seconds: Optional[
         ax.set_yticklabels([f"{procs.get(p, '?')}: {lanes[(p, t)]}" for p, t in order], fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("seconds")
-        if seconds is not None:
-            ax.set_xlim(0, seconds)
+        if window is not None:
+            ax.set_xlim(*window)
+    from matplotlib.patches import Patch
+    axes[0, 0].legend(handles=[Patch(color=c, label=r) for r, c in colors.items()], loc="upper right", fontsize=7,
+                      ncol=len(colors))
     fig.tight_layout()
     path = atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
