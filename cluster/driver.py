@@ -3,12 +3,14 @@
 Trajectories never pass through the driver: rollout workers return them as object references that the driver
 owns, hands to reward actors and learner ranks, and forgets. Per step:
 
-    rollouts (workers, batched)  →  rewards (reward actors, batched across groups)  →  advantages, filtering
-    and trained steps (here: the algorithm lives in the driver)  →  update (learner ranks only compute)
-    →  weight broadcast (collective group, object-store fallback)  →  metrics / samples / eval / checkpoint
+    rollouts (workers, batched)  →  rewards (reward actors; each worker's groups scored as soon as they exist,
+    the call submitted with the rollout)  →  advantages, filtering and trained steps (here: the algorithm lives
+    in the driver)  →  update (learner ranks only compute)  →  weight sync (NCCL/gloo group, CUDA IPC on a
+    shared GPU, or the object store)  →  metrics / samples / eval / checkpoint, and the run's timeline
 
-`cluster.max_staleness = n > 0` launches the rollouts of the next n steps before the current update, so sampling
-overlaps training; a trajectory more than n versions older than the learner is dropped and re-sampled.
+`cluster.max_staleness = n > 0` launches the rollouts (and their rewards) of the next n steps before the current
+update, so sampling overlaps training; a trajectory more than n versions older than the learner is dropped and
+re-sampled.
 """
 from __future__ import annotations
 
