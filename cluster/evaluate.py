@@ -104,7 +104,6 @@ def format_before_after(before: dict[str, Any], after: dict[str, Any]) -> str:
 
 def evaluate_command(cfg: DictConfig, checkpoint: Optional[str] = None, prompts: Optional[str] = None) -> dict:
     """`maskgrpo eval`: rollout workers with the checkpoint's weights + reward actors; prints the table."""
-    from omegaconf import OmegaConf
     from .config import plain, section
     from .launch import start_reward_pool
     from .train import init_ray, shutdown_local_ray

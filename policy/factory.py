@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .showo import PhiArch, Showo, ShowoConfig
+from .showo import Showo, ShowoConfig
 from .tokenizer import HFTextTokenizer, TextTokenizer, WordTokenizer
 
 ImageDecoder = Callable[[torch.Tensor], torch.Tensor]   # codes long [B, N] -> uint8 [B, H, W, 3]

@@ -54,7 +54,7 @@ def showo_vectors(fixture_dir) -> dict[str, torch.Tensor]:
 @pytest.fixture()
 def tiny_showo(tiny_config_dict, showo_vectors):
     """The fixtures' tiny Show-o with the reference weights loaded through the strict loader."""
-    from policy.showo import Showo, ShowoConfig
+    from policy.showo import Showo
     from policy.tiny import showo_config_from_fixture
     model = Showo(showo_config_from_fixture(tiny_config_dict))
     weights = {k[len("weights."):]: v for k, v in showo_vectors.items() if k.startswith("weights.")}

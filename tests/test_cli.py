@@ -44,7 +44,7 @@ def test_generate_writes_codes_prompts_and_a_captioned_grid(tmp_path, capsys):
     from PIL import Image
 
     from cluster.config import load_config, section
-    from policy.factory import PolicyConfig, build_decoder
+    from policy.factory import build_decoder
     from policy.images import captioned_grid
     saved = _generate(tmp_path / "a")
     assert f"wrote {tmp_path / 'a' / 'generate' / 'grid.png'}" in capsys.readouterr().out
@@ -74,7 +74,7 @@ def test_generate_needs_a_prompt(tmp_path, capsys):
 def test_generate_from_a_saved_checkpoint_matches_the_random_policy(tmp_path):
     """policy.init=<checkpoint dir>: the weights saved from the tiny random policy give the same images."""
     from cluster.config import load_config, section
-    from policy.factory import PolicyConfig, build_showo
+    from policy.factory import build_showo
     model = build_showo(section(load_config(TINY, []), "policy"))
     model.save_pretrained(tmp_path / "ckpt")
     assert torch.equal(_generate(tmp_path / "from_ckpt", f"policy.init={tmp_path / 'ckpt'}")["codes"],
@@ -88,7 +88,7 @@ def test_generate_from_a_saved_checkpoint_matches_the_random_policy(tmp_path):
 def test_eval_of_a_saved_checkpoint(tmp_path):
     """`maskgrpo eval --checkpoint DIR` (a subprocess: it starts and leaves its own Ray instance)."""
     from cluster.config import load_config, section
-    from policy.factory import PolicyConfig, build_showo
+    from policy.factory import build_showo
     from rewards.types import GENEVAL_TAGS
     build_showo(section(load_config(TINY, []), "policy")).save_pretrained(tmp_path / "ckpt")
     out = tmp_path / "run"

@@ -92,7 +92,7 @@ def _model(batch):
 
 def _grads(batch, config: LearnerConfig, advantages, behaviour_shift: float = 0.0, behaviour=None):
     model = _model(batch)
-    trajs, prompts = batch[1], batch[2]
+    trajs = batch[1]
     if behaviour is None:
         behaviour = policy_step_logprobs(model, trajs[0], config.transition) - behaviour_shift
     learner = Learner(model, config)
@@ -153,7 +153,7 @@ def test_kl_beta_zero_builds_no_reference_model(batch):
 def test_kl_against_frozen_reference_hand_checked(batch):
     cfg = LearnerConfig(transition="candidate2", kl_beta=0.5, lr=5e-3, warmup_steps=1, micro_batch_rows=8)
     model = _model(batch)
-    trajs, prompts = batch[1], batch[2]
+    trajs = batch[1]
     learner = Learner(model, cfg)
     ref = learner.reference
     assert ref is not None and ref is not learner.policy
