@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
+from policy.files import atomic_write_json
+
 
 def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
@@ -56,7 +58,7 @@ def main(argv=None) -> int:
                 rewards = [r["reward_mean"] for r in read_metrics(out)]
                 summary["train_reward_first10"] = float(np.mean(rewards[:10]))
                 summary["train_reward_last10"] = float(np.mean(rewards[-10:]))
-                summary_path.write_text(json.dumps(summary, indent=1))
+                atomic_write_json(summary_path, summary)
             before.append(summary["eval_start"])
             after.append(summary["eval_end"])
             extras.append(summary)

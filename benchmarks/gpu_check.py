@@ -37,6 +37,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from policy.files import atomic_write_text
+
 # Nominal dense bf16 peak by device name (FLOP/s). H200: the ~790 TFLOP/s that an 8192^3 bf16 matmul reaches
 # here; H100 SXM: the data-sheet dense figure. `--peak-flops` overrides; the measured matmul rate is printed too.
 PEAK_FLOPS = {"H200": 790e12, "H100": 990e12}
@@ -64,9 +66,9 @@ class Report:
     def save(self) -> None:
         """Write what is known so far (after every stage: a run cut off by its time limit leaves its figures)."""
         if self.json_path:
-            with open(self.json_path, "w") as f:
-                json.dump({"ok": self.ok, "checks": self.checks, "figures": self.figures,
-                           "seconds": time.perf_counter() - self.t0}, f, indent=1, default=str)
+            report = {"ok": self.ok, "checks": self.checks, "figures": self.figures,
+                      "seconds": time.perf_counter() - self.t0}
+            atomic_write_text(self.json_path, json.dumps(report, indent=1, default=str))
 
     def guarded(self, name: str, fn: Callable[[], Any]) -> Any:
         """Run one stage; an exception fails the stage (with its traceback) and the check goes on."""

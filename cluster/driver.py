@@ -27,6 +27,7 @@ from ray.util.placement_group import remove_placement_group
 from actors.types import GroupRequest
 from actors.weight_sync import SyncPath, choose_sync_path
 from learner.update import UpdateStats
+from policy.files import atomic_write_json
 from policy.weights import CheckpointError
 
 from .advantages import PromptStatTracker, plan_update
@@ -324,7 +325,6 @@ class Trainer:
         return self._decoder
 
     def save_samples(self, step: int, groups: list[GroupResult], max_groups: int = 4) -> Optional[Path]:
-        import json
         from policy.images import save_captioned_grid
         if not groups:
             return None
@@ -333,8 +333,7 @@ class Trainer:
         path = save_captioned_grid(images, self.out / "samples" / f"step_{step:06d}.png",
                                    [g.meta.prompt for g in groups[:max_groups]], nrow=self.cfg.data.group_size,
                                    scale=max(1, 128 // images.shape[1]))
-        (self.out / "samples" / f"step_{step:06d}.json").write_text(
-            json.dumps([g.meta.prompt for g in groups[:max_groups]], indent=1))
+        atomic_write_json(self.out / "samples" / f"step_{step:06d}.json", [g.meta.prompt for g in groups[:max_groups]])
         return path
 
     def eval_pool(self):

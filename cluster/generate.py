@@ -1,7 +1,6 @@
 """`maskgrpo generate`: prompts → a PNG grid and the codes, with a progress bar over the unmasking steps."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -10,6 +9,7 @@ from tqdm import tqdm
 
 from policy.device import resolve_device
 from policy.factory import load_policy
+from policy.files import atomic_write, atomic_write_json
 from policy.images import save_captioned_grid
 from policy.sampler import UnmaskingSampler
 
@@ -28,7 +28,7 @@ def generate(cfg: DictConfig, prompts: list[str], num_images: int = 1, out_name:
     out = Path(cfg.output_dir) / out_name
     out.mkdir(parents=True, exist_ok=True)
     grid = save_captioned_grid(images, out / "grid.png", prompts, nrow=num_images, scale=max(1, 256 // images.shape[1]))
-    torch.save({"codes": traj.final_codes, "prompts": prompts, "num_images": num_images, "seeds": seeds},
-               out / "codes.pt")
-    (out / "prompts.json").write_text(json.dumps(prompts, indent=1))
+    codes = {"codes": traj.final_codes, "prompts": prompts, "num_images": num_images, "seeds": seeds}
+    atomic_write(out / "codes.pt", lambda tmp: torch.save(codes, tmp))
+    atomic_write_json(out / "prompts.json", prompts)
     return grid

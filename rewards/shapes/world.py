@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Union
 
 import numpy as np
 
+from policy.files import atomic_write_text
 from rewards.types import GENEVAL_COLORS, GENEVAL_TAGS, GenEvalItem
 
 # Exact RGB value used to draw each of GenEval's ten colours.
@@ -249,9 +250,7 @@ def make_splits(world: WorldLike = None, heldout_fraction: float = 0.25,
 
 def write_jsonl(items: Iterable[GenEvalItem], path: Union[str, os.PathLike]) -> None:
     """Write items as GenEval metadata lines (``{"tag", "include", ["exclude"], "prompt"}``)."""
-    with open(path, "w", encoding="utf-8") as f:
-        for it in items:
-            f.write(json.dumps(it.to_json()) + "\n")
+    atomic_write_text(path, "".join(json.dumps(it.to_json()) + "\n" for it in items))
 
 
 def read_jsonl(path: Union[str, os.PathLike]) -> list[GenEvalItem]:
