@@ -106,35 +106,6 @@ def forward_flops_per_row(cfg) -> tuple[float, float]:
     return 2.0 * (per_token * (n + 2) + cfg.codebook_size * h * n), 2.0 * per_token * (cfg.max_seq_length + 1)
 
 
-def activation_bytes_per_row(cfg) -> float:
-    """A rough upper estimate of the activation memory of one trained (rollout, step) row in bf16: per layer and
-    token ~(16·hidden + 3·intermediate) saved values (about 14·h + 2·i counted: layer-norm inputs, q/k/v before
-    and after their norms and the rotary, attention in/out, MLP in/out), plus the [N, C] logits, fp32 log-probs
-    and their gradient."""
-    h, i, layers = cfg.phi.hidden_size, cfg.phi.intermediate_size, cfg.phi.num_hidden_layers
-    tokens = cfg.num_vq_tokens + 2
-    return layers * tokens * (16 * h + 3 * i) * 2.0 + cfg.num_vq_tokens * cfg.codebook_size * (2 + 4 + 4)
-
-
-def max_rows(cfg, device: torch.device, override: Optional[int]) -> int:
-    """Most rows per micro-batch: what 60 % of the free GPU memory (free on the device plus PyTorch's cached,
-    unused blocks) holds by `activation_bytes_per_row`; call it after a warm-up step (ZeRO allocates its
-    gradient buffers at the first backward)."""
-    if override:
-        return override
-    if device.type != "cuda":
-        return 8
-    free, _ = torch.cuda.mem_get_info(device)
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return max(1, min(64, int(0.6 * free / activation_bytes_per_row(cfg))))
-
-
-def balanced(steps: int, most: int) -> int:
-    """Rows per micro-batch for trajectories of `steps` trained steps: as even as `most` allows (50 steps with
-    at most 31 rows → 25 + 25, not 31 + 19)."""
-    return math.ceil(steps / math.ceil(steps / most))
-
-
 def peak_flops(device: torch.device, override: Optional[float]) -> tuple[Optional[float], str]:
     if override:
         return override, "--peak-flops"
@@ -372,31 +343,30 @@ def run(args) -> Report:
 
     # 3-5. learner ZeRO 2 -----------------------------------------------------------------------------------------
     stages = [int(z) for z in args.zero.split(",") if z != ""]
+    micro_batches = dict(micro_batch_rows=args.micro_batch_rows, gradient_checkpointing=None)   # 0, None: auto
     first = stages[0] if stages else None
     if first is not None:
         report.stage(f"learner: DeepSpeed ZeRO {first}, bf16 {bf16}")
 
         def main_learner():
             lcfg = LearnerConfig(transition=args.transition, lr=args.lr, warmup_steps=1, total_steps=100,
-                                 zero_stage=first, bf16=bf16, reduction="all")
+                                 zero_stage=first, bf16=bf16, reduction="all", **micro_batches)
             learner = Learner(build_model(cfg, device, torch.float32), lcfg, device=device)
             ok, detail = params_equal(learner.policy, rollout)
             report.check("learner and rollout copy start from the same weights", ok, detail)
             report.figures["ratio_before_update"] = ratio_check(report, "same weights, before any update",
                                                                 learner.policy, traj, 25)
 
-            # warm-up: two rows of one rollout (ZeRO's gradient buffers, cuBLAS handles), then size the micro-batches
-            lcfg.reduction, lcfg.reduction_k, lcfg.micro_batch_rows = "first_k", 2, 2
+            # warm-up: two rows of one rollout (ZeRO's gradient buffers, cuBLAS handles, the optimizer state); the
+            # learner sizes its micro-batches from the free memory before it and once more after it
             learner.train_step([GroupUpdate(traj.select(slice(0, 1)), torch.tensor([1.0]),
                                             torch.ones(1, dtype=torch.bool), torch.arange(2))])
-            most = max_rows(cfg, device, args.micro_batch_rows)
-            lcfg.reduction, lcfg.micro_batch_rows = "all", balanced(steps, most)
-            print(f"  micro-batch rows {lcfg.micro_batch_rows} (at most {most}: "
-                  f"{activation_bytes_per_row(cfg) / 2**30:.2f} GiB activations per row, estimated)")
             before = snapshot(learner.policy)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             metrics, t_learn = timed(device, lambda: update(learner, traj, rewards, 0))
+            print(f"  learner's plan: {learner.micro_batch_plan}")
+            report.figures["micro_batch_plan"] = str(learner.micro_batch_plan)
             rows = metrics["rows"]
             learner_flops = 3 * (rows * fwd_row + metrics["micro_batches"] * fwd_prefix)
             lips = group / t_learn
@@ -425,7 +395,7 @@ def run(args) -> Report:
             report.check("rollout copy equals the learner's weights after apply", ok, detail)
 
             report.stage(f"one training step end to end (sample, score, update {args.k} random steps, hand over)")
-            lcfg.reduction, lcfg.reduction_k, lcfg.micro_batch_rows = "random_k", args.k, balanced(args.k, most)
+            lcfg.reduction, lcfg.reduction_k = "random_k", args.k
             seeds = list(range(group, 2 * group))
             traj2, t1 = timed(device, lambda: sampler.sample(text, seeds, group))
             traj2.policy_version = learner.version          # the rollout copy holds the learner's weights
@@ -467,10 +437,10 @@ def run(args) -> Report:
 
         def other_learner(stage=stage):
             lcfg = LearnerConfig(transition=args.transition, lr=args.lr, warmup_steps=1, total_steps=100,
-                                 zero_stage=stage, bf16=bf16, kl_beta=0.01, reduction="random_k", reduction_k=args.k)
+                                 zero_stage=stage, bf16=bf16, kl_beta=0.01, reduction="random_k", reduction_k=args.k,
+                                 **micro_batches)
             learner = Learner(build_model(cfg, device, torch.float32), lcfg, device=device)
-            # no warm-up here: take a third of what the estimate allows (ZeRO and the reference take their share)
-            lcfg.micro_batch_rows = balanced(args.k, max(1, max_rows(cfg, device, args.micro_batch_rows) // 3))
+            # no warm-up here: the learner's first plan keeps room for the optimizer state (learner.memory)
             fresh = build_model(cfg, device, dtype).eval().requires_grad_(False)
             before = snapshot(learner.policy)
             m, t = timed(device, lambda: update(learner, traj, rewards, 0))
@@ -508,7 +478,8 @@ def main(argv=None) -> int:
     ap.add_argument("--zero", default="2,0", help="ZeRO stages: the first runs stages 3-5, the others 6")
     ap.add_argument("--transition", default="candidate1", choices=["candidate1", "candidate2", "ar_style"])
     ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--micro-batch-rows", type=int, default=None, help="default: from free GPU memory")
+    ap.add_argument("--micro-batch-rows", type=int, default=0,
+                    help="default 0: from free GPU memory, as learner.micro_batch_rows=0 (checkpointing: auto)")
     ap.add_argument("--bucket-bytes", type=int, default=256 << 20)
     ap.add_argument("--peak-flops", type=float, default=None, help="bf16 peak FLOP/s (default by device name)")
     ap.add_argument("--budget-s", type=float, default=240.0, help="skip the extra ZeRO stages after this long")

@@ -86,8 +86,8 @@ class LearnerConfig:
     grad_clip: float = 1.0                  # global gradient-norm clip (0 = off)
     # ----- execution -------------------------------------------------------------------------------------------
     zero_stage: int = 0                     # DeepSpeed ZeRO stage 0..3
-    micro_batch_rows: int = 64              # (trajectory, step) rows per forward/backward
-    gradient_checkpointing: bool = False
+    micro_batch_rows: int = 64              # (trajectory, step) rows per forward/backward; 0 = from free GPU memory
+    gradient_checkpointing: Optional[bool] = False  # None = on when too few rows fit without it (learner.memory)
     bf16: Optional[bool] = None             # None = auto: on with CUDA, off on the CPU
     prefix_reuse: bool = True               # encode each trajectory's text prefix once per micro-batch
     max_consecutive_nonfinite: int = 3      # this many skipped (NaN/inf) updates in a row raise an error
@@ -112,7 +112,7 @@ class LearnerConfig:
             (self.lr > 0.0, "learner.lr must be > 0"),
             (len(self.betas) == 2, "learner.betas needs two values"),
             (self.zero_stage in (0, 1, 2, 3), "learner.zero_stage must be 0, 1, 2 or 3"),
-            (self.micro_batch_rows >= 1, "learner.micro_batch_rows must be >= 1"),
+            (self.micro_batch_rows >= 0, "learner.micro_batch_rows must be >= 1, or 0 for auto (free GPU memory)"),
             (self.warmup_steps >= 0 and self.total_steps >= 1, "learner.warmup_steps >= 0 and total_steps >= 1"),
             (0.0 <= self.min_lr_ratio <= 1.0, "learner.min_lr_ratio must lie in [0, 1]"),
             (self.max_consecutive_nonfinite >= 1, "learner.max_consecutive_nonfinite must be >= 1"),

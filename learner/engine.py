@@ -32,6 +32,7 @@ from policy.device import resolve_device
 from . import dist
 from .config import LearnerConfig, StaleLogprobs
 from .loss import mask_grpo_row_loss, scored_terms
+from .memory import FIRST_UPDATE_BYTES_PER_PARAM, MicroBatchPlan, free_bytes, plan_micro_batches
 from .update import GroupUpdate, UpdateStats
 from .weights_export import WeightBucket, iter_weight_buckets
 
@@ -136,7 +137,7 @@ class Chunk:
 
 def plan_chunks(keep: Sequence[torch.Tensor], steps: Sequence[torch.Tensor], max_rows: int) -> list[Chunk]:
     """Rectangular micro-batches within each group: whole trajectories (all trained steps) when they fit,
-    else one trajectory's steps split into runs of `max_rows`."""
+    else one trajectory's steps split into runs of equal length (at most `max_rows`)."""
     chunks = []
     for g, (k, st) in enumerate(zip(keep, steps)):
         samples = k.nonzero().flatten()
@@ -147,9 +148,10 @@ def plan_chunks(keep: Sequence[torch.Tensor], steps: Sequence[torch.Tensor], max
             for i in range(0, samples.numel(), per):
                 chunks.append(Chunk(g, samples[i:i + per], st))
         else:
+            size = math.ceil(st.numel() / math.ceil(st.numel() / max_rows))   # even runs: 50 by 31 -> 25 + 25
             for b in samples:
-                for j in range(0, st.numel(), max_rows):
-                    chunks.append(Chunk(g, b.view(1), st[j:j + max_rows]))
+                for j in range(0, st.numel(), size):
+                    chunks.append(Chunk(g, b.view(1), st[j:j + size]))
     return chunks
 
 
@@ -171,7 +173,7 @@ class Learner:
         self.bf16 = self.device.type == "cuda" if config.bf16 is None else bool(config.bf16)
         if self.bf16 and self.device.type != "cuda":
             raise ValueError("bf16 training needs CUDA; on the CPU use bf16=False (or None for auto)")
-        model.gradient_checkpointing = bool(config.gradient_checkpointing)
+        model.gradient_checkpointing = bool(config.gradient_checkpointing)   # re-decided per update when auto
         model.to(self.device)
 
         # A frozen reference exists only for a real KL term (kl_beta == 0: no reference model at all).
@@ -204,6 +206,9 @@ class Learner:
         self.consecutive_nonfinite = 0
         self.last_checkpoint: Optional[str] = None
         self.driver_state: Optional[dict[str, Any]] = None   # the caller's own JSON state, kept in checkpoints
+        self.micro_batch_plan: Optional[MicroBatchPlan] = None
+        self._updated = False           # an optimizer step ran in this process (its state is allocated)
+        self._plan_final = False
 
     # ----- properties -----------------------------------------------------------------------------------------
     @property
@@ -237,7 +242,8 @@ class Learner:
         kept = sum(int(g.keep.sum()) for g in groups)
         terms = sum(float(scored_terms(g.trajectory.select(g.keep.nonzero().flatten()), cfg.transition,
                                        g.steps).sum()) for g in groups) if cfg.loss_average == "token" else 0.0
-        chunks = plan_chunks([g.keep for g in groups], [g.steps for g in groups], cfg.micro_batch_rows)
+        plan = self._plan_micro_batches()
+        chunks = plan_chunks([g.keep for g in groups], [g.steps for g in groups], plan.rows)
         g_kept, g_terms = dist.all_reduce([kept, terms])
         (n_chunks,) = dist.all_reduce([len(chunks)], op="max")
         stats = UpdateStats(micro_batches=float(n_chunks), has_reference=self.reference is not None)
@@ -305,6 +311,28 @@ class Learner:
         stats.nonfinite_skipped = bad > 0        # this rank's view; the update is skipped on every rank
         stats.seconds_forward_backward += time.perf_counter()
         return stats
+
+    def _plan_micro_batches(self) -> MicroBatchPlan:
+        """Rows per micro-batch and checkpointing (`learner.memory`). With an `auto` setting on a GPU the plan is
+        made before the first update (keeping room for the optimizer state it allocates) and once more after it,
+        then kept: rows that change with every reading of free memory would make updates irreproducible."""
+        cfg = self.config
+        if self.micro_batch_plan is not None and self._plan_final:
+            return self.micro_batch_plan
+        auto = cfg.micro_batch_rows == 0 or cfg.gradient_checkpointing is None
+        reserved = 0
+        if auto and not self._updated and self.device.type == "cuda":
+            n = sum(getattr(p, "ds_numel", p.numel()) for p in self.policy.parameters() if p.requires_grad)
+            reserved = FIRST_UPDATE_BYTES_PER_PARAM * n
+        plan = plan_micro_batches(self.policy.config, cfg.micro_batch_rows, cfg.gradient_checkpointing,
+                                  free_bytes(self.device) if auto else None, reserved)
+        self._plan_final = self._updated or not auto or self.device.type != "cuda"
+        if self.micro_batch_plan is None or (plan.rows, plan.checkpointing) != (self.micro_batch_plan.rows,
+                                                                               self.micro_batch_plan.checkpointing):
+            log.info("learner rank %d: %s", self.rank, plan)
+        self.policy.gradient_checkpointing = plan.checkpointing
+        self.micro_batch_plan = plan
+        return plan
 
     @torch.no_grad()
     def _proximal_logprobs(self, chunks: list[Chunk], trajectories: list[Trajectory], beh: list[torch.Tensor],
@@ -379,6 +407,7 @@ class Learner:
         elif not stats.no_signal_skipped:
             self.consecutive_nonfinite = 0
             self.step += 1
+            self._updated = True
         stats.nonfinite_skipped = skipped_nonfinite
         stats.nonfinite_total = self.nonfinite_total
         stats.version = self.version

@@ -150,6 +150,8 @@ def test_cluster_configs_load_once_paths_are_set(name, tmp_path):
                              f"data.eval_prompts={prompts}"])
     c = cfg.cluster
     assert cfg.learner.zero_stage == 2 and cfg.learner.bf16 is True and c.learner_gpus == 1
+    # micro-batches sized from free GPU memory, checkpointing only when needed (learner.memory)
+    assert cfg.learner.micro_batch_rows == 0 and cfg.learner.gradient_checkpointing is None
     assert cfg.data.prompts_per_step % c.num_learner_ranks == 0
     if name == "cluster_1node_8gpu.yaml":                 # everything fits on 8 GPUs
         assert c.num_rollout_workers * c.rollout_gpus + c.num_reward_actors * c.reward_gpus + \

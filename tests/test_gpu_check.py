@@ -28,7 +28,8 @@ runpy.run_module("benchmarks.gpu_check", run_name="__main__")
 def test_gpu_check_tiny_on_cpu_without_ray_or_omegaconf(tmp_path):
     out = tmp_path / "gpu_check.json"
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run([sys.executable, "-c", BLOCKED_RUN, "--tiny", "--device", "cpu", "--json", str(out)],
+    proc = subprocess.run([sys.executable, "-c", BLOCKED_RUN, "--tiny", "--device", "cpu", "--json", str(out),
+                           "--micro-batch-rows", "4"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
@@ -43,3 +44,6 @@ def test_gpu_check_tiny_on_cpu_without_ray_or_omegaconf(tmp_path):
     figures = report["figures"]
     for key in ("sampler_img_s", "learner_img_s", "e2e_img_s", "export_apply_seconds"):
         assert figures[key] > 0, key
+    # 6 trained steps per rollout in runs of 3 rows (the GPU default, 0, sizes them from free memory)
+    assert figures["micro_batch_plan"].startswith("4 rows per micro-batch, checkpointing off")
+    assert figures["learner_metrics"]["micro_batches"] == 2 * figures["learner_metrics"]["rows"] / 6

@@ -24,7 +24,7 @@ def test_config_defaults_validation_and_round_trip():
     assert LearnerConfig(**{**cfg.to_dict(), "betas": tuple(cfg.betas)}) == cfg
     assert [t.value for t in Transition] == list(TRANSITIONS)      # the learner's enum and the policy's names
     for bad in (dict(transition="candidate3"), dict(clip_low=1.1), dict(clip_high=0.95), dict(reduction="half"),
-                dict(loss_average="mean"), dict(advantage="ppo"), dict(zero_stage=4), dict(micro_batch_rows=0),
+                dict(loss_average="mean"), dict(advantage="ppo"), dict(zero_stage=4), dict(micro_batch_rows=-1),
                 dict(kl_beta=-1.0), dict(max_consecutive_nonfinite=0)):
         with pytest.raises(ValueError):
             LearnerConfig(**bad)
@@ -75,7 +75,7 @@ def test_micro_batch_plan():
     steps = [torch.arange(3), torch.arange(3), torch.arange(7)]
     chunks = plan_chunks(keep, steps, max_rows=6)
     assert [(c.group, c.samples.tolist(), c.steps.tolist()) for c in chunks] == [
-        (0, [0, 2], [0, 1, 2]), (0, [3], [0, 1, 2]), (2, [0], [0, 1, 2, 3, 4, 5]), (2, [0], [6])]
+        (0, [0, 2], [0, 1, 2]), (0, [3], [0, 1, 2]), (2, [0], [0, 1, 2, 3]), (2, [0], [4, 5, 6])]   # 7 steps in even runs, not 6 + 1
     assert all(c.rows <= 6 for c in chunks)
 
 
