@@ -10,15 +10,21 @@ from .errors import run_failures
 from .prompts import PromptFileError, read_prompts
 
 
+EXAMPLES = {"generate": "output_dir=runs/x seed=1 sampler.steps=16", "pretrain": "output_dir=runs/x seed=1",
+            "train": "output_dir=runs/x seed=1 max_steps=5 resume=auto", "eval": "output_dir=runs/x eval.samples_per_prompt=4"}
+EPILOG = ("exit status: 0 done, 1 the run failed (cause and fix in the last line), 2 bad input, 130 Ctrl-C (the last "
+          "line names the checkpoint and the resume=auto command)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="maskgrpo", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in [("generate", "sample images for prompts"), ("pretrain", "train the tiny base model"),
                         ("train", "Mask-GRPO training (local or on a Ray cluster)"),
                         ("eval", "GenEval-style evaluation of a checkpoint")]:
-        s = sub.add_parser(name, help=help_)
-        s.add_argument("--config", default=None, help="YAML config (see configs/)")
-        s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. output_dir=runs/x seed=1 max_steps=5")
+        s = sub.add_parser(name, help=help_, epilog=EPILOG)
+        s.add_argument("--config", default=None, help="YAML config (see configs/; without it: the schema's defaults)")
+        s.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {EXAMPLES[name]}")
         if name == "generate":
             s.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
             s.add_argument("--prompts", default=None, help="a prompt file (.txt, .jsonl, .parquet)")
@@ -26,8 +32,10 @@ def _parser() -> argparse.ArgumentParser:
         if name == "eval":
             s.add_argument("--checkpoint", default=None, help="checkpoint dir (default: policy.init)")
             s.add_argument("--prompts", default=None, help="GenEval metadata .jsonl (default: data.eval_prompts)")
-    s = sub.add_parser("bench", help="benchmarks: maskgrpo bench WHAT [the benchmark's own options]")
-    s.add_argument("what", nargs="?", default="sampler", choices=["sampler", "learner", "rewards", "pipeline"])
+    s = sub.add_parser("bench", help="benchmarks: maskgrpo bench WHAT [the benchmark's own options]",
+                       epilog="each benchmark takes its own options (maskgrpo bench WHAT --help), not --config")
+    s.add_argument("what", nargs="?", default="sampler", choices=["sampler", "learner", "rewards", "pipeline"],
+                   help="which benchmark (default: sampler)")
     s.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to benchmarks.bench_WHAT (e.g. --sizes tiny)")
     return p
 
@@ -62,7 +70,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "bench":
-        from benchmarks import run_benchmark
+        try:
+            from benchmarks import run_benchmark
+        except ModuleNotFoundError as e:
+            if e.name != "benchmarks":
+                raise
+            print("maskgrpo bench: the benchmarks package is not installed in this environment (an install older "
+                  "than it): run `bash scripts/setup.sh` again, or run from the repository root", file=sys.stderr)
+            return 2
         return run_benchmark(args.what, args.bench_args)
     try:
         cfg = load_config(args.config, args.overrides)

@@ -243,8 +243,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         OmegaConf.to_object(cfg)             # runs every section's checks (see the module docstring)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
-        raise ConfigError(f"invalid config{f' at {key!r}' if key else ''}: {e.msg if hasattr(e, 'msg') else e}\n"
-                          f"  fix: check the key's spelling and type against cluster/config.py") from None
+        what = str(getattr(e, "msg", None) or e).splitlines()[0]     # without OmegaConf's full_key/type lines
+        raise ConfigError(f"invalid config{f' at {key!r}' if key else ''}: {what} (the keys, types and allowed "
+                          f"values are the dataclasses in cluster/config.py)") from None
     except ValueError as e:
         if isinstance(e, ConfigError):
             raise
@@ -265,7 +266,14 @@ def _config_files(path: str | Path | None, seen: tuple[Path, ...] = ()) -> list[
     try:
         loaded = OmegaConf.load(p)
     except Exception as e:  # yaml syntax errors
-        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[-1]
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML{where}: {problem}; fix the file there "
+                          f"(an unclosed bracket or quote, or a tab in the indentation, is the usual cause)") from None
+    if isinstance(loaded, DictConfig) and "variants" in loaded:
+        raise ConfigError(f"{str(p)!r} lists ablation variants for `python -m benchmarks.ablations --config {p}`; "
+                          f"it is not a run config: train with its base ({loaded.get('base')}) and overrides")
     base = loaded.pop("base", None) if isinstance(loaded, DictConfig) else None
     layers = _config_files(p.parent / str(base), seen + (p.resolve(),)) if base is not None else []
     return layers + [loaded]

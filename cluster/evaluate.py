@@ -31,7 +31,9 @@ def report_path(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / "eval" / f"step_{step:06d}.json"
 
 
-def evaluate(cfg: DictConfig, fleet: RolloutFleet, pool, step: int, decoder=None) -> dict[str, Any]:
+def evaluate(cfg: DictConfig, fleet: RolloutFleet, pool, step: int, decoder=None,
+             path: Optional[Path] = None) -> dict[str, Any]:
+    """Score the held-out prompts; the report goes to `path` (default: the run's `eval/step_NNNNNN.json`)."""
     from rewards.geneval import summarize_geneval
     k = cfg.eval.samples_per_prompt
     overrides = {"guidance_scale": float(cfg.eval.guidance_scale)}
@@ -46,7 +48,7 @@ def evaluate(cfg: DictConfig, fleet: RolloutFleet, pool, step: int, decoder=None
     report = summarize_geneval(tags, verdicts)
     report.update({"step": step, "reward_mean": float(torch.tensor(rewards).mean()) if rewards else float("nan"),
                    "samples_per_prompt": k, "guidance_scale": float(cfg.eval.guidance_scale)})
-    path = atomic_write_json(report_path(cfg.output_dir, step), report)
+    path = atomic_write_json(path or report_path(cfg.output_dir, step), report)
     if decoder is not None and groups:
         _category_grids(groups, tags, verdicts, k, decoder, path.with_suffix(""))
     return report
@@ -103,17 +105,29 @@ def format_before_after(before: dict[str, Any], after: dict[str, Any]) -> str:
 
 
 def evaluate_command(cfg: DictConfig, checkpoint: Optional[str] = None, prompts: Optional[str] = None) -> dict:
-    """`maskgrpo eval`: rollout workers with the checkpoint's weights + reward actors; prints the table."""
-    from .config import plain, section
+    """`maskgrpo eval`: rollout workers with the checkpoint's weights + reward actors; prints the table. The report
+    is `eval/step_NNNNNN.json` of output_dir for the checkpoint's step (0 for a release), or, when the run already
+    has that file (its own evaluation), the next free name (`step_NNNNNN.1.json`): a run's reports are kept."""
+    from policy.files import unused_path
+    from .config import ConfigError, plain, section
     from .launch import start_reward_pool
-    from .train import init_ray, shutdown_local_ray
+    from .preflight import StartupError, prepare_output_dir, root_cause, verify_policy_init
+    from .train import checkpoint_step, init_ray, shutdown_local_ray
     if checkpoint is not None:
-        path = Path(checkpoint)
+        path = Path(checkpoint).expanduser()
         if not path.exists():
-            raise FileNotFoundError(f"checkpoint {checkpoint!r} not found")
+            raise ConfigError(f"--checkpoint {checkpoint!r} does not exist: give a checkpoint directory (e.g. "
+                              f"runs/default/checkpoints/step_000150) or a Show-o release directory")
         cfg.policy.init = str(path)   # a training checkpoint holds config.json + pytorch_model.safetensors
     if prompts is not None:
         cfg.data.eval_prompts = prompts
+    prepare_output_dir(cfg.output_dir)
+    note = verify_policy_init(cfg)
+    if note:
+        print(f"[maskgrpo] {note}", flush=True)
+    init = Path(str(cfg.policy.init)).expanduser()
+    step = checkpoint_step(init) if init.is_dir() else 0
+    out = unused_path(report_path(cfg.output_dir, step))
     mode = init_ray(cfg)
     try:
         fleet = RolloutFleet(cfg)
@@ -122,7 +136,9 @@ def evaluate_command(cfg: DictConfig, checkpoint: Optional[str] = None, prompts:
         try:
             from policy.factory import build_decoder
             decoder = build_decoder(section(cfg, "policy"), "cpu")
-            report = evaluate(cfg, fleet, pool, step=0, decoder=decoder)
+            report = evaluate(cfg, fleet, pool, step=step, decoder=decoder, path=out)
+        except ray.exceptions.RayError as e:           # an actor could not load the weights, or died
+            raise StartupError(f"evaluation of policy.init={str(cfg.policy.init)!r} failed: {root_cause(e)}") from None
         finally:
             fleet.shutdown()
             pool.shutdown()
@@ -130,5 +146,5 @@ def evaluate_command(cfg: DictConfig, checkpoint: Optional[str] = None, prompts:
         if mode == "local":
             shutdown_local_ray()
     print(format_table(report, f"GenEval ({cfg.policy.init})"))
-    print(f"reward mean {report['reward_mean']:.4f}; report in {Path(cfg.output_dir) / 'eval'}")
+    print(f"reward mean {report['reward_mean']:.4f}; report {out}, image grids in {out.with_suffix('')}")
     return report

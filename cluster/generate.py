@@ -13,10 +13,14 @@ from policy.files import atomic_write, atomic_write_json
 from policy.images import save_captioned_grid
 from policy.sampler import UnmaskingSampler
 
-from .config import section
+from .config import ConfigError, section
+from .preflight import prepare_output_dir
 
 
 def generate(cfg: DictConfig, prompts: list[str], num_images: int = 1, out_name: str = "generate") -> Path:
+    if num_images < 1:
+        raise ConfigError(f"--num-images {num_images}: give at least 1 image per prompt")
+    prepare_output_dir(cfg.output_dir)
     device = resolve_device(cfg.device)
     policy = load_policy(section(cfg, "policy"), device)
     sampler_cfg = section(cfg, "sampler")

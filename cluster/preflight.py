@@ -11,6 +11,7 @@ import math
 import re
 import time
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -39,6 +40,39 @@ def prepare_output_dir(output_dir: str | Path) -> Path:
     return out
 
 
+def refuse_to_mix_runs(output_dir: str | Path, resume: Optional[str]) -> None:
+    """A new run (no `resume`) into a directory that already holds a run's steps would interleave two runs'
+    metrics and checkpoints (and a later resume=auto would continue the old one): refuse, naming both ways out."""
+    if resume is not None:
+        return
+    out = Path(output_dir)
+    metrics = out / "metrics.jsonl"
+    lines = sum(1 for line in metrics.open(encoding="utf-8", errors="replace") if line.strip()) \
+        if metrics.is_file() else 0
+    checkpoints = sorted(p.name for p in (out / "checkpoints").glob("step_*")) if (out / "checkpoints").is_dir() else []
+    if lines or checkpoints:
+        held = ", ".join(([f"{lines} metric lines"] if lines else [])
+                         + ([f"checkpoints up to {checkpoints[-1]}"] if checkpoints else []))
+        raise ConfigError(f"output_dir={str(output_dir)!r} already holds a run ({held}): continue it with "
+                          f"resume=auto, or start a new run in another directory (output_dir=runs/<new name>)")
+
+
+def config_changes(saved: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between a run's saved config.yaml and the config it resumes with (the
+    keys that only steer this invocation, `resume` and `max_steps`, are left out)."""
+    changes = []
+    for key in sorted(set(saved) | set(new)):
+        name = f"{prefix}{key}"
+        if name in ("resume", "max_steps"):
+            continue
+        a, b = saved.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += config_changes(a, b, name + ".")
+        elif a != b:
+            changes.append(f"{name}: {a!r} -> {b!r}")
+    return changes
+
+
 # ----- initial weights --------------------------------------------------------------------------------------------
 def verify_policy_init(cfg: DictConfig) -> Optional[str]:
     """When `policy.init` is one of our checkpoints (a directory with manifest.json, e.g. a training checkpoint or
@@ -53,6 +87,12 @@ def verify_policy_init(cfg: DictConfig) -> Optional[str]:
     if init in ("random", "pretrained"):
         return None
     path = Path(init).expanduser()
+    if path.is_file():
+        problem = unreadable_weights(path)
+        if problem:
+            raise ConfigError(f"policy.init={init!r} is not a weights file ({problem}): give a Show-o release or "
+                              f"checkpoint directory, a .safetensors / torch.save file, 'random' or 'pretrained'")
+        return None
     if not path.is_dir():
         return None
     manifest_path = path / MANIFEST
@@ -83,6 +123,21 @@ def verify_policy_init(cfg: DictConfig) -> Optional[str]:
             return (f"policy.arch taken from {path / 'config.json'} ({arch.phi.num_hidden_layers} layers, hidden "
                     f"{arch.phi.hidden_size}, {arch.num_vq_tokens} image tokens); config.yaml records it")
     return None
+
+
+def unreadable_weights(f: Path) -> Optional[str]:
+    """Why `f` cannot be a weights file (None when its header reads): checked before any actor starts."""
+    if f.suffix == ".safetensors":
+        from safetensors import safe_open
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                handle.keys()
+            return None
+        except Exception as e:           # safetensors raises its own error types for a damaged header
+            return f"{type(e).__name__}: {e}"
+    if zipfile.is_zipfile(f):
+        return None
+    return "neither a safetensors file nor a torch.save archive"
 
 
 # ----- cluster resources ------------------------------------------------------------------------------------------
@@ -139,6 +194,17 @@ def check_cluster_resources(cfg: DictConfig, wait_s: float,
                                f"{wait_s:g} s for more nodes, cluster.resource_wait_s):\n  - "
                                + "\n  - ".join(problems))
         time.sleep(poll_s)
+
+
+def check_local_resources(cfg: DictConfig) -> None:
+    """In local mode (a private Ray instance on this machine) the GPUs are known before anything starts: fail
+    at once when the config asks for more than this machine has (before pretraining a base, say)."""
+    import torch
+    gpus = float(torch.cuda.device_count())
+    problems = resource_problems(cfg, {"CPU": math.inf, "GPU": gpus}, [gpus])
+    if problems:
+        raise StartupError("this machine cannot hold the run (local mode: no cluster.address):\n  - "
+                           + "\n  - ".join(problems))
 
 
 def _ray_resources() -> tuple[dict[str, float], list[float]]:

@@ -18,9 +18,11 @@ from typing import Any, Iterator, Optional, Sequence
 
 from omegaconf import DictConfig
 
+from policy.files import unused_path
+
 from .config import save_resolved
-from .preflight import (StartupError, check_cluster_resources, prepare_output_dir, required_resources,
-                        verify_policy_init)
+from .preflight import (StartupError, check_cluster_resources, check_local_resources, config_changes,
+                        prepare_output_dir, refuse_to_mix_runs, required_resources, verify_policy_init)
 from .runtime import cpu_deepspeed_env, watch_cluster
 
 
@@ -90,6 +92,45 @@ def _resume_path(cfg: DictConfig) -> Optional[str]:
     return str(cfg.resume)
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The training step a checkpoint was saved at (its trainer_state.json; its directory name otherwise)."""
+    import json
+    import re
+    state = Path(path) / "trainer_state.json"
+    try:
+        return int(json.loads(state.read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        m = re.search(r"step_(\d+)", Path(path).name)
+        return int(m.group(1)) if m else 0
+
+
+def keep_history(cfg: DictConfig, step: int) -> None:
+    """Before a resumed run writes its own config.yaml and timeline.json, keep the earlier ones (as
+    ``config.before_step_NNNNNN.yaml`` when the config changed, ``timeline.before_step_NNNNNN.json``) and name
+    every changed key, so that the run directory still says what trained steps 0..step-1."""
+    from omegaconf import OmegaConf
+    out = Path(cfg.output_dir)
+    saved_path = out / "config.yaml"
+    if saved_path.is_file():
+        try:
+            saved = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True)
+        except Exception as e:                     # a damaged config.yaml must not stop the resume
+            saved, changes = None, [f"(the saved config.yaml is unreadable: {type(e).__name__})"]
+        if saved is not None:
+            # compared as config.yaml would hold it (the YAML round trip turns tuples into lists)
+            new = OmegaConf.to_container(OmegaConf.create(OmegaConf.to_yaml(cfg, resolve=True)))
+            changes = config_changes(saved, new)
+        if changes:
+            kept = unused_path(out / f"config.before_step_{step:06d}.yaml")
+            os.replace(saved_path, kept)
+            print(f"[maskgrpo] resuming with a changed config ({len(changes)} keys; steps before {step} ran with "
+                  f"{kept.name}):\n  " + "\n  ".join(changes), flush=True)
+    timeline = out / "timeline.json"
+    if timeline.is_file():
+        os.replace(timeline, unused_path(out / f"timeline.before_step_{step:06d}.json"))
+
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C: the run stopped; `checkpoint` is where it can continue from (None: nothing saved yet)."""
 
@@ -139,16 +180,27 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     cpu_deepspeed_env()
     prepare_output_dir(cfg.output_dir)
+    refuse_to_mix_runs(cfg.output_dir, cfg.resume)
+    if not (in_ray_job() or cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
+        check_local_resources(cfg)
     ensure_base_policy(cfg)
     note = verify_policy_init(cfg)
     if note:
         print(f"[maskgrpo] {note}", flush=True)
     resume = _resume_path(cfg)
+    if resume is not None:
+        done = checkpoint_step(resume)
+        if done >= cfg.max_steps:
+            print(f"[maskgrpo] {resume} is at step {done} >= max_steps={cfg.max_steps}: nothing to train (raise "
+                  f"max_steps to continue)", flush=True)
+            return {"output_dir": cfg.output_dir, "checkpoint": resume, "nothing_to_do": True}
+        keep_history(cfg, done)
     save_resolved(cfg, cfg.output_dir)
     mode = init_ray(cfg)
     trainer, watch = None, None
     try:
-        check_cluster_resources(cfg, cfg.cluster.resource_wait_s)
+        # a private local instance never grows: no point waiting for nodes an autoscaler might add
+        check_cluster_resources(cfg, 0.0 if mode == "local" else cfg.cluster.resource_wait_s)
         if mode == "cluster":          # a cluster this process does not own can go away under it
             watch = watch_cluster(cfg.cluster.cluster_lost_s)
         trainer = Trainer(cfg)

@@ -246,7 +246,8 @@ class Learner:
         chunks = plan_chunks([g.keep for g in groups], [g.steps for g in groups], plan.rows)
         g_kept, g_terms = dist.all_reduce([kept, terms])
         (n_chunks,) = dist.all_reduce([len(chunks)], op="max")
-        stats = UpdateStats(micro_batches=float(n_chunks), has_reference=self.reference is not None)
+        stats = UpdateStats(micro_batches=float(n_chunks), has_reference=self.reference is not None,
+                            micro_batch_rows=float(plan.rows), checkpointing=plan.checkpointing)
         stats.seconds_forward_backward = -t0     # completed below
         if g_kept == 0:
             stats.no_signal_skipped = True
@@ -329,7 +330,7 @@ class Learner:
         self._plan_final = self._updated or not auto or self.device.type != "cuda"
         if self.micro_batch_plan is None or (plan.rows, plan.checkpointing) != (self.micro_batch_plan.rows,
                                                                                self.micro_batch_plan.checkpointing):
-            log.info("learner rank %d: %s", self.rank, plan)
+            print(f"[maskgrpo] learner rank {self.rank}: {plan}", flush=True)   # shown by the driver too
         self.policy.gradient_checkpointing = plan.checkpointing
         self.micro_batch_plan = plan
         return plan

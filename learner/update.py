@@ -39,6 +39,8 @@ class UpdateStats:
     stale_rows: float = 0.0             # rows whose ratio was taken against recomputed (proximal) log-probs
     stale_behaviour_kl: float = 0.0     # Σ k3 KL(behaviour ‖ proximal) over those rows: how far the weights moved
     micro_batches: float = 0.0
+    micro_batch_rows: float = 0.0       # the rank's plan (learner.memory); merged: the smallest
+    checkpointing: bool = False         # merged: on for any rank
     # the same on every rank
     grad_norm: float = 0.0
     lr: float = 0.0
@@ -63,6 +65,8 @@ class UpdateStats:
         for k in UpdateStats._SUMMED:
             setattr(out, k, sum(getattr(p, k) for p in parts))
         out.micro_batches = max(p.micro_batches for p in parts)
+        out.micro_batch_rows = min(p.micro_batch_rows for p in parts)
+        out.checkpointing = any(p.checkpointing for p in parts)
         out.ratio_max = max(p.ratio_max for p in parts)
         out.on_policy_dev = [d for p in parts for d in p.on_policy_dev]
         for k in ("seconds_fetch", "seconds_forward_backward", "seconds_step"):
@@ -78,6 +82,7 @@ class UpdateStats:
                "ratio_mean": self.ratio_sum / rows, "ratio_max": self.ratio_max, "approx_kl": self.approx_kl_sum / rows,
                "staleness_mean": self.stale_sum / rows, "grad_norm": self.grad_norm, "lr": self.lr,
                "version": float(self.version), "micro_batches": self.micro_batches,
+               "micro_batch_rows": self.micro_batch_rows, "checkpointing": float(self.checkpointing),
                "nonfinite_skipped": float(self.nonfinite_skipped), "nonfinite_total": float(self.nonfinite_total),
                "no_signal_skipped": float(self.no_signal_skipped), "seconds_fetch": self.seconds_fetch,
                "seconds_forward_backward": self.seconds_forward_backward, "seconds_step": self.seconds_step,

@@ -98,3 +98,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 1) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def unused_path(path: str | os.PathLike) -> Path:
+    """`path`, or `path` with .1, .2, ... before its suffix when that name is taken: for files kept beside the
+    ones a run writes (an earlier run's timeline, a second evaluation of the same step), never overwriting."""
+    path = Path(path)
+    n, candidate = 0, path
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}.{n}{path.suffix}")
+    return candidate

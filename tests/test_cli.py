@@ -86,28 +86,33 @@ def test_generate_from_a_saved_checkpoint_matches_the_random_policy(tmp_path):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_eval_of_a_saved_checkpoint(tmp_path):
-    """`maskgrpo eval --checkpoint DIR` (a subprocess: it starts and leaves its own Ray instance)."""
+    """`maskgrpo eval --checkpoint DIR` (a subprocess: it starts and leaves its own Ray instance). The report is
+    named by the checkpoint's step and never replaces one the run already has."""
     from cluster.config import load_config, section
     from policy.factory import build_showo
     from rewards.types import GENEVAL_TAGS
-    build_showo(section(load_config(TINY, []), "policy")).save_pretrained(tmp_path / "ckpt")
+    ckpt = tmp_path / "checkpoints" / "step_000007"
+    build_showo(section(load_config(TINY, []), "policy")).save_pretrained(ckpt)
     out = tmp_path / "run"
+    (out / "eval").mkdir(parents=True)
+    (out / "eval" / "step_000007.json").write_text('{"overall": 0.5}')        # the run's own evaluation
     proc = subprocess.run([sys.executable, "-m", "cluster.cli", "eval", "--config", TINY, "--checkpoint",
-                           str(tmp_path / "ckpt"), f"output_dir={out}", "eval.samples_per_prompt=2"],
+                           str(ckpt), f"output_dir={out}", "eval.samples_per_prompt=2"],
                           cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads((out / "eval" / "step_000000.json").read_text())
+    assert json.loads((out / "eval" / "step_000007.json").read_text()) == {"overall": 0.5}   # kept
+    report = json.loads((out / "eval" / "step_000007.1.json").read_text())
     cats = report["categories"]
     assert report["images"] == 8 * 2 and sum(report["counts"].values()) == 16        # eval_max_prompts x samples
     assert set(cats) <= set(GENEVAL_TAGS) and len(cats) == 6                         # round-robin over the six tags
     assert report["overall"] == pytest.approx(sum(cats.values()) / len(cats))
     for tag, acc in cats.items():                                                    # k/n of n = 2 or 4 images
         assert (acc * report["counts"][tag]) == pytest.approx(round(acc * report["counts"][tag]))
-    assert report["samples_per_prompt"] == 2 and report["step"] == 0
-    assert sorted(p.name for p in (out / "eval" / "step_000000").iterdir()) == sorted(f"{t}.png" for t in cats)
+    assert report["samples_per_prompt"] == 2 and report["step"] == 7
+    assert sorted(p.name for p in (out / "eval" / "step_000007.1").iterdir()) == sorted(f"{t}.png" for t in cats)
     # the printed table is the report's, titled with the checkpoint evaluated
     from cluster.evaluate import format_table
-    assert format_table(report, f"GenEval ({tmp_path / 'ckpt'})") in proc.stdout
+    assert format_table(report, f"GenEval ({ckpt})") in proc.stdout
 
 
 # ---------------------------------------------------------------------------------------------- bench

@@ -32,7 +32,8 @@ def test_tiny_config_loads():
                                            ("learner.learning_rate=1e-3", "learner.learning_rate")])
 def test_unknown_key_names_the_key(override, key):
     msg = _error([override])
-    assert f"'{key}'" in msg and "not in" in msg and "fix:" in msg
+    assert f"'{key}'" in msg and "not in" in msg and "dataclasses in cluster/config.py" in msg
+    assert len(msg.splitlines()) == 1                       # the key, the problem and where to look: one line
 
 
 @pytest.mark.parametrize("override, key", [("max_steps=many", "max_steps"), ("data.group_size=1.5", "data.group_size"),
@@ -48,7 +49,10 @@ def test_malformed_overrides_and_files(tmp_path):
     assert "not found" in _error([], path=tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("max_steps: [1\n")
-    assert "not valid YAML" in _error([], path=bad)
+    msg = _error([], path=bad)
+    assert "not valid YAML at line 2" in msg and "fix the file there" in msg and len(msg.splitlines()) == 1
+    # a variants file of the ablation script is not a run config: say what it is
+    assert "benchmarks.ablations" in _error([], path=REPO / "configs" / "ablations.yaml")
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("cluster:\n  num_rollout_worker: 2\n")
     assert "cluster.num_rollout_worker" in _error([], path=unknown)

@@ -2,8 +2,6 @@
 using it (free memory faked on the CPU: the same code path as on a GPU, seed 5 as test_learner_engine)."""
 from __future__ import annotations
 
-import logging
-
 import pytest
 import torch
 
@@ -79,7 +77,7 @@ def _gradients(batch, config: LearnerConfig) -> tuple[Learner, dict[str, torch.T
     return learner, learner.full_gradients(), stats.micro_batches
 
 
-def test_learner_follows_the_plan_from_free_memory(batch, monkeypatch, caplog):
+def test_learner_follows_the_plan_from_free_memory(batch, monkeypatch, capsys):
     """Free memory for 3 recomputed rows and fewer than 16 plain ones: the learner turns checkpointing on, cuts
     the 4 trained steps of each rollout into runs of 2 rows, and its gradients equal those of that fixed config."""
     kw = dict(transition="candidate1", reduction="all", advantage="group", seed=11)
@@ -87,12 +85,11 @@ def test_learner_follows_the_plan_from_free_memory(batch, monkeypatch, caplog):
     cfg = random_showo(seed=5).config
     free = int(3.5 * activation_bytes_per_row(cfg, True) / MEMORY_SHARE)
     monkeypatch.setattr(engine, "free_bytes", lambda device: free)
-    with caplog.at_level(logging.INFO, logger="learner.engine"):
-        auto, auto_grads, auto_chunks = _gradients(batch, LearnerConfig(micro_batch_rows=0, gradient_checkpointing=None, **kw))
+    auto, auto_grads, auto_chunks = _gradients(batch, LearnerConfig(micro_batch_rows=0, gradient_checkpointing=None, **kw))
     assert (auto.micro_batch_plan.rows, auto.micro_batch_plan.checkpointing) == (3, True)
     assert auto.policy.gradient_checkpointing and fixed.policy.gradient_checkpointing
     assert auto_chunks == fixed_chunks == 2 * 3 * 2           # 6 rollouts x 4 steps in even runs of 2 (not 3 + 1)
-    assert "3 rows per micro-batch, checkpointing on" in caplog.text
+    assert "learner rank 0: 3 rows per micro-batch, checkpointing on" in capsys.readouterr().out
     scale = max(g.abs().max().item() for g in fixed_grads.values())
     for k, g in fixed_grads.items():
         assert (auto_grads[k] - g).abs().max().item() <= 1e-6 * scale, k

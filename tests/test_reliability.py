@@ -105,6 +105,18 @@ def test_ctrl_c_during_the_update_saves_a_consistent_checkpoint_and_resume_repea
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [0, 1, 2, 3, 4]
     assert [r["version"] for r in lines] == [1, 2, 3, 4, 5]
+    # the timeline of steps 0-2 is kept beside the resumed run's; the config did not change, so no copy of it
+    assert (tmp_path / "timeline.before_step_000003.json").is_file() and (tmp_path / "timeline.json").is_file()
+    assert not list(tmp_path.glob("config.before_step_*"))
+    # a finished run: resume=auto has nothing to do and says so without starting anything
+    t0 = time.monotonic()
+    again = train(tiny(tmp_path, "max_steps=5", "eval.at_start=false", "resume=auto"))
+    assert again["nothing_to_do"] and time.monotonic() - t0 < 10
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 5
+    # a new run into it without resume would interleave two runs: refused before anything is written
+    with pytest.raises(ConfigError, match="already holds a run .5 metric lines, checkpoints up to step_000005.*resume=auto"):
+        train(tiny(tmp_path, "max_steps=2"))
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 5
 
 
 def test_interrupt_guard_defers_then_raises_and_a_second_ctrl_c_stops_at_once():
@@ -387,6 +399,61 @@ def test_unwritable_output_dir_is_a_config_error(tmp_path, capsys, where):
     assert cli_main(["train", "--config", TINY, f"output_dir={target}"]) == 2
     err = capsys.readouterr().err
     assert f"output_dir='{target}'" in err and "choose a writable directory" in err and "Traceback" not in err
+
+
+def test_resume_with_a_changed_config_names_the_keys_and_keeps_the_old_config(tmp_path, capsys):
+    from cluster.config import save_resolved
+    from cluster.train import keep_history
+    save_resolved(tiny(tmp_path, "max_steps=5"), tmp_path)
+    (tmp_path / "timeline.json").write_text("{}")
+    keep_history(tiny(tmp_path, "max_steps=9", "learner.lr=5e-4", "data.group_size=8", "resume=auto"), 3)
+    out = capsys.readouterr().out
+    assert "changed config (2 keys" in out and "learner.lr: 0.001 -> 0.0005" in out and "data.group_size: 4 -> 8" in out
+    assert "max_steps" not in out.split("keys")[1]                # max_steps and resume steer this call only
+    kept = tmp_path / "config.before_step_000003.yaml"
+    assert kept.is_file() and "lr: 0.001" in kept.read_text() and not (tmp_path / "config.yaml").exists()
+    assert (tmp_path / "timeline.before_step_000003.json").is_file()
+    (tmp_path / "timeline.json").write_text("{}")               # a second resume from the same step keeps both
+    keep_history(tiny(tmp_path, "max_steps=9"), 3)
+    assert (tmp_path / "timeline.before_step_000003.1.json").is_file()
+
+
+def test_policy_init_file_that_holds_no_weights_fails_at_load(tmp_path, capsys):
+    from safetensors.torch import save_file
+    junk = tmp_path / "weights.bin"
+    junk.write_bytes(b"not a checkpoint" * 100)
+    assert cli_main(["train", "--config", TINY, f"output_dir={tmp_path / 'run'}", f"policy.init={junk}"]) == 2
+    last = _last_line(capsys.readouterr().err)
+    assert "is not a weights file" in last and "neither a safetensors file nor a torch.save archive" in last
+    bad = tmp_path / "w.safetensors"
+    bad.write_bytes(b"\xff" * 64)
+    from cluster.preflight import unreadable_weights
+    assert unreadable_weights(bad) is not None
+    good = tmp_path / "ok.safetensors"
+    save_file({"a": torch.zeros(2)}, str(good))
+    assert unreadable_weights(good) is None
+
+
+def test_eval_and_generate_bad_input_is_one_line(tmp_path, capsys):
+    assert cli_main(["eval", "--config", TINY, "--checkpoint", str(tmp_path / "nope"), f"output_dir={tmp_path}"]) == 2
+    assert "--checkpoint" in _last_line(capsys.readouterr().err)
+    target = tmp_path / "a_file"
+    target.write_text("x")
+    assert cli_main(["generate", "--config", TINY, "--prompt", "a red circle", f"output_dir={target}"]) == 2
+    assert "is a file" in _last_line(capsys.readouterr().err)
+    assert cli_main(["generate", "--config", TINY, "--prompt", "a red circle", "--num-images", "0",
+                     f"output_dir={tmp_path / 'g'}"]) == 2
+    assert "--num-images 0" in _last_line(capsys.readouterr().err)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_gpu_config_on_a_machine_without_gpus_fails_before_pretraining(tmp_path, capsys):
+    t0 = time.monotonic()
+    assert cli_main(["train", "--config", str(REPO / "configs" / "one_gpu.yaml"), f"output_dir={tmp_path / 'run'}",
+                     f"pretrain.output={tmp_path / 'base'}"]) == 1
+    err = capsys.readouterr().err
+    assert "this machine cannot hold the run" in err and "use device=cpu" in _last_line(err)
+    assert time.monotonic() - t0 < 15 and not (tmp_path / "base").exists()      # nothing pretrained, no wait
 
 
 def test_local_ray_session_directory_is_removed():
