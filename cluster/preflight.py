@@ -110,6 +110,17 @@ def verify_policy_init(cfg: DictConfig) -> Optional[str]:
                     (info.get("sha256") and sha256_file(f) != info["sha256"]):
                 raise StartupError(f"policy.init={init!r}: {rel} does not match the sha256 in its {MANIFEST} (the "
                                    f"file is corrupted or was changed): copy it again or use another checkpoint")
+    else:                                 # a release directory: no checksums, but a damaged header shows at once
+        from policy.weights import find_weight_files
+        try:
+            weight_files = find_weight_files(path)
+        except CheckpointError as e:
+            raise ConfigError(f"policy.init={init!r}: {e}") from None
+        for f in weight_files:
+            problem = unreadable_weights(f)
+            if problem:
+                raise StartupError(f"policy.init={init!r}: {f.name} cannot be read ({problem}); the file is "
+                                   f"truncated or damaged: copy it again") from None
     if (path / "config.json").is_file():
         try:
             arch = ShowoConfig.from_release(path)

@@ -278,13 +278,25 @@ def test_torn_last_metrics_line_is_dropped_and_a_damaged_middle_line_named(tmp_p
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_truncated_initial_weights_end_with_the_loading_error(saved_checkpoints, tmp_path):
-    """No manifest to check against (a release directory): the actors fail to load the file, and the last line
-    is that loading error, not 'a learner rank died'."""
+def test_wrong_shape_initial_weights_end_with_the_loading_error(saved_checkpoints, tmp_path, capsys):
+    """No manifest to check against (a release directory). A truncated file is caught before anything starts (its
+    header); weights of the wrong shape only when an actor loads them, and the last line is that loading error,
+    not 'a learner rank died'."""
+    from safetensors.torch import load_file, save_file
     init = tmp_path / "release"
     shutil.copytree(saved_checkpoints[1][1], init, ignore=shutil.ignore_patterns("manifest.json", "engine", "*.pt"))
     weights = _weights(init)
-    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    intact = weights.read_bytes()
+    weights.write_bytes(intact[: len(intact) // 2])
+    t0 = time.monotonic()
+    assert cli_main(["train", "--config", TINY, f"policy.init={init}", f"output_dir={tmp_path / 'early'}"]) == 1
+    last = _last_line(capsys.readouterr().err)
+    assert "cannot be read" in last and "truncated or damaged" in last and time.monotonic() - t0 < 15, last
+    weights.write_bytes(intact)
+    state = load_file(str(weights))
+    name = next(k for k, v in state.items() if v.dim() == 2)
+    state[name] = state[name][:, :-1].contiguous()              # one column short: the header reads fine
+    save_file(state, str(weights))
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     p = subprocess.run([sys.executable, "-m", "cluster.train", "--config", TINY, f"policy.init={init}",
                         f"output_dir={tmp_path / 'run'}"], cwd=REPO, env=env, capture_output=True, text=True,
