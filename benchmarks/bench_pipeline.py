@@ -45,7 +45,8 @@ def _cfg(out: str, overrides: list[str]):
 def _ray(num_cpus: int) -> None:
     import ray
     if not ray.is_initialized():
-        ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, configure_logging=False,
+                 log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}})
 
 

@@ -75,6 +75,7 @@ class ClusterConfig:
     local_num_cpus: Optional[int] = None  # CPUs given to a local Ray instance
     resource_wait_s: float = 60.0         # how long to wait for nodes (an autoscaler's) before "cluster too small"
     cluster_lost_s: float = 60.0          # the driver exits once its Ray cluster has been unreachable this long
+    actor_start_s: float = 900.0          # every actor must have built its model within this (else: StartupError)
 
     def __post_init__(self) -> None:
         _require([(getattr(self, k) >= 1, f"cluster.{k} must be >= 1")
@@ -82,8 +83,8 @@ class ClusterConfig:
                  [(getattr(self, k) >= 0, f"cluster.{k} must be >= 0")
                   for k in ("rollout_gpus", "reward_gpus", "learner_gpus", "max_staleness", "max_restarts")] +
                  [(self.cpus_per_actor > 0, "cluster.cpus_per_actor must be > 0"),
-                  (self.resource_wait_s >= 0 and self.cluster_lost_s > 0,
-                   "cluster.resource_wait_s must be >= 0 and cluster.cluster_lost_s > 0"),
+                  (self.resource_wait_s >= 0 and self.cluster_lost_s > 0 and self.actor_start_s > 0,
+                   "cluster.resource_wait_s must be >= 0, cluster.cluster_lost_s and actor_start_s > 0"),
                   (self.weight_bucket_mb >= 1, "cluster.weight_bucket_mb must be >= 1")])
 
 

@@ -92,12 +92,32 @@ class Trainer:
         roles = ([("learner rank", i, a.version.remote()) for i, a in enumerate(self.learners)] +
                  [("rollout worker", i, a.ready.remote()) for i, a in self.fleet.workers.items()] +
                  [("reward actor", i, a.ping.remote()) for i, a in enumerate(self.rewards.actors)])
-        for role, i, ref in roles:
-            try:
-                ray.get(ref)
-            except ACTOR_ERRORS as e:
+        waiting = {ref: (role, i) for role, i, ref in roles}
+        t0 = time.monotonic()
+        while waiting:
+            left = self.cfg.cluster.actor_start_s - (time.monotonic() - t0)
+            done, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=max(0.1, min(30.0, left)))
+            for ref in done:
+                role, i = waiting.pop(ref)
+                try:
+                    value = ray.get(ref)
+                    if role == "reward actor":
+                        self.rewards.note_pid(i, value)
+                except ACTOR_ERRORS as e:
+                    self.shutdown()
+                    raise StartupError(f"{role} {i} could not start: {root_cause(e)}") from None
+            if not waiting:
+                break
+            names = ", ".join(f"{role} {i}" for role, i in waiting.values())
+            elapsed = time.monotonic() - t0
+            if elapsed >= self.cfg.cluster.actor_start_s:
                 self.shutdown()
-                raise StartupError(f"{role} {i} could not start: {root_cause(e)}") from None
+                limit = self.cfg.cluster.actor_start_s
+                raise StartupError(f"{names} did not start within cluster.actor_start_s={limit:g} s: most often the cluster has no free CPUs/GPUs left for them (other jobs hold "
+                                   f"them: see `ray status`); free them, lower cluster.cpus_per_actor / *_gpus, or "
+                                   f"raise cluster.actor_start_s for a slow model load")
+            print(f"[maskgrpo] still waiting for {names} to start ({elapsed:.0f} s; pending resources or loading the "
+                  f"model; `ray status` shows which)", flush=True)
 
     def _learner_get(self, refs: Any, what: str, timeout: Optional[float] = None) -> Any:
         """`ray.get` of learner calls; a dead learner rank stops the run with LearnerFailure."""
@@ -237,11 +257,13 @@ class Trainer:
                            self.cfg.sampler.steps, self.tracker, [g.meta.group_id for g in groups], step)
         n = len(self.learners)
         t0 = time.perf_counter()
-        update = UpdateStats.merge(self._learner_get([l.train_step.remote(plan.for_rank(r, n))
-                                                      for r, l in enumerate(self.learners)], "the update"))
+        per_rank = self._learner_get([l.train_step.remote(plan.for_rank(r, n)) for r, l in enumerate(self.learners)],
+                                     "the update")
+        update = UpdateStats.merge(per_rank)
         self.accepted_groups.update(g.meta.group_id for g in groups)
         learner_s = time.perf_counter() - t0
-        self.timeline.add("learner", "ranks", f"update {step}", update.started, update.finished)
+        for r, part in enumerate(per_rank):
+            self.timeline.add("learner", f"rank {r}", f"update {step}", part.started, part.finished)
         with self.timeline.measure("weight_sync", "learner -> workers", f"sync v{self.version + 1}"):
             sync = self.sync_weights()
         self.counters["groups_trained"] += len(groups)
@@ -275,11 +297,17 @@ class Trainer:
         self.last_groups = groups
         return record
 
+    def _reward_lane(self, pid: Optional[int]) -> str:
+        """The timeline lane of the reward actor whose process scored a group (pids the pool has seen)."""
+        by_pid = {p: i for i, p in self.rewards.pids.items()}
+        return f"actor {by_pid[pid]}" if pid in by_pid else f"actor pid {pid}"
+
     def _record_spans(self, groups: list[GroupResult]) -> None:
         for g in groups:
             self.timeline.add("rollout", f"worker {g.meta.worker_id}", f"rollout step {g.meta.step}",
                               g.meta.started, g.meta.finished)
-            self.timeline.add("reward", "actors", f"score step {g.meta.step}", *g.scores["span"])
+            self.timeline.add("reward", self._reward_lane(g.scores.get("pid")), f"score step {g.meta.step}",
+                              *g.scores["span"])
 
     # ----- state ---------------------------------------------------------------------------------------------------
     def driver_state(self) -> dict[str, Any]:

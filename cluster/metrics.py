@@ -62,7 +62,12 @@ class MetricsLogger:
         """On resume: drop lines of steps after the checkpoint, so the curve continues without duplicates."""
         if not self.path.exists():
             return
-        keep = [r for r in _read_records(self.path) if r.get("step", -1) <= step]
+        records = _read_records(self.path)
+        keep = [r for r in records if r.get("step", -1) <= step]
+        dropped = [r.get("step") for r in records if r.get("step", -1) > step]
+        if dropped:
+            print(f"[maskgrpo] {self.path}: {len(dropped)} lines of steps after the checkpoint (steps {dropped[0]}.."
+                  f"{dropped[-1]}) dropped; those steps run again", flush=True)
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def log(self, record: dict[str, Any]) -> None:

@@ -76,9 +76,10 @@ def config_changes(saved: dict[str, Any], new: dict[str, Any], prefix: str = "")
 # ----- initial weights --------------------------------------------------------------------------------------------
 def verify_policy_init(cfg: DictConfig) -> Optional[str]:
     """When `policy.init` is one of our checkpoints (a directory with manifest.json, e.g. a training checkpoint or
-    a pretrained base), check its weight files against the sha256 the manifest holds, and make `policy.arch` in
-    the run's config what the directory's config.json says (that is the model that trains). Returns a note to
-    print when the arch was replaced."""
+    a pretrained base), check its weight files against the sha256 the manifest holds; without a manifest (a
+    release) or for a single file, check that the weight files' headers read. Make `policy.arch` in the run's
+    config what the directory's config.json says (that is the model that trains). Returns a note to print when
+    the arch was replaced."""
     from learner.checkpoint import MANIFEST
     from policy.files import sha256_file
     from policy.showo import ShowoConfig
@@ -174,12 +175,12 @@ def resource_problems(cfg: DictConfig, total: dict[str, float], node_gpus: list[
         fit = math.floor(have_cpu / need["actors"] * 4) / 4
         listing = ", ".join(f"{n} {name}" for name, n, _ in need["roles"])
         problems.append(f"{need['CPU']:g} CPUs needed ({listing} × cluster.cpus_per_actor={c.cpus_per_actor:g}) but "
-                        f"the cluster has {have_cpu:g}: "
+                        f"the cluster has {have_cpu:g} free: "
                         + (f"set cluster.cpus_per_actor={fit:g}" if fit > 0 else "use fewer actors")
                         + " or add nodes")
     if need["GPU"] > have_gpu + 1e-9:
         listing = ", ".join(f"{n} {name} × {g:g}" for name, n, g in need["roles"] if g)
-        problems.append(f"{need['GPU']:g} GPUs needed ({listing}) but the cluster has {have_gpu:g}: lower "
+        problems.append(f"{need['GPU']:g} GPUs needed ({listing}) but the cluster has {have_gpu:g} free: lower "
                         f"cluster.rollout_gpus / learner_gpus / reward_gpus (fractions share a GPU, see "
                         f"configs/one_gpu.yaml), use device=cpu, or add GPU nodes")
     elif need["learner_node_gpu"] > max(node_gpus, default=0.0) + 1e-9:
@@ -191,8 +192,9 @@ def resource_problems(cfg: DictConfig, total: dict[str, float], node_gpus: list[
 def check_cluster_resources(cfg: DictConfig, wait_s: float,
                             read: Optional[Callable[[], tuple[dict[str, float], list[float]]]] = None,
                             poll_s: float = 2.0) -> None:
-    """Fail (StartupError) when the cluster cannot hold the run's actors, instead of leaving them pending forever.
-    Nodes that an autoscaler adds late are waited for up to `wait_s` seconds."""
+    """Fail (StartupError) when the cluster's free resources cannot hold the run's actors, instead of leaving them
+    pending forever. Nodes that an autoscaler adds late (or resources other jobs release) are waited for up to
+    `wait_s` seconds."""
     read = read or _ray_resources
     deadline = time.monotonic() + wait_s
     while True:
@@ -219,9 +221,11 @@ def check_local_resources(cfg: DictConfig) -> None:
 
 
 def _ray_resources() -> tuple[dict[str, float], list[float]]:
+    """What is free now (other jobs' actors hold the rest; counting the total let a second job start and hang
+    with its actors pending forever), and each live node's GPUs."""
     import ray
     node_gpus = [float(n.get("Resources", {}).get("GPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
-    return ray.cluster_resources(), node_gpus
+    return ray.available_resources(), node_gpus
 
 
 # ----- errors from actors -------------------------------------------------------------------------------------

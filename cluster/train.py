@@ -7,8 +7,10 @@ joins that cluster. If Ray is already initialized in this process, it is used as
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -20,7 +22,7 @@ from omegaconf import DictConfig
 
 from policy.files import unused_path
 
-from .config import save_resolved
+from .config import ConfigError, save_resolved
 from .preflight import (StartupError, check_cluster_resources, check_local_resources, config_changes,
                         prepare_output_dir, refuse_to_mix_runs, required_resources, verify_policy_init)
 from .runtime import cpu_deepspeed_env, watch_cluster
@@ -53,7 +55,10 @@ def init_ray(cfg: DictConfig) -> str:
         return "cluster"
     # Logical CPUs: enough for every actor (Ray only counts them; each actor limits its own torch threads).
     needed = math.ceil(required_resources(cfg)["CPU"]) + 1
-    ray.init(num_cpus=max(needed, cfg.cluster.local_num_cpus or os.cpu_count() or 1), include_dashboard=False,
+    # address="local": a private instance even when `ray start` left a cluster running on this machine (plain
+    # ray.init() would join that one, with whatever resources it has)
+    ray.init(address="local", num_cpus=max(needed, cfg.cluster.local_num_cpus or os.cpu_count() or 1),
+             include_dashboard=False,
              runtime_env=env, log_to_driver=True, configure_logging=False)
     return "local"
 
@@ -94,8 +99,6 @@ def _resume_path(cfg: DictConfig) -> Optional[str]:
 
 def checkpoint_step(path: str | Path) -> int:
     """The training step a checkpoint was saved at (its trainer_state.json; its directory name otherwise)."""
-    import json
-    import re
     state = Path(path) / "trainer_state.json"
     try:
         return int(json.loads(state.read_text())["step"])
@@ -130,7 +133,6 @@ def keep_history(cfg: DictConfig, step: int) -> None:
         os.replace(timeline, unused_path(out / f"timeline.before_step_{step:06d}.json"))
 
 
-
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C: the run stopped; `checkpoint` is where it can continue from (None: nothing saved yet)."""
 
@@ -140,9 +142,12 @@ class Interrupted(KeyboardInterrupt):
 
 
 class InterruptGuard:
-    """Defers Ctrl-C while a training step is in flight (rollouts, update, weight sync, metrics line), so that an
-    interrupt never lands between the learner's update and the driver's bookkeeping: the step completes, then
-    the run stops with a consistent checkpoint. A second Ctrl-C stops at once (no checkpoint is saved then)."""
+    """Defers Ctrl-C (and SIGTERM, which `ray job stop` sends) while a training step is in flight (rollouts,
+    update, weight sync, metrics line), so that an interrupt never lands between the learner's update and the
+    driver's bookkeeping: the step completes, then the run stops with a consistent checkpoint. A second signal
+    stops at once (no checkpoint is saved then)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.pending = False
@@ -152,21 +157,26 @@ class InterruptGuard:
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        previous = signal.getsignal(signal.SIGINT)
+        previous = {sig: signal.getsignal(sig) for sig in self.SIGNALS}
 
         def handler(signum, frame):
             if self.pending:
-                signal.signal(signal.SIGINT, previous)
+                self.pending = False
+                for sig, old in previous.items():
+                    signal.signal(sig, old)
                 raise KeyboardInterrupt
             self.pending = True
-            print("\n[maskgrpo] Ctrl-C: finishing the step in flight, then saving a checkpoint (Ctrl-C again to "
-                  "stop at once, without saving)", flush=True)
+            what = "Ctrl-C" if signum == signal.SIGINT else "SIGTERM (e.g. ray job stop)"
+            print(f"\n[maskgrpo] {what}: finishing the step in flight, then saving a checkpoint (a second signal "
+                  "stops at once, without saving)", flush=True)
 
-        signal.signal(signal.SIGINT, handler)
+        for sig in self.SIGNALS:
+            signal.signal(sig, handler)
         try:
             yield
         finally:
-            signal.signal(signal.SIGINT, previous)
+            for sig, old in previous.items():
+                signal.signal(sig, old)
         if self.pending:
             self.pending = False
             raise KeyboardInterrupt
@@ -179,6 +189,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from .pretrain import ensure_base_policy
 
     cpu_deepspeed_env()
+    if in_ray_job() and not Path(cfg.output_dir).expanduser().is_absolute():
+        raise ConfigError(f"output_dir={cfg.output_dir!r} is relative: under `ray job submit` the driver runs in a "
+                          f"temporary copy of --working-dir that disappears with the Ray session (and is shared by "
+                          f"jobs with the same code); give an absolute path on storage that outlives the job, e.g. "
+                          f"output_dir=/shared/runs/<name>")
     prepare_output_dir(cfg.output_dir)
     refuse_to_mix_runs(cfg.output_dir, cfg.resume)
     if not (in_ray_job() or cfg.cluster.address or os.environ.get("RAY_ADDRESS")):

@@ -63,6 +63,7 @@ class RewardPool:
         self.restart_timeout_s = restart_timeout_s
         self._next = itertools.count()
         self.retries = 0
+        self.pids: dict[int, int] = {}     # actor index -> process id last seen (a restart changes it)
 
     @classmethod
     def create(cls, rewards: Sequence[Mapping[str, Any]], num_actors: int = 1,
@@ -94,8 +95,8 @@ class RewardPool:
         except Exception as first:  # RayTaskError (an exception in a reward), RayActorError (actor died), timeout
             self.retries += 1
             target = (pending.actor + 1) % len(self.actors)
-            log.warning("reward call failed on actor %d (%s: %s); retrying once on actor %d",
-                        pending.actor, type(first).__name__, str(first).splitlines()[0] if str(first) else "", target)
+            print(f"[maskgrpo] reward call failed on actor {pending.actor} ({type(first).__name__}: "
+                  f"{str(first).splitlines()[0] if str(first) else ''}); retrying once on actor {target}", flush=True)
             self._wait_ready(target)
             retry = self.submit(pending.items, pending.trajectories, actor=target)
             try:
@@ -112,12 +113,20 @@ class RewardPool:
         deadline = time.monotonic() + self.restart_timeout_s
         while time.monotonic() < deadline:
             try:
-                ray.get(self.actors[i].ping.remote(), timeout=max(deadline - time.monotonic(), 0.1))
+                pid = ray.get(self.actors[i].ping.remote(), timeout=max(deadline - time.monotonic(), 0.1))
+                self.note_pid(i, pid)
                 return
             except (ActorUnavailableError, GetTimeoutError):
                 time.sleep(0.2)
             except Exception:   # dead for good (restarts exhausted) or broken: let the retry report it
                 return
+
+    def note_pid(self, i: int, pid: int) -> None:
+        """Record actor `i`'s process id (from `ping`); a new one means Ray restarted it: say so."""
+        old = self.pids.get(i)
+        if old is not None and old != pid:
+            print(f"[maskgrpo] reward actor {i} was restarted (pid {old} -> {pid})", flush=True)
+        self.pids[i] = pid
 
     def score_groups(self, items: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """Score groups on one actor (blocking, with one retry)."""

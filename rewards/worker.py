@@ -8,6 +8,8 @@ so each rollout worker's groups are scored as soon as they arrive. The driver si
 """
 from __future__ import annotations
 
+import os
+
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -67,8 +69,9 @@ class RewardWorker:
     def labels(self) -> list[str]:
         return self.rewards.labels
 
-    def ping(self) -> bool:
-        return True
+    def ping(self) -> int:
+        """This actor's process id: the pool notices a restart by it."""
+        return os.getpid()
 
     def _flatten(self, items: Sequence[Mapping[str, Any]]) -> list[_Sample]:
         samples: list[_Sample] = []
@@ -106,7 +109,8 @@ class RewardWorker:
 
     def score_groups(self, items: Sequence[Mapping[str, Any]], *trajectories: Any) -> list[dict[str, Any]]:
         """Per group: ``{"rewards": float32 [G], "components": {label: [G]}, "details": {key: [G]},
-        "span": (start, end)}`` (wall-clock seconds of this call, for the run's timeline). With `trajectories`,
+        "span": (start, end), "pid": ...}`` (wall-clock seconds of this call and the scoring process, for the run's
+        timeline). With `trajectories`,
         item i is scored on ``trajectories[i].final_codes``."""
         start = time.time()
         self._calls += 1
@@ -137,7 +141,8 @@ class RewardWorker:
         for g in range(len(items)):
             sel = groups == g
             result.append({"rewards": total[sel].clone(), "components": {l: v[sel].clone() for l, v in comps.items()},
-                           "details": {k: v[sel].clone() for k, v in details.items()}, "span": span})
+                           "details": {k: v[sel].clone() for k, v in details.items()}, "span": span,
+                           "pid": os.getpid()})
         return result
 
     def stats(self) -> dict[str, Any]:

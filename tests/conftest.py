@@ -80,7 +80,7 @@ def local_ray():
         ray.shutdown()                             # someone's small instance: not enough logical CPUs for us
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=12, include_dashboard=False, configure_logging=False,
+        ray.init(address="local", num_cpus=12, include_dashboard=False, configure_logging=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}})
     yield ray
     if started:

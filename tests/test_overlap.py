@@ -146,6 +146,9 @@ def test_streamed_rewards_are_paired_and_each_group_trained_once(local_ray, tmp_
         assert {"rollout", "reward", "learner", "weight_sync"} <= roles
         lanes = {s.lane for s in tr.timeline.spans if s.role == "rollout"}
         assert lanes == {"worker 0", "worker 1"}
+        # one lane per actor in every role: reward actors by index (their process ids), learner ranks by rank
+        assert {s.lane for s in tr.timeline.spans if s.role == "reward"} <= {f"actor {i}" for i in range(len(tr.rewards.actors))}
+        assert {s.lane for s in tr.timeline.spans if s.role == "learner"} == {"rank 0"}
         # the next step's rollouts do not wait for this step's update: they start before it ends
         for k in range(cfg.max_steps - 1):
             update = next(s for s in tr.timeline.spans if s.name == f"update {k}")

@@ -137,6 +137,14 @@ def test_interrupt_guard_defers_then_raises_and_a_second_ctrl_c_stops_at_once():
             done.append("never")
     assert done == ["the step finished"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # SIGTERM (what `ray job stop` sends) is deferred the same way, and the default handler comes back
+    term_before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with guard.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+            done.append("the step finished again")
+    assert done[-1] == "the step finished again" and signal.getsignal(signal.SIGTERM) is term_before
 
 
 def test_ctrl_c_ends_with_the_checkpoint_and_the_resume_command(monkeypatch, capsys, tmp_path):
@@ -230,6 +238,13 @@ def test_cluster_too_small_fails_fast_and_driver_exits_when_the_cluster_goes(tmp
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "DS_ACCELERATOR": "cpu"}
     try:
         address, _ = _ray_start(temp, cpus=2)
+        # with that head running on this machine, a local run (no address) still gets its own instance
+        local = subprocess.run([sys.executable, "-c", "import ray; from cluster.config import load_config; "
+                                "from cluster.train import init_ray, shutdown_local_ray; "
+                                f"print(init_ray(load_config({TINY!r}, [])), ray.get_runtime_context().gcs_address); "
+                                "shutdown_local_ray()"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        mode, gcs = local.stdout.split()[-2:]
+        assert mode == "local" and gcs.split(":")[-1] != address.split(":")[-1], local.stdout + local.stderr[-2000:]
         t0 = time.monotonic()
         p = subprocess.run(cmd + [f"cluster.address={address}", "cluster.resource_wait_s=3"], cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=300)
@@ -269,6 +284,10 @@ def test_torn_last_metrics_line_is_dropped_and_a_damaged_middle_line_named(tmp_p
     logger.truncate_after(1)
     assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1]
     assert f"{path}:3: the last line is incomplete" in capsys.readouterr().out
+    path.write_text('{"step": 0}\n{"step": 1}\n{"step": 2}\n{"step": 3}\n')
+    logger.truncate_after(1)                         # steps after the checkpoint: dropped, and said so
+    assert [r["step"] for r in read_metrics(tmp_path)] == [0, 1]
+    assert "2 lines of steps after the checkpoint (steps 2..3) dropped" in capsys.readouterr().out
     path.write_text('{"step": 0}\n{"step": 1, "rew\n{"step": 2}\n')
     with pytest.raises(MetricsFileError, match=rf"{path}:2: not a JSON record .* repair or delete that line"):
         logger.truncate_after(5)
@@ -466,6 +485,13 @@ def test_gpu_config_on_a_machine_without_gpus_fails_before_pretraining(tmp_path,
     err = capsys.readouterr().err
     assert "this machine cannot hold the run" in err and "use device=cpu" in _last_line(err)
     assert time.monotonic() - t0 < 15 and not (tmp_path / "base").exists()      # nothing pretrained, no wait
+
+
+def test_relative_output_dir_in_a_ray_job_is_refused(monkeypatch, capsys):
+    monkeypatch.setenv("RAY_JOB_ID", "02000000")        # what the driver of a `ray job submit` sees
+    assert cli_main(["train", "--config", TINY, "output_dir=runs/x"]) == 2
+    last = _last_line(capsys.readouterr().err)
+    assert "output_dir='runs/x' is relative" in last and "absolute path" in last
 
 
 def test_local_ray_session_directory_is_removed():

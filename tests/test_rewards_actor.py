@@ -66,7 +66,7 @@ def ray_cluster():
     if ray.is_initialized():          # started by another test module: share it
         yield ray
         return
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -109,17 +109,23 @@ def test_ray_pool_names_the_failing_reward(ray_cluster):
 
 
 @pytest.mark.integration
-def test_ray_actor_restarts_after_crash(ray_cluster, tmp_path):
+def test_ray_actor_restarts_after_crash(ray_cluster, tmp_path, capsys):
     flag = tmp_path / "crash_once"
     flag.touch()
     actor_cls = make_reward_actor_cls(num_cpus=0.5, max_restarts=1)
     spec = {"name": "rewards.testing:FlakyReward", "label": "crashy", "flag_file": str(flag), "crash": True}
     pool = RewardPool([actor_cls.remote([spec])], labels=["crashy"])
     try:
+        first_pid = ray_cluster.get(pool.actors[0].ping.remote())
+        pool.note_pid(0, first_pid)
         images = torch.full((3, 8, 8, 3), 51, dtype=torch.uint8)
         out = pool.score_groups([{"images": images, "prompts": ["a", "b", "c"]}])  # dies, restarts, retried
         assert pool.retries == 1
         assert torch.allclose(out[0]["rewards"], torch.full((3,), 0.2))
+        printed = capsys.readouterr().out
+        assert "[maskgrpo] reward call failed on actor 0" in printed
+        assert f"[maskgrpo] reward actor 0 was restarted (pid {first_pid} -> {pool.pids[0]})" in printed
+        assert pool.pids[0] != first_pid
     finally:
         pool.shutdown()
 
