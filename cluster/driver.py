@@ -93,9 +93,9 @@ class Trainer:
                  [("rollout worker", i, a.ready.remote()) for i, a in self.fleet.workers.items()] +
                  [("reward actor", i, a.ping.remote()) for i, a in enumerate(self.rewards.actors)])
         waiting = {ref: (role, i) for role, i, ref in roles}
-        t0 = time.monotonic()
+        limit, t0 = self.cfg.cluster.actor_start_s, time.monotonic()
         while waiting:
-            left = self.cfg.cluster.actor_start_s - (time.monotonic() - t0)
+            left = limit - (time.monotonic() - t0)
             done, _ = ray.wait(list(waiting), num_returns=len(waiting), timeout=max(0.1, min(30.0, left)))
             for ref in done:
                 role, i = waiting.pop(ref)
@@ -110,12 +110,12 @@ class Trainer:
                 break
             names = ", ".join(f"{role} {i}" for role, i in waiting.values())
             elapsed = time.monotonic() - t0
-            if elapsed >= self.cfg.cluster.actor_start_s:
+            if elapsed >= limit:
                 self.shutdown()
-                limit = self.cfg.cluster.actor_start_s
-                raise StartupError(f"{names} did not start within cluster.actor_start_s={limit:g} s: most often the cluster has no free CPUs/GPUs left for them (other jobs hold "
-                                   f"them: see `ray status`); free them, lower cluster.cpus_per_actor / *_gpus, or "
-                                   f"raise cluster.actor_start_s for a slow model load")
+                raise StartupError(f"{names} did not start within cluster.actor_start_s={limit:g} s: most often the "
+                                   f"cluster has no free CPUs/GPUs left for them (other jobs hold them: see `ray "
+                                   f"status`); free them, lower cluster.cpus_per_actor / *_gpus, or raise "
+                                   f"cluster.actor_start_s for a slow model load")
             print(f"[maskgrpo] still waiting for {names} to start ({elapsed:.0f} s; pending resources or loading the "
                   f"model; `ray status` shows which)", flush=True)
 

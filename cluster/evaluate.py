@@ -112,7 +112,8 @@ def evaluate_command(cfg: DictConfig, checkpoint: Optional[str] = None, prompts:
     from .config import ConfigError, plain, section
     from .launch import start_reward_pool
     from .preflight import StartupError, prepare_output_dir, root_cause, verify_policy_init
-    from .train import checkpoint_step, init_ray, shutdown_local_ray
+    from learner.checkpoint import checkpoint_step
+    from .train import init_ray, shutdown_local_ray
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
         if not path.exists():

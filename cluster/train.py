@@ -7,10 +7,8 @@ joins that cluster. If Ray is already initialized in this process, it is used as
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
 import signal
 import sys
 import threading
@@ -20,6 +18,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 from omegaconf import DictConfig
 
+from learner.checkpoint import checkpoint_step
 from policy.files import unused_path
 
 from .config import ConfigError, save_resolved
@@ -31,6 +30,12 @@ from .runtime import cpu_deepspeed_env, watch_cluster
 def in_ray_job() -> bool:
     """True in the driver of a `ray job submit` (its supervisor passes the job's config in this variable)."""
     return bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or os.environ.get("RAY_JOB_ID"))
+
+
+def cluster_address(cfg: DictConfig) -> Optional[str]:
+    """The Ray cluster to join (`cluster.address`, else RAY_ADDRESS); None: start a private local instance (unless
+    this is the driver of a `ray job submit`, which always joins its job's cluster)."""
+    return cfg.cluster.address or os.environ.get("RAY_ADDRESS")
 
 
 def init_ray(cfg: DictConfig) -> str:
@@ -48,7 +53,7 @@ def init_ray(cfg: DictConfig) -> str:
         # carries this repository to every node), whatever cluster.address says.
         ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=True)
         return "cluster"
-    address = cfg.cluster.address or os.environ.get("RAY_ADDRESS")
+    address = cluster_address(cfg)
     if address:
         # An existing cluster: its nodes must see this repository at the same path (shared disk or image).
         ray.init(address=address, runtime_env=env, log_to_driver=True)
@@ -97,16 +102,6 @@ def _resume_path(cfg: DictConfig) -> Optional[str]:
     return str(cfg.resume)
 
 
-def checkpoint_step(path: str | Path) -> int:
-    """The training step a checkpoint was saved at (its trainer_state.json; its directory name otherwise)."""
-    state = Path(path) / "trainer_state.json"
-    try:
-        return int(json.loads(state.read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
-        m = re.search(r"step_(\d+)", Path(path).name)
-        return int(m.group(1)) if m else 0
-
-
 def keep_history(cfg: DictConfig, step: int) -> None:
     """Before a resumed run writes its own config.yaml and timeline.json, keep the earlier ones (as
     ``config.before_step_NNNNNN.yaml`` when the config changed, ``timeline.before_step_NNNNNN.json``) and name
@@ -118,11 +113,11 @@ def keep_history(cfg: DictConfig, step: int) -> None:
         try:
             saved = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True)
         except Exception as e:                     # a damaged config.yaml must not stop the resume
-            saved, changes = None, [f"(the saved config.yaml is unreadable: {type(e).__name__})"]
-        if saved is not None:
+            changes = [f"(the saved config.yaml is unreadable: {type(e).__name__})"]
+        else:
             # compared as config.yaml would hold it (the YAML round trip turns tuples into lists)
-            new = OmegaConf.to_container(OmegaConf.create(OmegaConf.to_yaml(cfg, resolve=True)))
-            changes = config_changes(saved, new)
+            changes = config_changes(saved, OmegaConf.to_container(OmegaConf.create(OmegaConf.to_yaml(cfg,
+                                                                                                       resolve=True))))
         if changes:
             kept = unused_path(out / f"config.before_step_{step:06d}.yaml")
             os.replace(saved_path, kept)
@@ -196,7 +191,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                           f"output_dir=/shared/runs/<name>")
     prepare_output_dir(cfg.output_dir)
     refuse_to_mix_runs(cfg.output_dir, cfg.resume)
-    if not (in_ray_job() or cfg.cluster.address or os.environ.get("RAY_ADDRESS")):
+    if not (in_ray_job() or cluster_address(cfg)):
         check_local_resources(cfg)
     ensure_base_policy(cfg)
     note = verify_policy_init(cfg)

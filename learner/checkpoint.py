@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
-from policy.files import atomic_write_json, disk_full_error, is_disk_full, remove_path, sha256_file
+from policy.files import atomic_write_json, disk_full_error, is_disk_full, remove_path, sha256_file, unused_path
 from policy.showo import write_pretrained
 from policy.weights import CheckpointError
 
@@ -76,6 +76,17 @@ def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The training step a checkpoint was saved at: its trainer_state.json, else its ``step_NNNNNN`` name, else 0
+    (a release directory)."""
+    path = Path(path)
+    try:
+        return int(json.loads((path / "trainer_state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        m = _NAME.match(path.name)
+        return int(m.group(1)) if m else 0
+
+
 def pick_resume_checkpoint(root: str | Path) -> tuple[Optional[Path], str]:
     """The checkpoint `resume=auto` continues from — the newest one that verifies (manifest, sizes, sha256) — and
     one line saying which and why. A newer checkpoint that fails is renamed ``<name>.damaged`` (kept for
@@ -88,10 +99,7 @@ def pick_resume_checkpoint(root: str | Path) -> tuple[Optional[Path], str]:
         try:
             verify_checkpoint(p)
         except CheckpointError as e:
-            target = p.with_name(p.name + ".damaged")
-            k = 1
-            while target.exists():
-                target, k = p.with_name(f"{p.name}.damaged{k}"), k + 1
+            target = unused_path(p.with_name(p.name + ".damaged"))
             os.replace(p, target)
             damaged.append(f"{p.name} is damaged ({str(e).split(': ', 1)[-1]}; kept as {target.name})")
             continue

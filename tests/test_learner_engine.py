@@ -10,7 +10,7 @@ import torch
 
 from learner import (Learner, LearnerConfig, NonFiniteUpdateError, apply_weight_bucket, latest_checkpoint,
                      policy_step_logprobs)
-from learner.testing import random_showo, sample_groups
+from learner.testing import fixed_batch, model_with, random_showo, sample_groups
 from policy.showo import Showo
 from policy.weights import CheckpointError
 from rewards.base import RewardError
@@ -25,16 +25,11 @@ Z3_SMALL = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}   # 
 @pytest.fixture(scope="module")
 def data():
     """A fixed batch: 2 groups × 3 rollouts × 4 steps from a tiny random Show-o, with fixed rewards."""
-    model = random_showo(seed=5)
-    trajs, prompts = sample_groups(model, num_groups=2, group_size=3, steps=4, seed=2)
-    rewards = [torch.tensor([1.0, 0.0, 0.5]), torch.tensor([0.2, 0.9, 0.4])]
-    return model.state_dict(), trajs, rewards, prompts
+    return fixed_batch()
 
 
 def _model(data) -> Showo:
-    m = random_showo(seed=5)
-    m.load_state_dict(data[0])
-    return m
+    return model_with(data[0])
 
 
 def _config(**kw) -> LearnerConfig:

@@ -9,7 +9,7 @@ import learner.engine as engine
 from learner import Learner, LearnerConfig
 from learner.memory import (CPU_ROWS, MAX_AUTO_ROWS, MEMORY_SHARE, MicroBatchPlan, activation_bytes_per_row,
                             plan_micro_batches)
-from learner.testing import random_showo, sample_groups
+from learner.testing import fixed_batch, model_with, tiny_showo_config
 from policy.showo import ShowoConfig
 from updates import Planner
 
@@ -62,17 +62,12 @@ def test_config_accepts_auto_and_rejects_negative_rows():
 
 @pytest.fixture(scope="module")
 def batch():
-    model = random_showo(seed=5)
-    trajs, prompts = sample_groups(model, num_groups=2, group_size=3, steps=4, seed=2)
-    rewards = [torch.tensor([1.0, 0.0, 0.5]), torch.tensor([0.2, 0.9, 0.4])]
-    return model.state_dict(), trajs, rewards, prompts
+    return fixed_batch()
 
 
 def _gradients(batch, config: LearnerConfig) -> tuple[Learner, dict[str, torch.Tensor], float]:
     state, trajs, rewards, prompts = batch
-    model = random_showo(seed=5)
-    model.load_state_dict(state)
-    learner = Learner(model, config)
+    learner = Learner(model_with(state), config)
     stats = learner.accumulate_gradients(Planner(config).plan(trajs, rewards, prompts).groups)
     return learner, learner.full_gradients(), stats.micro_batches
 
@@ -82,7 +77,7 @@ def test_learner_follows_the_plan_from_free_memory(batch, monkeypatch, capsys):
     the 4 trained steps of each rollout into runs of 2 rows, and its gradients equal those of that fixed config."""
     kw = dict(transition="candidate1", reduction="all", advantage="group", seed=11)
     fixed, fixed_grads, fixed_chunks = _gradients(batch, LearnerConfig(micro_batch_rows=2, gradient_checkpointing=True, **kw))
-    cfg = random_showo(seed=5).config
+    cfg = tiny_showo_config()                            # the fixed batch's model
     free = int(3.5 * activation_bytes_per_row(cfg, True) / MEMORY_SHARE)
     monkeypatch.setattr(engine, "free_bytes", lambda device: free)
     auto, auto_grads, auto_chunks = _gradients(batch, LearnerConfig(micro_batch_rows=0, gradient_checkpointing=None, **kw))
