@@ -8,24 +8,19 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import replace
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
 from learner.config import LearnerConfig
 from learner.dist import free_port
 from learner.update import GroupUpdate, UpdateStats
+from learner.weights_export import WeightBucket
+from policy.trajectory import Trajectory
 from policy.factory import PolicyConfig, learner_bf16, load_policy
 
-from .weight_sync import DeviceLocation, SyncGroupSpec, WeightSyncGroup, device_location, param_digest, share_buckets
-
-
-def node_address() -> str:
-    try:
-        import ray
-        return ray.util.get_node_ip_address()
-    except Exception:
-        return "127.0.0.1"
+from .weight_sync import (DeviceLocation, SyncGroupSpec, WeightSyncGroup, device_location, node_address, param_digest,
+                          share_buckets)
 
 
 class LearnerWorker:
@@ -57,14 +52,12 @@ class LearnerWorker:
     def digest(self) -> tuple[int, str]:
         return self.learner.version, param_digest(self.learner.policy)
 
-    def train_step(self, groups: Sequence[GroupUpdate]) -> UpdateStats:
-        """This rank's groups, their trajectories still object references: fetched here, all at once."""
-        import ray
+    def train_step(self, groups: Sequence[GroupUpdate], *trajectories: Trajectory) -> UpdateStats:
+        """This rank's groups; group i's trajectory is `trajectories[i]` (passed as a top-level argument, so the
+        backend fetches it from the object store before the call)."""
         started = time.time()
-        trajectories = ray.get([g.trajectory for g in groups]) if groups else []
-        fetch = time.time() - started
         stats = self.learner.train_step([replace(g, trajectory=t) for g, t in zip(groups, trajectories)])
-        stats.seconds_fetch, stats.started, stats.finished = fetch, started, time.time()
+        stats.started, stats.finished = started, time.time()
         return stats
 
     # ----- weights ----------------------------------------------------------------------------------------------
@@ -80,7 +73,7 @@ class LearnerWorker:
 
     def broadcast_weights(self, bucket_bytes: int, dtype: Optional[str] = None) -> dict[str, float]:
         """All ranks: gather the full weights bucket by bucket; rank 0 broadcasts them to the rollout workers."""
-        buckets = self.learner.iter_weight_buckets(bucket_bytes, getattr(torch, dtype) if dtype else None)
+        buckets = self.iter_weight_buckets(bucket_bytes, dtype)
         if self.rank != 0:
             for _ in buckets:
                 pass
@@ -97,7 +90,7 @@ class LearnerWorker:
     def share_weights_ipc(self, bucket_bytes: int, dtype: Optional[str] = None) -> dict[str, Any]:
         """All ranks (gathering); rank 0 keeps the buckets in its GPU memory and returns CUDA IPC handles to them,
         for rollout workers on the same GPU (`release_ipc` once they have copied them)."""
-        buckets = self.learner.iter_weight_buckets(bucket_bytes, getattr(torch, dtype) if dtype else None)
+        buckets = self.iter_weight_buckets(bucket_bytes, dtype)
         if self.rank != 0:
             for _ in buckets:
                 pass
@@ -108,14 +101,14 @@ class LearnerWorker:
     def release_ipc(self) -> None:
         self._ipc_keep = []
 
-    def export_weights(self, bucket_bytes: int, dtype: Optional[str] = None) -> dict[str, Any]:
-        """All ranks (gathering); rank 0 puts the buckets in the object store and returns their references."""
-        import ray
-        refs, nbytes = [], 0
-        for bucket in self.learner.iter_weight_buckets(bucket_bytes, getattr(torch, dtype) if dtype else None):
-            refs.append(ray.put(bucket.to("cpu")))      # the object store carries CPU buffers
-            nbytes += bucket.nbytes
-        return {"refs": refs, "bytes": float(nbytes), "version": self.learner.version}
+    def export_weights(self, bucket_bytes: int, dtype: Optional[str] = None) -> list[WeightBucket]:
+        """All ranks (gathering); rank 0 returns the buckets in host memory (the object-store path: this call's
+        result is what travels), the other ranks an empty list."""
+        return [bucket.to("cpu") for bucket in self.iter_weight_buckets(bucket_bytes, dtype)]
+
+    def iter_weight_buckets(self, bucket_bytes: int, dtype: Optional[str] = None) -> Iterator[WeightBucket]:
+        """The weights on the learner's device (the in-process path applies them as they come)."""
+        return self.learner.iter_weight_buckets(bucket_bytes, getattr(torch, dtype) if dtype else None)
 
     # ----- checkpoints --------------------------------------------------------------------------------------------
     def save_checkpoint(self, root: str, driver_state: Optional[dict[str, Any]] = None) -> Optional[str]:

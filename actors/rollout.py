@@ -10,11 +10,11 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import replace
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
-from learner.weights_export import apply_weight_bucket
+from learner.weights_export import WeightBucket, apply_weight_bucket
 from policy.device import resolve_device
 from policy.factory import PolicyConfig, load_policy
 from policy.sampler import SamplerConfig, UnmaskingSampler
@@ -90,11 +90,13 @@ class RolloutWorker:
         self.version = version
         return version
 
-    def load_weights(self, bucket_refs: Sequence[Any]) -> int:
-        """Object-store path: the learner put the buckets; fetch and apply them."""
-        import ray
-        version = self.version
-        for bucket in ray.get(list(bucket_refs)):
+    def load_weights(self, buckets: Iterable[WeightBucket]) -> float:
+        """Object-store path (the buckets arrive as this call's argument, fetched by the backend) and the
+        in-process path (the learner's own buckets, on its device, applied as they are made). Returns the bytes
+        applied."""
+        version, nbytes = self.version, 0.0
+        for bucket in buckets:
             version = apply_weight_bucket(self.model, bucket)
+            nbytes += bucket.nbytes
         self.version = version
-        return version
+        return nbytes

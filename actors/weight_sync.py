@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import datetime
 import math
+import sys
 import time
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -101,6 +102,8 @@ class SyncPath(StrEnum):
     collective = "collective"       # a broadcast group: NCCL when every member has its own GPU, else gloo
     cuda_ipc = "cuda_ipc"           # the workers share the learner's GPU: they open its buffers, no host copy
     object_store = "object_store"   # buckets through Ray's object store (host memory)
+    in_process = "in_process"       # the local backend: learner and workers share this process, buckets applied
+                                    # straight from the learner's device
 
 
 @dataclass(frozen=True)
@@ -114,13 +117,17 @@ class DeviceLocation:
         return bool(self.gpus)
 
 
+def node_address() -> str:
+    """This node's address as Ray sees it; 127.0.0.1 in a process that runs without Ray (the local backend)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return "127.0.0.1"
+    return ray.util.get_node_ip_address()
+
+
 def device_location(device: torch.device) -> DeviceLocation:
     """This process's location (the node's IP address as Ray sees it; the GPU's UUID on CUDA)."""
-    try:
-        import ray
-        node = ray.util.get_node_ip_address()
-    except Exception:
-        node = "127.0.0.1"
+    node = node_address()
     if device.type != "cuda":
         return DeviceLocation(node)
     return DeviceLocation(node, (str(torch.cuda.get_device_properties(device).uuid),))
@@ -156,20 +163,37 @@ class IpcBucket:
     dtypes: list[str]
     index: int
     gpu_uuid: str
-    handle: tuple          # torch.multiprocessing.reductions.reduce_tensor(flat): (rebuild function, arguments)
+    rebuild: Any                   # torch's rebuild function for the shared tensor ...
+    arguments: dict[str, Any]      # ... and its arguments by parameter name (the device index is the sender's)
+
+
+def _named_handle(flat: torch.Tensor) -> tuple[Any, dict[str, Any]]:
+    """`reduce_tensor(flat)` with its arguments named after the rebuild function's parameters, so the receiver
+    can replace the device index by name (a torch release that renames it fails here, loudly)."""
+    import inspect
+    from torch.multiprocessing.reductions import reduce_tensor
+    rebuild, args = reduce_tensor(flat)
+    names = list(inspect.signature(rebuild).parameters)
+    if DEVICE_ARGUMENT not in names:
+        raise RuntimeError(f"CUDA IPC: torch's {rebuild.__name__} has no {DEVICE_ARGUMENT!r} parameter in this torch "
+                           f"release ({torch.__version__}); use cluster.weight_sync=object_store")
+    return rebuild, dict(zip(names, args))
+
+
+DEVICE_ARGUMENT = "storage_device"     # the device index of torch's rebuild_cuda_tensor
 
 
 def share_buckets(buckets: Iterable[WeightBucket]) -> tuple[list[IpcBucket], list[torch.Tensor]]:
     """IPC handles of the buckets' GPU buffers, and the buffers (the sender keeps them alive until every receiver
     has copied them)."""
-    from torch.multiprocessing.reductions import reduce_tensor
     shared, keep = [], []
     for b in buckets:
         if not b.flat.is_cuda:
             raise RuntimeError("CUDA IPC needs the learner's weight buckets on its GPU")
         keep.append(b.flat)
+        rebuild, arguments = _named_handle(b.flat)
         shared.append(IpcBucket(b.version, b.names, b.shapes, b.dtypes, b.index,
-                                str(torch.cuda.get_device_properties(b.flat.device).uuid), reduce_tensor(b.flat)))
+                                str(torch.cuda.get_device_properties(b.flat.device).uuid), rebuild, arguments))
     torch.cuda.synchronize()
     return shared, keep
 
@@ -184,8 +208,5 @@ def _local_index(gpu_uuid: str) -> int:
 def open_bucket(bucket: IpcBucket) -> WeightBucket:
     """The bucket as a tensor aliasing the learner's GPU memory (the device index is this process's own for the
     same physical GPU: Ray numbers each actor's visible GPUs from 0)."""
-    rebuild, args = bucket.handle
-    args = list(args)
-    args[6] = _local_index(bucket.gpu_uuid)        # storage_device of torch's rebuild_cuda_tensor
-    flat = rebuild(*args)
+    flat = bucket.rebuild(**{**bucket.arguments, DEVICE_ARGUMENT: _local_index(bucket.gpu_uuid)})
     return WeightBucket(bucket.version, bucket.names, bucket.shapes, bucket.dtypes, flat, bucket.index)

@@ -1,8 +1,8 @@
 """The Ray pipeline's costs: end-to-end throughput, weight broadcast, object-store traffic per trajectory.
 
-1. **End to end** (images/s): the Ray pipeline on the tiny config (rollout workers → reward actor → learner rank
-   → weight sync, synchronous and with `max_staleness=1`) against the same components in one process doing
-   the same work in sequence (sampler → reward worker → learner step → weight copy), with no Ray at all.
+1. **End to end** (images/s): the product's training step (`cluster.driver.Trainer.train_step`) on the tiny config,
+   on Ray (rollout workers → reward actor → learner rank → weight sync, synchronous and with `max_staleness=1`)
+   and on the local backend (every role in this process, no Ray).
 2. **Weight broadcast** (seconds, MB/s) against the parameter bytes: the collective path (a gloo group, one
    sender and R receivers, as `actors.weight_sync`) against the object store (the sender `ray.put`s the
    buckets, every receiver fetches and applies them), for a few model sizes.
@@ -13,8 +13,7 @@
     DS_ACCELERATOR=cpu python -m benchmarks.bench_pipeline --only broadcast --sizes-mb 4,64,256
     maskgrpo bench pipeline --only trajectory
 
-Each Ray actor limits itself to one torch thread (cluster.cpus_per_actor = 1); the in-process baseline runs
-with `--threads` (default 1: the same per-process compute as one actor).
+Each role limits itself to one torch thread (cluster.cpus_per_actor = 1), on either backend.
 """
 from __future__ import annotations
 
@@ -52,7 +51,8 @@ def _ray(num_cpus: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- 1. end to end
 
-def bench_ray_pipeline(out: str, overrides: list[str], steps: int, warmup: int) -> dict[str, Any]:
+def bench_pipeline(out: str, overrides: list[str], steps: int, warmup: int) -> dict[str, Any]:
+    """The product's training step (`Trainer.train_step`) on the backend the overrides name, timed."""
     from cluster.driver import Trainer
     cfg = _cfg(out, overrides)
     t0 = time.perf_counter()
@@ -64,7 +64,7 @@ def bench_ray_pipeline(out: str, overrides: list[str], steps: int, warmup: int) 
             tr.train_step()
         recs, t0, since = [], time.perf_counter(), time.time()
         for _ in range(steps):
-            recs.append(tr.train_step())
+            recs.append(tr.train_step().to_json())
         wall = time.perf_counter() - t0
         busy = tr.timeline.busy_share(since=since)     # each role's share of the timed steps' wall time
     finally:
@@ -76,68 +76,6 @@ def bench_ray_pipeline(out: str, overrides: list[str], steps: int, warmup: int) 
             "learner_s": mean("learner_seconds"), "sync_s": mean("sync_seconds"),
             "staleness_mean": mean("staleness_mean"),
             **{f"busy_{role}": share for role, share in busy.items() if role != "driver"}}
-
-
-def bench_in_process(out: str, overrides: list[str], steps: int, warmup: int, threads: int) -> dict[str, Any]:
-    """The same work as one synchronous pipeline step, in this process, with no Ray."""
-    from cluster.advantages import PromptStatTracker, plan_update
-    from cluster.config import section
-    from cluster.data import PromptSchedule, train_prompts
-    from cluster.launch import reward_decoder_spec, reward_specs
-    from learner.engine import Learner
-    from learner.weights_export import apply_weight_bucket
-    from policy.factory import load_policy
-    from policy.sampler import UnmaskingSampler
-    from rewards.worker import RewardWorker
-
-    torch.set_num_threads(threads)
-    cfg = _cfg(out, overrides)
-    pcfg, lcfg = section(cfg, "policy"), section(cfg, "learner")
-    policy = load_policy(pcfg, "cpu", with_decoder=False)
-    sampler_model = policy.model.eval().requires_grad_(False)
-    torch.manual_seed(cfg.seed)
-    learner = Learner(load_policy(pcfg, "cpu", with_decoder=False).model, lcfg, device="cpu")
-    tracker = PromptStatTracker()
-    reward = RewardWorker(reward_specs(cfg, cfg.rewards), decoder=reward_decoder_spec(cfg), device="cpu")
-    prompts = train_prompts(cfg)
-    G, pps = cfg.data.group_size, cfg.data.prompts_per_step
-    schedule = PromptSchedule(len(prompts), pps, cfg.seed)
-    bucket_bytes = int(cfg.cluster.weight_bucket_mb) << 20
-    sampler_cfg = section(cfg, "sampler")
-    parts_s = {"rollout": 0.0, "reward": 0.0, "learner": 0.0, "sync": 0.0}
-
-    def step(s: int, timed: bool) -> None:
-        items = [prompts[i] for i in schedule.indices(s)]
-        seeds = [x for slot in range(pps) for x in schedule.seeds(s, slot, G)]
-        t0 = time.perf_counter()
-        traj = UnmaskingSampler(sampler_model, sampler_cfg).sample(policy.text_areas([it.prompt for it in items]),
-                                                                   seeds, group_size=G)
-        groups = [traj.select(slice(i * G, (i + 1) * G)) for i in range(pps)]
-        for g in groups:
-            g.policy_version = learner.version
-        t1 = time.perf_counter()
-        scores = reward.score_groups([{"codes": g.final_codes, "prompts": [it.prompt] * G,
-                                       "metadata": [it.metadata] * G} for g, it in zip(groups, items)])
-        t2 = time.perf_counter()
-        plan = plan_update(groups, [sc["rewards"] for sc in scores], [it.prompt for it in items], lcfg,
-                           sampler_cfg.steps, tracker, step=s)
-        learner.train_step(plan.groups)
-        t3 = time.perf_counter()
-        for bucket in learner.iter_weight_buckets(bucket_bytes):
-            apply_weight_bucket(sampler_model, bucket)
-        t4 = time.perf_counter()
-        if timed:
-            for k, v in zip(parts_s, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-                parts_s[k] += v
-
-    for s in range(warmup):
-        step(s, False)
-    t0 = time.perf_counter()
-    for s in range(warmup, warmup + steps):
-        step(s, True)
-    wall = time.perf_counter() - t0
-    return {"images_per_s": steps * pps * G / wall, "step_s": wall / steps,
-            **{f"{k}_s": v / steps for k, v in parts_s.items()}}
 
 
 # ---------------------------------------------------------------------------------------------- 2. weight broadcast
@@ -290,7 +228,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--prompts-per-step", type=int, default=8)
     ap.add_argument("--group-size", type=int, default=4)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads of the in-process baseline")
     ap.add_argument("--sizes-mb", default="1,16,128", help="model sizes (float32 MB) for the broadcast part")
     ap.add_argument("--receivers", type=int, default=2, help="rollout workers receiving the broadcast")
     ap.add_argument("--bucket-mb", type=int, default=64)
@@ -308,12 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         for label, extra in [("ray, 1 rollout worker", ["cluster.num_rollout_workers=1"]),
                              ("ray, 2 rollout workers", ["cluster.num_rollout_workers=2"]),
                              ("ray, 2 workers, max_staleness=1", ["cluster.num_rollout_workers=2",
-                                                                  "cluster.max_staleness=1"])]:
-            r = bench_ray_pipeline(f"{args.out}/{len(rows)}", common + extra, args.steps, args.warmup)
+                                                                  "cluster.max_staleness=1"]),
+                             ("local backend (one process, no Ray)", ["cluster.backend=local"])]:
+            r = bench_pipeline(f"{args.out}/{len(rows)}", common + extra, args.steps, args.warmup)
             rows.append({"pipeline": label, **r})
             print(_table(rows[-1:], ""), flush=True)
-        r = bench_in_process(f"{args.out}/inproc", common, args.steps, args.warmup, args.threads)
-        rows.append({"pipeline": f"one process, no Ray ({args.threads} thread)", **r})
         keys = ["pipeline", "images_per_s", "step_s", "rollout_s", "reward_s", "learner_s", "sync_s", "busy_rollout",
                 "busy_reward", "busy_learner", "busy_weight_sync"]
         results["pipeline"] = rows

@@ -5,7 +5,7 @@ step, correctness asserted and throughput printed.
     python -m benchmarks.gpu_check --tiny                # the same checks on a tiny model (CI runs it on the CPU)
     bash scripts/gpu_check.sh                            # with the carried wheels installed first (see the README)
 
-Stages (no Ray, no omegaconf: neither is imported):
+Stages (no Ray: it is never imported; the product's step runs on the local backend):
   1. sampler: the rollout copy of the policy (``policy.dtype``: bf16 on CUDA) samples G=16 images, T=50 steps;
   2. reward: a cheap reward read from the codes (mean code / codebook size; no reward model, random weights);
   3. learner (`learner.engine.Learner`, DeepSpeed, one rank, ZeRO 2, bf16 on CUDA): before any update, the
@@ -14,8 +14,10 @@ Stages (no Ray, no omegaconf: neither is imported):
      same-precision level (≤ 1e-3, ≤ 1 %); then one update with all 50 steps trained (timed);
   4. weight export + apply to the rollout copy (device buckets, device-to-device copies; timed), after which the
      rollout copy must equal the learner's weights exactly;
-  5. one training step end to end: sample, score, update on 25 steps chosen with ``random_k``, hand the weights
-     over (timed), with the ratio check again on the fresh rollout (it checks the hand-over too);
+  5. one training step end to end, the product's own: `cluster.driver.Trainer.train_step` with
+     ``cluster.backend=local`` (sample, score with the shapes world's GenEval rules, the driver's plan, an update
+     on 25 steps chosen with ``random_k``, the learner group's hand-over; the second of two steps timed), then the
+     rollout copy must equal the learner's weights and a fresh rollout passes the ratio check (the hand-over too);
   6. learner with ZeRO 0 and a KL term (the reference policy's path): one update, finite loss, weights change,
      hand-over exact.
 Figures: images/s and the share of the GPU's bf16 peak, model FLOPs counted analytically (2·matmul-params·tokens
@@ -274,6 +276,76 @@ def target(name: str, value: float, size: str) -> str:
     return f"target {sign} {goal:g}: {'meets' if ok else 'BELOW TARGET'}"
 
 
+def e2e_config(args, arch, device: torch.device, zero_stage: int, output_dir: str):
+    """The run config of the end-to-end stage: the check's model, G, T and learner settings on the local backend,
+    prompts and rewards from the shapes world (its exact decoder and GenEval rules; codes outside the world's
+    codebook decode as background)."""
+    import dataclasses
+    from omegaconf import OmegaConf
+    from cluster.config import load_config
+    grid = int(round(math.sqrt(arch.num_vq_tokens)))
+    gpus = 1.0 if device.type == "cuda" else 0.0
+    overrides = OmegaConf.create({
+        "output_dir": output_dir, "seed": 0, "max_steps": 2, "device": device.type,
+        "policy": {"init": "random", "arch": dataclasses.asdict(arch), "dtype": args.dtype,
+                   "tokenizer": {"kind": "words"},
+                   "decoder": {"kind": "shapes", "shapes": {"grid_size": grid, "image_size": grid * 8}}},
+        "sampler": {"steps": args.steps},
+        "learner": {"transition": args.transition, "lr": args.lr, "warmup_steps": 1, "total_steps": 100,
+                    "zero_stage": zero_stage, "reduction": "random_k", "reduction_k": args.k,
+                    "micro_batch_rows": args.micro_batch_rows, "gradient_checkpointing": None},
+        "data": {"prompts_per_step": 1, "group_size": args.group},
+        "cluster": {"backend": "local", "rollout_gpus": gpus, "learner_gpus": gpus, "reward_gpus": gpus,
+                    "weight_bucket_mb": max(1, args.bucket_bytes >> 20)},
+        "eval": {"at_start": False}, "logging": {"progress": False}})
+    return load_config(None, [f"{k}={v}" for k, v in _dotlist(OmegaConf.to_container(overrides))])
+
+
+def _dotlist(tree: dict, prefix: str = ""):
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            yield from _dotlist(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", "null" if v is None else v
+
+
+def end_to_end(report: "Report", args, arch, device: torch.device, zero_stage: int, sampler_flops: float,
+               fwd_row: float, fwd_prefix: float, peak: Optional[float]) -> None:
+    """Two training steps of `cluster.driver.Trainer` (the first warms up), the second timed; then the rollout
+    copy must equal the learner's weights and a fresh rollout's log-probs must match the learner's."""
+    import tempfile
+    from cluster.driver import Trainer
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(e2e_config(args, arch, device, zero_stage, out))
+        try:
+            trainer.sync_weights()
+            trainer.train_step()
+            rec, total = timed(device, lambda: trainer.train_step().to_json())
+            parts = [rec[k] for k in ("rollout_seconds", "reward_seconds", "learner_seconds", "sync_seconds")]
+            rows, mbs = rec["learner/rows"], rec["learner/micro_batches"]
+            e2e_flops = sampler_flops + 3 * (rows * fwd_row + mbs * fwd_prefix)
+            eips = rec["groups"] * args.group / total
+            print(f"  sample {parts[0]:.2f} s + score {parts[1]:.3f} s + update {parts[2]:.2f} s ({int(rows)} rows) + "
+                  f"hand over {parts[3]:.3f} s ({rec['sync_path']}); step {total:.2f} s: {eips:.2f} images/s, "
+                  f"{share(e2e_flops, total, peak)}; {target('e2e_img_s', eips, args.size)}")
+            print(f"  learner's own on-policy ratio: median |r-1| {rec['learner/on_policy_ratio_dev']:.2e}, max "
+                  f"{rec['learner/ratio_max']:.6f}, rows outside [0.9, 1.2] {rec['learner/on_policy_outside_clip']:.2%}")
+            report.figures.update(e2e_seconds=total, e2e_img_s=eips, e2e_parts=parts, e2e_metrics=rec)
+            report.check("end to end: finite loss, update applied, on-policy rows outside the clip <= 1 %",
+                         math.isfinite(rec["loss"]) and rec["learner/nonfinite_skipped"] == 0
+                         and rec["learner/on_policy_outside_clip"] <= 0.01,
+                         f"loss {rec['loss']:.4g}, outside {rec['learner/on_policy_outside_clip']:.2%}")
+            learner = trainer.backend.obj(trainer.learner.ranks[0]).learner
+            worker = trainer.backend.obj(next(iter(trainer.rollouts.workers.values())))
+            ok, detail = params_equal(learner.policy, worker.model)
+            report.check("end to end: rollout copy equals the learner's weights after the hand-over", ok, detail)
+            fresh = worker.rollout(trainer._requests(trainer.step))[1]
+            report.figures["ratio_after_hand_over"] = ratio_check(report, "after the hand-over", learner.policy,
+                                                                  fresh, 25)
+        finally:
+            trainer.shutdown()
+
+
 # ----- the check -----------------------------------------------------------------------------------------------------
 def run(args) -> Report:
     report = Report(json_path=args.json)
@@ -283,7 +355,6 @@ def run(args) -> Report:
     from learner.dist import free_port
     # one rank of its own, whatever the environment says (e.g. a parent process's MASTER_PORT)
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    from cluster.advantages import plan_update
     from learner.config import LearnerConfig
     from learner.engine import Learner
     from learner.update import GroupUpdate
@@ -336,10 +407,15 @@ def run(args) -> Report:
                  bool((traj.unmask_step < steps).all()) and bool(torch.isfinite(traj.token_logprob).all()))
 
     def update(learner, trajectory, group_rewards, step: int) -> dict[str, Any]:
-        """The driver's plan for one group (advantages, trained steps), then the learner's update."""
-        plan = plan_update([trajectory], [group_rewards], ["gpu check"], learner.config, trajectory.num_steps,
-                           step=step)
-        return {**learner.train_step(plan.groups).metrics(), **plan.metrics()}
+        """The learner alone on one group: group-normalised rewards as advantages, every step trained, or
+        `learner.reduction_k` of them (the driver's planning runs in the end-to-end stage, in the product's step)."""
+        adv = (group_rewards - group_rewards.mean()) / (group_rewards.std() + 1e-4)
+        steps = torch.arange(trajectory.num_steps)
+        if learner.config.reduction == "random_k":
+            gen = torch.Generator().manual_seed(step)
+            steps = torch.randperm(trajectory.num_steps, generator=gen)[:learner.config.reduction_k].sort().values
+        group = GroupUpdate(trajectory, adv.float().cpu(), torch.ones(trajectory.batch_size, dtype=torch.bool), steps)
+        return learner.train_step([group]).metrics()
 
     # 3-5. learner ZeRO 2 -----------------------------------------------------------------------------------------
     stages = [int(z) for z in args.zero.split(",") if z != ""]
@@ -394,36 +470,21 @@ def run(args) -> Report:
             ok, detail = params_equal(learner.policy, rollout)
             report.check("rollout copy equals the learner's weights after apply", ok, detail)
 
-            report.stage(f"one training step end to end (sample, score, update {args.k} random steps, hand over)")
-            lcfg.reduction, lcfg.reduction_k = "random_k", args.k
-            seeds = list(range(group, 2 * group))
-            traj2, t1 = timed(device, lambda: sampler.sample(text, seeds, group))
-            traj2.policy_version = learner.version          # the rollout copy holds the learner's weights
-            r2, t2 = timed(device, lambda: code_reward(traj2, cfg.codebook_size))
-            report.figures["ratio_after_hand_over"] = ratio_check(report, "after the hand-over", learner.policy,
-                                                                  traj2, 25)
-            m2, t3 = timed(device, lambda: update(learner, traj2, r2, 1))
-            _, t4 = timed(device, lambda: hand_over(learner, rollout, args.bucket_bytes))
-            total = t1 + t2 + t3 + t4
-            e2e_flops = sampler_flops + 3 * (m2["rows"] * fwd_row + m2["micro_batches"] * fwd_prefix)
-            eips = group / total
-            print(f"  sample {t1:.2f} s + score {t2:.3f} s + update {t3:.2f} s ({int(m2['rows'])} rows) + hand over "
-                  f"{t4:.3f} s = {total:.2f} s: {eips:.2f} images/s, {share(e2e_flops, total, peak)}; "
-                  f"{target('e2e_img_s', eips, args.size)}")
-            print(f"  learner's own on-policy ratio: median |r-1| {m2['on_policy_ratio_dev']:.2e}, max "
-                  f"{m2['ratio_max']:.6f}, rows outside [0.9, 1.2] {m2['on_policy_outside_clip']:.2%}")
-            report.figures.update(e2e_seconds=total, e2e_img_s=eips, e2e_parts=[t1, t2, t3, t4], e2e_metrics=m2)
-            report.check("end to end: finite loss, update applied, on-policy rows outside the clip <= 1 %",
-                         math.isfinite(m2["loss"]) and m2["nonfinite_skipped"] == 0
-                         and m2["on_policy_outside_clip"] <= 0.01,
-                         f"loss {m2['loss']:.4g}, outside {m2['on_policy_outside_clip']:.2%}")
-            ok, detail = params_equal(learner.policy, rollout)
-            report.check("end to end: rollout copy equals the learner's weights", ok, detail)
             if device.type == "cuda":
                 report.stage("weights to another process on the same GPU through CUDA IPC (configs/one_gpu.yaml)")
                 ipc_check(report, learner, rollout, args.size, args.bucket_bytes)
 
         report.guarded(f"learner ZeRO {first}", main_learner)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # 5. the product's training step, local backend --------------------------------------------------------------
+    if first is not None:
+        report.stage(f"one training step end to end: the product's Trainer.train_step on the local backend (sample, "
+                     f"score, update {args.k} random_k steps, hand over)")
+        report.guarded("end to end", lambda: end_to_end(report, args, cfg, device, first, sampler_flops, fwd_row,
+                                                        fwd_prefix, peak))
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -460,8 +521,8 @@ def run(args) -> Report:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    blocked = sorted(m for m in sys.modules if m.split(".")[0] in ("ray", "omegaconf") and sys.modules[m] is not None)
-    report.check("no Ray or omegaconf imported", not blocked, ", ".join(blocked[:5]))
+    blocked = sorted(m for m in sys.modules if m.split(".")[0] == "ray" and sys.modules[m] is not None)
+    report.check("no Ray imported (the local backend)", not blocked, ", ".join(blocked[:5]))
     return report
 
 

@@ -6,7 +6,6 @@ import sys
 from typing import Optional, Sequence
 
 from .config import ConfigError, load_config
-from .errors import run_failures
 from .prompts import PromptFileError, read_prompts
 
 
@@ -62,7 +61,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"maskgrpo: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        if not isinstance(e, run_failures()):
+        from .errors import RUN_FAILURES     # imported here: torch and the learner load only when a command runs
+        if not isinstance(e, RUN_FAILURES):
             raise
         print(f"maskgrpo: {type(e).__name__}: {e}", file=sys.stderr)
         return 1

@@ -38,6 +38,17 @@ class Device(StrEnum):
     cuda = "cuda"
 
 
+class Backend(StrEnum):
+    ray = "ray"         # every role in its own Ray actor(s): placement, restarts, the object store
+    local = "local"     # every role in the driver's process, Ray not imported (debugging, profilers, pytest)
+
+
+def role_device(gpus: float) -> str:
+    """Where a role runs: on CUDA iff it is given a GPU share (cluster.rollout_gpus / reward_gpus / learner_gpus;
+    `device: cpu|cuda` only checks that these agree, see RunConfig)."""
+    return "cuda" if gpus > 0 else "cpu"
+
+
 class WeightSync(StrEnum):
     collective = "collective"       # NCCL (GPUs) / gloo (CPU) broadcast group
     object_store = "object_store"   # buckets through Ray's object store
@@ -60,6 +71,7 @@ class DataConfig:
 
 @dataclass
 class ClusterConfig:
+    backend: Backend = Backend.ray        # local: one process, no Ray (one learner rank)
     address: Optional[str] = None         # Ray address; None: start a local Ray instance (single-node mode)
     num_rollout_workers: int = 1
     num_reward_actors: int = 1
@@ -85,7 +97,12 @@ class ClusterConfig:
                  [(self.cpus_per_actor > 0, "cluster.cpus_per_actor must be > 0"),
                   (self.resource_wait_s >= 0 and self.cluster_lost_s > 0 and self.actor_start_s > 0,
                    "cluster.resource_wait_s must be >= 0, cluster.cluster_lost_s and actor_start_s > 0"),
-                  (self.weight_bucket_mb >= 1, "cluster.weight_bucket_mb must be >= 1")])
+                  (self.weight_bucket_mb >= 1, "cluster.weight_bucket_mb must be >= 1"),
+                  (self.backend == Backend.ray or self.num_learner_ranks == 1,
+                   "cluster.backend=local runs one learner rank in the driver's process: set "
+                   "cluster.num_learner_ranks=1, or use cluster.backend=ray for a DeepSpeed world of several ranks"),
+                  (self.backend == Backend.ray or self.address is None,
+                   "cluster.backend=local starts no Ray: remove cluster.address, or use cluster.backend=ray")])
 
 
 @dataclass

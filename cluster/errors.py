@@ -3,16 +3,29 @@ checkpoint or metrics file, a full disk, an actor that could not start, a learne
 Anything else is a bug and keeps its traceback."""
 from __future__ import annotations
 
+from learner.engine import NonFiniteUpdateError
+from policy.files import DiskFullError
+from policy.weights import CheckpointError
+from rewards.base import RewardError
 
-def run_failures() -> tuple[type[BaseException], ...]:
-    """The error classes of such failures (imported here, not at the CLI's start, which stays fast)."""
-    from learner.engine import NonFiniteUpdateError
-    from policy.files import DiskFullError
-    from policy.weights import CheckpointError
-    from rewards.base import RewardError
-    from rewards.pool import RewardPoolError
-    from .driver import LearnerFailure
-    from .metrics import MetricsFileError
-    from .preflight import StartupError
-    return (CheckpointError, DiskFullError, LearnerFailure, MetricsFileError, NonFiniteUpdateError, RewardError,
-            RewardPoolError, StartupError)
+from .metrics import MetricsFileError
+from .preflight import StartupError
+
+
+class LearnerFailure(RuntimeError):
+    """A learner rank died: the run cannot go on (its optimizer state is gone); resume from the last checkpoint."""
+
+
+class RewardGroupError(RuntimeError):
+    """A scoring call failed twice; ``reward`` names the failing reward (or the group's rewards if unknown)."""
+
+    def __init__(self, reward: str, message: str):
+        super().__init__(message)
+        self.reward = reward
+
+    def __reduce__(self):
+        return (type(self), (self.reward, str(self)))
+
+
+RUN_FAILURES: tuple[type[BaseException], ...] = (CheckpointError, DiskFullError, LearnerFailure, MetricsFileError,
+                                                 NonFiniteUpdateError, RewardError, RewardGroupError, StartupError)

@@ -1,4 +1,4 @@
-"""Evaluation: N images per held-out prompt from the rollout workers, scored by the (GenEval) reward actors.
+"""Evaluation: N images per held-out prompt from the rollout group, scored by the (GenEval) reward group.
 
 Writes ``eval/step_NNNNNN.json`` (``{"overall": x, "categories": {...}, ...}``) and an image grid per category.
 Seeds depend only on the prompt and sample index, so evaluations at different steps compare like with like.
@@ -8,15 +8,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-import ray
 import torch
 from omegaconf import DictConfig
 
 from actors.types import GroupRequest
-from policy.files import atomic_write_json
+from learner.checkpoint import checkpoint_step
+from policy.factory import build_decoder
+from policy.files import atomic_write_json, unused_path
+from policy.images import save_captioned_grid
+from rewards.geneval import summarize_geneval
 
+from .config import ConfigError, plain, section
 from .data import eval_prompts
-from .fleet import RolloutFleet, RolloutStats
+from .preflight import StartupError, prepare_output_dir, root_cause, verify_policy_init
+from .ray_session import backend_session
+from .reward_group import RewardGroup
+from .rollout_group import RolloutGroup, RolloutStats
 
 
 def eval_requests(cfg: DictConfig) -> list[GroupRequest]:
@@ -31,48 +38,37 @@ def report_path(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / "eval" / f"step_{step:06d}.json"
 
 
-def evaluate(cfg: DictConfig, fleet: RolloutFleet, pool, step: int, decoder=None,
+def evaluate(cfg: DictConfig, rollouts: RolloutGroup, rewards: RewardGroup, step: int, decoder=None,
              path: Optional[Path] = None) -> dict[str, Any]:
     """Score the held-out prompts; the report goes to `path` (default: the run's `eval/step_NNNNNN.json`)."""
-    from rewards.geneval import summarize_geneval
     k = cfg.eval.samples_per_prompt
     overrides = {"guidance_scale": float(cfg.eval.guidance_scale)}
-    groups = fleet.gather(fleet.dispatch(eval_requests(cfg), overrides, rewards=pool), RolloutStats(), overrides,
-                          rewards=pool)
-    scores = [g.scores for g in groups]
-    tags, verdicts, rewards = [], [], []
-    for g, s in zip(groups, scores):
+    groups = rollouts.gather(rollouts.dispatch(eval_requests(cfg), overrides, rewards=rewards), RolloutStats(),
+                             overrides, rewards=rewards)
+    tags, verdicts, scores = [], [], []
+    for g in groups:
         tags += [str(g.meta.metadata.get("tag", "all"))] * k
-        verdicts += _strict_verdicts(s).tolist()
-        rewards += s["rewards"].tolist()
+        verdicts += g.scores.strict_verdicts().tolist()
+        scores += g.scores.rewards.tolist()
     report = summarize_geneval(tags, verdicts)
-    report.update({"step": step, "reward_mean": float(torch.tensor(rewards).mean()) if rewards else float("nan"),
+    report.update({"step": step, "reward_mean": float(torch.tensor(scores).mean()) if scores else float("nan"),
                    "samples_per_prompt": k, "guidance_scale": float(cfg.eval.guidance_scale)})
     path = atomic_write_json(path or report_path(cfg.output_dir, step), report)
     if decoder is not None and groups:
-        _category_grids(groups, tags, verdicts, k, decoder, path.with_suffix(""))
+        _category_grids(rollouts, groups, tags, verdicts, k, decoder, path.with_suffix(""))
     return report
 
 
-def _strict_verdicts(scored: dict[str, Any]) -> torch.Tensor:
-    """GenEval's 0/1 verdicts of a scored group (the `<label>/strict` detail of the GenEval reward); without a
-    GenEval reward, the reward itself thresholded at 0.5."""
-    keys = [k for k in scored["details"] if k == "strict" or k.endswith("/strict")]
-    if keys:
-        return scored["details"][keys[0]]
-    return (scored["rewards"] >= 0.5).float()
-
-
-def _category_grids(groups, tags, verdicts, k, decoder, directory: Path, per_category: int = 8) -> None:
+def _category_grids(rollouts: RolloutGroup, groups, tags, verdicts, k, decoder, directory: Path,
+                    per_category: int = 8) -> None:
     """`<category>.png` per category: a row per prompt (its first `per_category` prompts), captioned with the
     prompt, each image framed green (correct) or red (wrong) by its strict GenEval verdict."""
-    from policy.images import save_captioned_grid
     by_tag: dict[str, list] = {}
     for i, g in enumerate(groups):
         by_tag.setdefault(tags[i * k], []).append((g, verdicts[i * k:(i + 1) * k]))
     for tag, entries in by_tag.items():
         entries = entries[:per_category]
-        trajs = ray.get([g.traj_ref for g, _ in entries])
+        trajs = rollouts.backend.get([g.trajectory for g, _ in entries])
         images = decoder(torch.cat([t.final_codes for t in trajs]))
         save_captioned_grid(images, directory / f"{tag}.png", [g.meta.prompt for g, _ in entries], nrow=k,
                             verdicts=[v for _, vs in entries for v in vs], scale=max(1, 128 // images.shape[1]))
@@ -108,12 +104,6 @@ def evaluate_command(cfg: DictConfig, checkpoint: Optional[str] = None, prompts:
     """`maskgrpo eval`: rollout workers with the checkpoint's weights + reward actors; prints the table. The report
     is `eval/step_NNNNNN.json` of output_dir for the checkpoint's step (0 for a release), or, when the run already
     has that file (its own evaluation), the next free name (`step_NNNNNN.1.json`): a run's reports are kept."""
-    from policy.files import unused_path
-    from .config import ConfigError, plain, section
-    from .launch import start_reward_pool
-    from .preflight import StartupError, prepare_output_dir, root_cause, verify_policy_init
-    from learner.checkpoint import checkpoint_step
-    from .train import init_ray, shutdown_local_ray
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
         if not path.exists():
@@ -129,23 +119,23 @@ def evaluate_command(cfg: DictConfig, checkpoint: Optional[str] = None, prompts:
     init = Path(str(cfg.policy.init)).expanduser()
     step = checkpoint_step(init) if init.is_dir() else 0
     out = unused_path(report_path(cfg.output_dir, step))
-    mode = init_ray(cfg)
-    try:
-        fleet = RolloutFleet(cfg)
-        specs = plain(cfg.eval.rewards) or plain(cfg.rewards)
-        pool = start_reward_pool(cfg, specs)
+    with backend_session(cfg) as (backend, _):
+        rollouts = RolloutGroup(backend, cfg)
+        rewards = RewardGroup.from_config(backend, cfg, plain(cfg.eval.rewards) or plain(cfg.rewards))
         try:
-            from policy.factory import build_decoder
             decoder = build_decoder(section(cfg, "policy"), "cpu")
-            report = evaluate(cfg, fleet, pool, step=step, decoder=decoder, path=out)
-        except ray.exceptions.RayError as e:           # an actor could not load the weights, or died
+            report = evaluate(cfg, rollouts, rewards, step=step, decoder=decoder, path=out)
+        except Exception as e:           # an actor could not load the weights, or died
+            if backend.name != "ray" or not _is_ray_error(e):
+                raise
             raise StartupError(f"evaluation of policy.init={str(cfg.policy.init)!r} failed: {root_cause(e)}") from None
         finally:
-            fleet.shutdown()
-            pool.shutdown()
-    finally:
-        if mode == "local":
-            shutdown_local_ray()
+            rollouts.shutdown()
+            rewards.shutdown()
     print(format_table(report, f"GenEval ({cfg.policy.init})"))
     print(f"reward mean {report['reward_mean']:.4f}; report {out}, image grids in {out.with_suffix('')}")
     return report
+
+
+def _is_ray_error(e: BaseException) -> bool:
+    return any(c.__module__.startswith("ray.") for c in type(e).__mro__)

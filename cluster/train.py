@@ -1,92 +1,39 @@
-"""`maskgrpo train` / `python -m cluster.train`: Mask-GRPO training on a Ray cluster or on this machine.
-
-Local single-node mode (no `cluster.address`, no RAY_ADDRESS): a private Ray instance is started here and shut
-down at the end. Under `ray job submit` it joins the job's cluster (the job's `--working-dir` ships the code; the
-head's Python, e.g. the venv `ray start` ran from, runs the entry point); with `cluster.address` or RAY_ADDRESS it
-joins that cluster. If Ray is already initialized in this process, it is used as it is.
+"""`maskgrpo train` / `python -m cluster.train`: Mask-GRPO training on a Ray cluster, on this machine's own Ray
+instance, or in this one process (`cluster.backend=local`); see `cluster.ray_session` for how Ray is joined.
 """
 from __future__ import annotations
 
-import math
+import json
 import os
 import signal
 import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional
 
 from omegaconf import DictConfig
 
-from learner.checkpoint import checkpoint_step
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from learner.checkpoint import checkpoint_step, pick_resume_checkpoint, verify_checkpoint
 from policy.files import unused_path
+from policy.weights import CheckpointError
 
-from .config import ConfigError, save_resolved
+from .config import Backend, ConfigError, save_resolved
+from .driver import Trainer
+from .evaluate import format_before_after, format_table, report_path
+from .plots import reward_curve
 from .preflight import (StartupError, check_cluster_resources, check_local_resources, config_changes,
-                        prepare_output_dir, refuse_to_mix_runs, required_resources, verify_policy_init)
+                        prepare_output_dir, refuse_to_mix_runs, verify_policy_init)
+from .pretrain import ensure_base_policy
+from .ray_session import backend_session, cluster_address, in_ray_job
 from .runtime import cpu_deepspeed_env, watch_cluster
-
-
-def in_ray_job() -> bool:
-    """True in the driver of a `ray job submit` (its supervisor passes the job's config in this variable)."""
-    return bool(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or os.environ.get("RAY_JOB_ID"))
-
-
-def cluster_address(cfg: DictConfig) -> Optional[str]:
-    """The Ray cluster to join (`cluster.address`, else RAY_ADDRESS); None: start a private local instance (unless
-    this is the driver of a `ray job submit`, which always joins its job's cluster)."""
-    return cfg.cluster.address or os.environ.get("RAY_ADDRESS")
-
-
-def init_ray(cfg: DictConfig) -> str:
-    """Connect to (or start) Ray. Returns "local" when this process started a private instance, "cluster" when it
-    joined a running cluster (an address, or the driver of a `ray job submit`), "reused" when Ray was already
-    initialized in this process."""
-    import ray
-    if ray.is_initialized():
-        return "reused"
-    repo = str(Path(__file__).resolve().parents[1])
-    env = {"env_vars": {"PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                        **({"DS_ACCELERATOR": os.environ["DS_ACCELERATOR"]} if "DS_ACCELERATOR" in os.environ else {})}}
-    if in_ray_job():
-        # The driver of a `ray job submit`: join the job's cluster with the job's runtime env (its working_dir
-        # carries this repository to every node), whatever cluster.address says.
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=True)
-        return "cluster"
-    address = cluster_address(cfg)
-    if address:
-        # An existing cluster: its nodes must see this repository at the same path (shared disk or image).
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
-        return "cluster"
-    # Logical CPUs: enough for every actor (Ray only counts them; each actor limits its own torch threads).
-    needed = math.ceil(required_resources(cfg)["CPU"]) + 1
-    # address="local": a private instance even when `ray start` left a cluster running on this machine (plain
-    # ray.init() would join that one, with whatever resources it has)
-    ray.init(address="local", num_cpus=max(needed, cfg.cluster.local_num_cpus or os.cpu_count() or 1),
-             include_dashboard=False,
-             runtime_env=env, log_to_driver=True, configure_logging=False)
-    return "local"
-
-
-def shutdown_local_ray() -> None:
-    """Stop the Ray instance this process started and remove its session directory (logs of a finished local
-    run; without this every run leaves one behind in Ray's temporary directory)."""
-    import shutil
-    import ray
-    session_dir = None
-    try:
-        session_dir = ray._private.worker._global_node.get_session_dir_path()
-    except Exception:
-        pass
-    ray.shutdown()
-    if session_dir and Path(session_dir).is_dir():
-        shutil.rmtree(session_dir, ignore_errors=True)
 
 
 def _resume_path(cfg: DictConfig) -> Optional[str]:
     """The checkpoint to continue from; `resume=auto` prints which one and why, every time."""
-    from learner.checkpoint import pick_resume_checkpoint, verify_checkpoint
-    from policy.weights import CheckpointError
     if cfg.resume is None:
         return None
     root = Path(cfg.output_dir) / "checkpoints"
@@ -106,7 +53,6 @@ def keep_history(cfg: DictConfig, step: int) -> None:
     """Before a resumed run writes its own config.yaml and timeline.json, keep the earlier ones (as
     ``config.before_step_NNNNNN.yaml`` when the config changed, ``timeline.before_step_NNNNNN.json``) and name
     every changed key, so that the run directory still says what trained steps 0..step-1."""
-    from omegaconf import OmegaConf
     out = Path(cfg.output_dir)
     saved_path = out / "config.yaml"
     if saved_path.is_file():
@@ -180,9 +126,6 @@ class InterruptGuard:
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run training to `max_steps`; returns a summary (evaluations before and after, last checkpoint). Everything
     that can be checked before an actor starts is checked first (see `cluster.preflight`)."""
-    from .driver import Trainer
-    from .pretrain import ensure_base_policy
-
     cpu_deepspeed_env()
     if in_ray_job() and not Path(cfg.output_dir).expanduser().is_absolute():
         raise ConfigError(f"output_dir={cfg.output_dir!r} is relative: under `ray job submit` the driver runs in a "
@@ -191,7 +134,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                           f"output_dir=/shared/runs/<name>")
     prepare_output_dir(cfg.output_dir)
     refuse_to_mix_runs(cfg.output_dir, cfg.resume)
-    if not (in_ray_job() or cluster_address(cfg)):
+    local_ray = cfg.cluster.backend == Backend.ray and not (in_ray_job() or cluster_address(cfg))
+    if local_ray:
         check_local_resources(cfg)
     ensure_base_policy(cfg)
     note = verify_policy_init(cfg)
@@ -206,28 +150,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             return {"output_dir": cfg.output_dir, "checkpoint": resume, "nothing_to_do": True}
         keep_history(cfg, done)
     save_resolved(cfg, cfg.output_dir)
-    mode = init_ray(cfg)
-    trainer, watch = None, None
-    try:
-        # a private local instance never grows: no point waiting for nodes an autoscaler might add
-        check_cluster_resources(cfg, 0.0 if mode == "local" else cfg.cluster.resource_wait_s)
-        if mode == "cluster":          # a cluster this process does not own can go away under it
-            watch = watch_cluster(cfg.cluster.cluster_lost_s)
-        trainer = Trainer(cfg)
-        return _train_loop(cfg, trainer, resume)
-    finally:
-        if watch is not None:
-            watch.set()
-        if trainer is not None:
-            trainer.timeline.write()
-            trainer.shutdown()
-        if mode == "local":
-            shutdown_local_ray()
+    with backend_session(cfg) as (backend, mode):
+        trainer, watch = None, None
+        try:
+            if backend.name == "ray":
+                # a private local instance never grows: no point waiting for nodes an autoscaler might add
+                check_cluster_resources(cfg, 0.0 if mode == "local" else cfg.cluster.resource_wait_s)
+            if mode == "cluster":          # a cluster this process does not own can go away under it
+                watch = watch_cluster(cfg.cluster.cluster_lost_s)
+            trainer = Trainer(cfg, backend)
+            return _train_loop(cfg, trainer, resume)
+        finally:
+            if watch is not None:
+                watch.set()
+            if trainer is not None:
+                trainer.timeline.write()
+                trainer.shutdown()
 
 
-def _train_loop(cfg: DictConfig, trainer, resume: Optional[str]) -> dict[str, Any]:
-    from tqdm import tqdm
-    from .evaluate import format_table
+def _train_loop(cfg: DictConfig, trainer: Trainer, resume: Optional[str]) -> dict[str, Any]:
     summary: dict[str, Any] = {"output_dir": cfg.output_dir}
     if resume:
         trainer.resume(resume)
@@ -244,16 +185,16 @@ def _train_loop(cfg: DictConfig, trainer, resume: Optional[str]) -> dict[str, An
         for _ in bar:
             with guard.deferred():
                 in_step = True
-                record = trainer.train_step()
-                step = record["step"]
+                result = trainer.train_step()
+                step = result.step
                 last = step == cfg.max_steps - 1
                 if cfg.logging.sample_every and step % cfg.logging.sample_every == 0 or step == 0 or last:
                     trainer.save_samples(step, trainer.last_groups)
                 if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and not last:
-                    rep = trainer.evaluate(step + 1)
-                    record["eval_overall"] = rep["overall"]
+                    result.extra["eval_overall"] = trainer.evaluate(step + 1)["overall"]
                 if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
-                    record["checkpoint"] = trainer.save_checkpoint()
+                    result.extra["checkpoint"] = trainer.save_checkpoint()
+                record = result.to_json()
                 trainer.metrics.log(record)
                 in_step = False
             bar.set_postfix_str(progress_line(record), refresh=False)
@@ -267,7 +208,6 @@ def _train_loop(cfg: DictConfig, trainer, resume: Optional[str]) -> dict[str, An
     summary["checkpoint"] = trainer.save_checkpoint()
     summary["eval_end"] = trainer.evaluate(trainer.step)
     print(format_table(summary["eval_end"], f"evaluation at step {trainer.step}"), flush=True)
-    from .plots import reward_curve
     summary["reward_curve"] = str(reward_curve(cfg.output_dir))
     summary["counters"] = dict(trainer.counters)
     summary["busy_share"] = trainer.timeline.busy_share()
@@ -289,8 +229,6 @@ def progress_line(record: dict[str, Any]) -> str:
 
 def _print_outcome(cfg: DictConfig, summary: dict[str, Any]) -> None:
     """The run's result for a newcomer: held-out scores before and after RL, and where the pictures are."""
-    import json
-    from .evaluate import format_before_after, report_path
     start, end = report_path(cfg.output_dir, 0), report_path(cfg.output_dir, int(summary["eval_end"]["step"]))
     # read step 0 from disk when this process did not evaluate it (a resumed run)
     before = summary.get("eval_start") or (json.loads(start.read_text()) if start.is_file() else None)
@@ -306,10 +244,6 @@ def _print_outcome(cfg: DictConfig, summary: dict[str, Any]) -> None:
           f"wall time: {share}", flush=True)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from .cli import main as cli_main
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":     # `python -m cluster.train ...` is `maskgrpo train ...` (for `ray job submit`)
+    from cluster.cli import main
+    raise SystemExit(main(["train", *sys.argv[1:]]))

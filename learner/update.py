@@ -3,7 +3,7 @@ the rank reports back (sums, so that the driver can merge any number of ranks)."
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Optional
 
 import torch
@@ -18,6 +18,10 @@ class GroupUpdate:
     steps: torch.Tensor             # long [S]: the unmasking steps that are trained (reduction)
     group_id: int = 0
     behaviour_logprob: Optional[torch.Tensor] = None   # float [G, T]: replaces the recorded behaviour log-probs
+
+    def without_trajectory(self) -> "GroupUpdate":
+        """This update with its trajectory left out (it travels beside it, as a call's top-level argument)."""
+        return replace(self, trajectory=None)
 
 
 @dataclass
@@ -49,7 +53,6 @@ class UpdateStats:
     no_signal_skipped: bool = False
     nonfinite_total: int = 0
     has_reference: bool = False
-    seconds_fetch: float = 0.0
     seconds_forward_backward: float = 0.0
     seconds_step: float = 0.0
     started: float = 0.0                # wall-clock span of the update on this rank (the run's timeline)
@@ -69,7 +72,7 @@ class UpdateStats:
         out.checkpointing = any(p.checkpointing for p in parts)
         out.ratio_max = max(p.ratio_max for p in parts)
         out.on_policy_dev = [d for p in parts for d in p.on_policy_dev]
-        for k in ("seconds_fetch", "seconds_forward_backward", "seconds_step"):
+        for k in ("seconds_forward_backward", "seconds_step"):
             setattr(out, k, max(getattr(p, k) for p in parts))
         out.started, out.finished = min(p.started for p in parts), max(p.finished for p in parts)
         return out
@@ -84,7 +87,7 @@ class UpdateStats:
                "version": float(self.version), "micro_batches": self.micro_batches,
                "micro_batch_rows": self.micro_batch_rows, "checkpointing": float(self.checkpointing),
                "nonfinite_skipped": float(self.nonfinite_skipped), "nonfinite_total": float(self.nonfinite_total),
-               "no_signal_skipped": float(self.no_signal_skipped), "seconds_fetch": self.seconds_fetch,
+               "no_signal_skipped": float(self.no_signal_skipped),
                "seconds_forward_backward": self.seconds_forward_backward, "seconds_step": self.seconds_step,
                "on_policy_rows": float(n_on),
                "on_policy_ratio_dev": statistics.median(self.on_policy_dev) if n_on else float("nan"),

@@ -1,10 +1,10 @@
-"""The reward worker: decodes and scores groups of samples in batches (a Ray actor via `make_reward_actor_cls`).
+"""The reward worker: decodes and scores groups of samples in batches (one reward actor of the reward group).
 
 Each item it scores is one group: ``codes`` (long [G, N], decoded on the worker by the decoder) or ``images``
 (uint8 [G, H, W, 3]), plus ``prompts`` (G strings) and optionally ``metadata`` (G dicts). Groups can also come
 as `Trajectory`s passed after the items (`score_groups(items, *trajectories)`): as a Ray actor call with object
 references there, Ray starts the call once those trajectories exist, and reward actors run calls out of order,
-so each rollout worker's groups are scored as soon as they arrive. The driver side is `rewards.pool.RewardPool`.
+so each rollout worker's groups are scored as soon as they arrive. The driver side is `cluster.reward_group.RewardGroup`.
 """
 from __future__ import annotations
 
@@ -36,6 +36,22 @@ def decoder_from_spec(spec: Mapping[str, Any] | str | Decoder | None) -> Optiona
 
 
 @dataclass
+class RewardResult:
+    """One group's scores, as a reward actor returns them."""
+    rewards: torch.Tensor                 # float32 [G]: the weighted sum the learner trains on
+    components: dict[str, torch.Tensor]   # label -> [G]: each reward's raw score
+    details: dict[str, torch.Tensor]      # key -> [G]: what a reward reports beside its score (e.g. "geneval/strict")
+    span: tuple[float, float]             # wall-clock (start, end) of the scoring call (the run's timeline)
+    pid: int                              # the scoring process (a timeline lane per reward actor)
+
+    def strict_verdicts(self) -> torch.Tensor:
+        """GenEval's 0/1 verdicts (the `<label>/strict` detail of a GenEval reward); without a GenEval reward, the
+        reward itself thresholded at 0.5."""
+        keys = [k for k in self.details if k == "strict" or k.endswith("/strict")]
+        return self.details[keys[0]] if keys else (self.rewards >= 0.5).float()
+
+
+@dataclass
 class _Sample:
     group: int
     codes: Optional[torch.Tensor]
@@ -50,7 +66,7 @@ class RewardWorker:
     `rewards`: reward specs (``build_rewards``); `decoder`: ``{"factory": "pkg.mod:make_decoder", **kwargs}``, the
     factory returning ``codes long [B,N] -> uint8 [B,H,W,3]``; `device`: given to every reward spec that sets none
     (the reward must accept a ``device`` option, as the model rewards and ``geneval`` do). Plain class (testable
-    without Ray); ``make_reward_actor_cls`` turns it into a Ray actor class.
+    without Ray); `cluster.reward_group` runs it as an actor of either backend.
     """
 
     def __init__(self, rewards: Sequence[Mapping[str, Any]], decoder: Mapping[str, Any] | str | None = None,
@@ -107,11 +123,9 @@ class RewardWorker:
             raise ValueError(f"samples in one batch have different image shapes {sorted(shapes)}")
         return torch.stack([x.to("cpu") for x in imgs]).to(torch.uint8)
 
-    def score_groups(self, items: Sequence[Mapping[str, Any]], *trajectories: Any) -> list[dict[str, Any]]:
-        """Per group: ``{"rewards": float32 [G], "components": {label: [G]}, "details": {key: [G]},
-        "span": (start, end), "pid": ...}`` (wall-clock seconds of this call and the scoring process, for the run's
-        timeline). With `trajectories`,
-        item i is scored on ``trajectories[i].final_codes``."""
+    def score_groups(self, items: Sequence[Mapping[str, Any]], *trajectories: Any) -> list[RewardResult]:
+        """One `RewardResult` per item (group). With `trajectories`, item i is scored on
+        ``trajectories[i].final_codes``."""
         start = time.time()
         self._calls += 1
         if trajectories:
@@ -140,22 +154,11 @@ class RewardWorker:
         span = (start, time.time())
         for g in range(len(items)):
             sel = groups == g
-            result.append({"rewards": total[sel].clone(), "components": {l: v[sel].clone() for l, v in comps.items()},
-                           "details": {k: v[sel].clone() for k, v in details.items()}, "span": span,
-                           "pid": os.getpid()})
+            result.append(RewardResult(total[sel].clone(), {l: v[sel].clone() for l, v in comps.items()},
+                                       {k: v[sel].clone() for k, v in details.items()}, span, os.getpid()))
         return result
 
     def stats(self) -> dict[str, Any]:
         """Batch sizes scored so far, calls, samples and seconds spent decoding / scoring."""
         return {"batch_sizes": list(self._batch_sizes), "calls": self._calls, "samples": sum(self._batch_sizes),
                 "seconds": dict(self._seconds)}
-
-
-def make_reward_actor_cls(num_gpus: float = 0, num_cpus: float = 1, max_restarts: int = 1,
-                          **ray_options: Any):
-    """The RewardWorker as a Ray actor class. Restarted up to `max_restarts` times if its process dies; calls are
-    not retried by Ray (the RewardPool retries once itself, on another actor when there is one). Calls run in
-    the order their trajectories arrive, not the order they were submitted (`allow_out_of_order_execution`)."""
-    import ray
-    return ray.remote(num_gpus=num_gpus, num_cpus=num_cpus, max_restarts=max_restarts, max_task_retries=0,
-                      allow_out_of_order_execution=True, **ray_options)(RewardWorker)

@@ -2,7 +2,8 @@
 # The GPU check in one command (README, "GPU check"):
 #
 #   bash scripts/gpu_check.sh fetch     # once, on a machine with pip and the network: the wheels that the GPU
-#                                       # image lacks (DeepSpeed and its pydantic/hjson needs) into .whl/
+#                                       # image lacks (DeepSpeed and its pydantic/hjson needs; omegaconf and
+#                                       # Pillow for the product's step on the local backend) into .whl/
 #   bash scripts/gpu_check.sh [ARGS]    # on the GPU machine: installs .whl/*.whl into /tmp/site when present and
 #                                       # runs `python -m benchmarks.gpu_check ARGS` within GPU_CHECK_TIMEOUT s
 #
@@ -21,7 +22,8 @@ if [ "${1:-}" = "fetch" ]; then
   "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
     "pydantic==$(ver pydantic)" "pydantic-core==$(ver pydantic_core)" "annotated-types==$(ver annotated_types)" \
-    "typing-inspection==$(ver typing_inspection)" "hjson==$(ver hjson)"
+    "typing-inspection==$(ver typing_inspection)" "hjson==$(ver hjson)" \
+    "omegaconf==$(ver omegaconf)" "antlr4-python3-runtime==$(ver antlr4-python3-runtime)" "pillow==$(ver pillow)"
   ls -l .whl
   exit 0
 fi

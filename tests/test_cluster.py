@@ -160,8 +160,8 @@ def trainer(local_ray, tmp_path_factory):
 
 
 def _digests(ray, tr):
-    learner = ray.get(tr.learners[0].digest.remote())
-    workers = ray.get([w.digest.remote() for w in tr.fleet.workers.values()])
+    learner = ray.get(tr.learner.ranks[0].digest.remote())
+    workers = ray.get([w.digest.remote() for w in tr.rollouts.workers.values()])
     return learner, workers
 
 
@@ -172,14 +172,14 @@ def test_weights_reach_every_worker_collective_and_object_store(local_ray, train
     for mode in ("collective", "object_store", "collective"):
         tr.cfg.cluster.weight_sync = mode
         before = learner
-        rec = tr.train_step()
+        rec = tr.train_step().to_json()
         learner, workers = _digests(ray, tr)
         assert learner[0] == before[0] + 1 == rec["version"] == tr.version      # the update advanced the version
         assert learner[1] != before[1]                                          # and changed the weights
         assert workers == [learner] * 2, mode                                   # every worker holds them
         assert rec["sync_collective"] == float(mode == "collective")
         assert rec["sync_bytes"] > 0
-        statuses = tr.fleet.wait_ready()
+        statuses = tr.rollouts.wait_ready()
         assert {s["version"] for s in statuses.values()} == {tr.version}
     tr.cfg.cluster.weight_sync = "collective"
 
@@ -196,13 +196,13 @@ def test_trajectories_travel_by_reference(local_ray, trainer, monkeypatch):
         return out
 
     monkeypatch.setattr(ray, "get", spy)
-    rec = tr.train_step()
+    rec = tr.train_step().to_json()
     monkeypatch.undo()
     assert not fetched, "the driver fetched trajectories"
-    assert rec["groups"] == PPS and rec["learner/seconds_fetch"] >= 0 and rec["kept_groups"] + rec["dropped_groups"] == PPS
+    assert rec["groups"] == PPS and rec["learner/seconds_step"] >= 0 and rec["kept_groups"] + rec["dropped_groups"] == PPS
     for g in tr.last_groups:                       # they are in the object store, owned by the driver
-        assert isinstance(g.traj_ref, ray.ObjectRef)
-        traj = ray.get(g.traj_ref)
+        assert isinstance(g.trajectory, ray.ObjectRef)
+        traj = ray.get(g.trajectory)
         assert isinstance(traj, Trajectory) and traj.final_codes.shape == (4, 16)
         assert traj.policy_version == g.meta.policy_version == rec["version"] - 1
         assert traj.meta["group_id"] == g.meta.group_id
@@ -212,7 +212,7 @@ def _run_steps(tr, n, ids):
     recs = []
     for _ in range(n):
         step = tr.step
-        recs.append(tr.train_step())
+        recs.append(tr.train_step().to_json())
         got = [g.meta.group_id for g in tr.last_groups]
         assert sorted(got) == [step * PPS + k for k in range(PPS)], (step, got)
         ids.extend(got)
@@ -223,11 +223,11 @@ def test_killed_rollout_worker_loses_and_duplicates_no_group(local_ray, trainer)
     ray, tr = local_ray, trainer
     start_step, trained0, reissued0 = tr.step, tr.counters["groups_trained"], tr.counters["groups_reissued"]
     ids: list[int] = []
-    victim = tr.fleet.workers[0]
+    victim = tr.rollouts.workers[0]
     old_pid = ray.get(victim.ready.remote())["pid"]
     # Put the step's rollouts in flight with worker 0's queued behind a sleep, then kill worker 0 (Ray restarts it).
     victim.__ray_call__.remote(lambda self: time.sleep(3))
-    tr.dispatch(tr.step)
+    tr._launch_ahead()
     assert {p.worker for p in tr.inflight[tr.step]} == {0, 1}
     ray.kill(victim, no_restart=False)
     recs = _run_steps(tr, 3, ids)
@@ -237,9 +237,9 @@ def test_killed_rollout_worker_loses_and_duplicates_no_group(local_ray, trainer)
     assert workers == [learner] * 2                                             # with the current weights
     assert recs[-1]["sync_collective"] == 1.0                                   # in a re-formed sync group
     # A worker dead for good (no restart) leaves the fleet; the run goes on with the other one.
-    ray.kill(tr.fleet.workers[1], no_restart=True)
+    ray.kill(tr.rollouts.workers[1], no_restart=True)
     recs += _run_steps(tr, 2, ids)
-    assert sorted(tr.fleet.workers) == [0]
+    assert sorted(tr.rollouts.workers) == [0]
     steps = tr.step - start_step
     assert tr.counters["groups_trained"] - trained0 == steps * PPS == len(ids) == len(set(ids))
     assert all(r["kept_groups"] + r["dropped_groups"] == PPS for r in recs)                      # each group trained once
@@ -247,9 +247,9 @@ def test_killed_rollout_worker_loses_and_duplicates_no_group(local_ray, trainer)
 
 
 def test_learner_failure_names_resume_auto(local_ray, trainer):
-    from cluster.driver import LearnerFailure
+    from cluster.errors import LearnerFailure
     ray, tr = local_ray, trainer
-    ray.kill(tr.learners[0])
+    ray.kill(tr.learner.ranks[0])
     with pytest.raises(LearnerFailure, match="resume=auto"):
         tr.train_step()
 

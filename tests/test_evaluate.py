@@ -7,16 +7,19 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cluster.evaluate import _strict_verdicts, format_before_after, format_table
+from cluster.evaluate import format_before_after, format_table
+from rewards.worker import RewardResult
+
+
+def scored(rewards, details) -> RewardResult:
+    return RewardResult(torch.tensor(rewards), {}, details, (0.0, 0.0), 0)
 
 
 def test_strict_verdicts_come_from_the_geneval_detail_not_the_fraction():
-    scored = {"rewards": torch.tensor([0.5, 1.0, 0.75]),
-              "details": {"geneval/strict": torch.tensor([0.0, 1.0, 0.0]),
-                          "geneval/fraction": torch.tensor([0.5, 1.0, 0.75])}}
-    assert _strict_verdicts(scored).tolist() == [0.0, 1.0, 0.0]
-    no_geneval = {"rewards": torch.tensor([0.2, 0.7]), "details": {}}
-    assert _strict_verdicts(no_geneval).tolist() == [0.0, 1.0]
+    group = scored([0.5, 1.0, 0.75], {"geneval/strict": torch.tensor([0.0, 1.0, 0.0]),
+                                      "geneval/fraction": torch.tensor([0.5, 1.0, 0.75])})
+    assert group.strict_verdicts().tolist() == [0.0, 1.0, 0.0]
+    assert scored([0.2, 0.7], {}).strict_verdicts().tolist() == [0.0, 1.0]
 
 
 def test_format_table_lists_categories_and_overall():
@@ -51,26 +54,27 @@ VERDICTS = {0: [1, 1, 0], 1: [0, 0, 0], 2: [1, 0, 1], 3: [1, 1, 1], 4: [0, 1, 0]
 REWARDS = {i: [0.1 * i + 0.01 * j for j in range(3)] for i in range(5)}
 
 
-class FakeFleet:
-    """Returns one group per request; the 'trajectory reference' is the trajectory itself."""
+class FakeRollouts:
+    """Returns one group per request; the 'trajectory future' is the trajectory itself."""
 
     def __init__(self):
         self.overrides = None
+        self.backend = SimpleNamespace(get=lambda futures: futures)
 
     def dispatch(self, requests, overrides, rewards=None):
         self.overrides, self.pool = overrides, rewards
         return requests
 
     def gather(self, requests, stats, overrides, rewards=None):
-        """Each group with its (streamed) scores, as the real fleet returns them."""
+        """Each group with its (streamed) scores, as the real rollout group returns them."""
         from actors.types import GroupMeta
-        from cluster.fleet import GroupResult
+        from cluster.rollout_group import GroupResult
         out = []
         for r in requests:
             codes = torch.full((len(r.seeds), 4), r.prompt_index, dtype=torch.long)
             meta = GroupMeta(r.group_id, r.step, r.prompt_index, r.prompt, r.metadata, 0, 0, 0.0, 0.0)
-            scores = {"rewards": torch.tensor(REWARDS[r.prompt_index]),
-                      "details": {"geneval/strict": torch.tensor(VERDICTS[r.prompt_index], dtype=torch.float32)}}
+            scores = scored(REWARDS[r.prompt_index],
+                            {"geneval/strict": torch.tensor(VERDICTS[r.prompt_index], dtype=torch.float32)})
             out.append(GroupResult(meta, SimpleNamespace(final_codes=codes), scores))
         return out
 
@@ -86,20 +90,19 @@ def test_evaluate_report_numbers_and_captioned_grids(tmp_path, monkeypatch):
     from cluster.prompts import PromptItem
     items = [PromptItem(p, {"tag": t, "include": [{"class": "circle", "count": 1}]}) for p, t in PROMPTS]
     monkeypatch.setattr(ev, "eval_prompts", lambda cfg: items)
-    monkeypatch.setattr(ev, "ray", SimpleNamespace(get=lambda refs: refs))
     calls = []
     real = policy.images.save_captioned_grid
-    monkeypatch.setattr(policy.images, "save_captioned_grid",
+    monkeypatch.setattr(ev, "save_captioned_grid",
                         lambda images, path, captions, nrow, verdicts=None, scale=1:
                         calls.append((path.name, images.clone(), list(captions), nrow, list(verdicts)))
                         or real(images, path, captions, nrow, verdicts=verdicts, scale=scale))
     cfg = OmegaConf.create({"seed": 0, "output_dir": str(tmp_path),
                             "eval": {"samples_per_prompt": 3, "guidance_scale": 2.5}})
-    fleet = FakeFleet()
-    pool = object()
-    report = ev.evaluate(cfg, fleet, pool=pool, step=7, decoder=decode)
+    rollouts = FakeRollouts()
+    rewards = object()
+    report = ev.evaluate(cfg, rollouts, rewards, step=7, decoder=decode)
 
-    assert fleet.overrides == {"guidance_scale": 2.5} and fleet.pool is pool     # rewards streamed by that pool
+    assert rollouts.overrides == {"guidance_scale": 2.5} and rollouts.pool is rewards   # rewards streamed by them
     # accuracies by hand: single_object (2 + 0) / 6, counting 2 / 3, colors (3 + 1) / 6; overall = their mean
     assert report["categories"] == pytest.approx({"single_object": 2 / 6, "counting": 2 / 3, "colors": 4 / 6})
     assert list(report["categories"]) == ["single_object", "counting", "colors"]      # GenEval's order

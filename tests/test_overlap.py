@@ -83,7 +83,8 @@ def test_reward_calls_run_as_their_trajectories_arrive(local_ray):
     """A reward call submitted first but waiting on a slow rollout does not hold back one submitted later whose
     rollout is done: each worker's groups are scored as they arrive."""
     ray = local_ray
-    from rewards.pool import RewardPool
+    from cluster.backend import RayBackend
+    from cluster.reward_group import RewardGroup
 
     @ray.remote
     def rollout(delay: float):
@@ -95,17 +96,17 @@ def test_reward_calls_run_as_their_trajectories_arrive(local_ray):
                           token_logprob=torch.zeros(2, 1, n), remask_logprob=torch.zeros(2, 1, n),
                           threshold=torch.zeros(2, 1), final_codes=torch.zeros(2, n, dtype=torch.long))
 
-    pool = RewardPool.create([{"name": "rewards.testing:ConstantReward", "value": 1.0}], num_actors=1,
+    pool = RewardGroup.create(RayBackend(), [{"name": "rewards.testing:ConstantReward", "value": 1.0}], num_actors=1,
                              decoder={"factory": "rewards.shapes.codebook:make_decoder", "image_size": 16,
                                       "grid_size": 4}, num_cpus=1)
     try:
         items = [{"prompts": ["a", "a"]}]
         slow = pool.submit(items, [rollout.remote(8.0)])
         fast = pool.submit(items, [rollout.remote(0.0)])
-        t_fast = pool.result(fast)[0]["span"]
-        t_slow = pool.result(slow)[0]["span"]
+        t_fast = pool.result(fast)[0].span
+        t_slow = pool.result(slow)[0].span
         assert t_fast[1] <= t_slow[0], (t_fast, t_slow)        # the later call ran first
-        assert pool.result(fast)[0]["rewards"].tolist() == [1.0, 1.0]
+        assert pool.result(fast)[0].rewards.tolist() == [1.0, 1.0]
     finally:
         pool.shutdown()
 
@@ -119,27 +120,27 @@ def test_streamed_rewards_are_paired_and_each_group_trained_once(local_ray, tmp_
     within the bound; the learner's updates are recorded in the timeline alongside rollouts and rewards."""
     ray = local_ray
     from cluster.driver import Trainer
-    from cluster.launch import reward_decoder_spec, reward_specs
+    from cluster.reward_group import decoder_spec, reward_specs
     from rewards.worker import RewardWorker
     cfg = load_config(TINY, [f"output_dir={tmp_path}", "cluster.num_rollout_workers=2", "max_steps=6",
                              f"cluster.max_staleness={staleness}", "learner.lr=1e-3", "logging.progress=false"])
-    scorer = RewardWorker(reward_specs(cfg, cfg.rewards), decoder=reward_decoder_spec(cfg), device="cpu")
+    scorer = RewardWorker(reward_specs(cfg, cfg.rewards), decoder=decoder_spec(cfg), device="cpu")
     tr = Trainer(cfg)
     try:
         tr.sync_weights()
         trained: list[int] = []
         for step in range(cfg.max_steps):
-            rec = tr.train_step()
+            rec = tr.train_step().to_json()
             ids = [g.meta.group_id for g in tr.last_groups]
             assert ids == [step * PPS + k for k in range(PPS)]
             trained += ids
             assert 0 <= rec["staleness_max"] <= staleness
             for g in tr.last_groups:
-                traj = ray.get(g.traj_ref)
+                traj = ray.get(g.trajectory)
                 assert traj.meta["group_id"] == g.meta.group_id and traj.meta["prompt"] == g.meta.prompt
                 again = scorer.score_groups([{"codes": traj.final_codes, "prompts": [g.meta.prompt] * 4,
-                                              "metadata": [g.meta.metadata] * 4}])[0]["rewards"]
-                assert torch.equal(again, g.scores["rewards"]), g.meta.group_id
+                                              "metadata": [g.meta.metadata] * 4}])[0].rewards
+                assert torch.equal(again, g.scores.rewards), g.meta.group_id
         assert trained == list(range(cfg.max_steps * PPS)) and tr.counters["groups_trained"] == len(trained)
         assert not tr.inflight                          # nothing launched beyond the last step
         roles = {s.role for s in tr.timeline.spans}

@@ -76,18 +76,18 @@ def test_ctrl_c_during_the_update_saves_a_consistent_checkpoint_and_resume_repea
     completes, its metrics line is written, and the checkpoint's learner and driver agree; resume=auto then
     continues at the next step: max_steps updates in all, versions without a gap, one metrics line per step."""
     import ray
-    from cluster.driver import Trainer
+    from cluster.learner_group import LearnerGroup
     from cluster.train import Interrupted, train
-    real = Trainer._learner_get
+    real = LearnerGroup.get
     fired = []
 
-    def interrupt_during_update(self, refs, what, timeout=None):
-        if what == "the update" and self.step == 2 and not fired:
-            fired.append(self.step)
+    def interrupt_during_update(self, futures, what, timeout=None):
+        if what == "the update" and self.version == 2 and not fired:     # the update of step 2
+            fired.append(self.version)
             os.kill(os.getpid(), signal.SIGINT)          # Ctrl-C lands while the update runs
-        return real(self, refs, what, timeout)
+        return real(self, futures, what, timeout)
 
-    monkeypatch.setattr(Trainer, "_learner_get", interrupt_during_update)
+    monkeypatch.setattr(LearnerGroup, "get", interrupt_during_update)
     if ray.is_initialized():
         ray.shutdown()
     cfg = tiny(tmp_path, "max_steps=5", "eval.at_start=false")
@@ -98,7 +98,7 @@ def test_ctrl_c_during_the_update_saves_a_consistent_checkpoint_and_resume_repea
     state = json.loads((ck / "trainer_state.json").read_text())
     assert ck.name == "step_000003" and state["step"] == 3
     assert state["driver_state"]["step"] == 3 and state["driver_state"]["version"] == 3
-    monkeypatch.setattr(Trainer, "_learner_get", real)
+    monkeypatch.setattr(LearnerGroup, "get", real)
     summary = train(tiny(tmp_path, "max_steps=5", "eval.at_start=false", "resume=auto"))
     final = json.loads((Path(summary["checkpoint"]) / "trainer_state.json").read_text())
     assert final["step"] == 5                                   # 5 updates for max_steps=5, none repeated
@@ -240,7 +240,7 @@ def test_cluster_too_small_fails_fast_and_driver_exits_when_the_cluster_goes(tmp
         address, _ = _ray_start(temp, cpus=2)
         # with that head running on this machine, a local run (no address) still gets its own instance
         local = subprocess.run([sys.executable, "-c", "import ray; from cluster.config import load_config; "
-                                "from cluster.train import init_ray, shutdown_local_ray; "
+                                "from cluster.ray_session import init_ray, shutdown_local_ray; "
                                 f"print(init_ray(load_config({TINY!r}, [])), ray.get_runtime_context().gcs_address); "
                                 "shutdown_local_ray()"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
         mode, gcs = local.stdout.split()[-2:]
@@ -497,7 +497,7 @@ def test_relative_output_dir_in_a_ray_job_is_refused(monkeypatch, capsys):
 def test_local_ray_session_directory_is_removed():
     import tempfile
     temp = tempfile.mkdtemp(prefix="rs", dir="/tmp")                 # Ray's socket paths must stay short
-    code = ("import ray, pathlib; from cluster.train import shutdown_local_ray; "
+    code = ("import ray, pathlib; from cluster.ray_session import shutdown_local_ray; "
             f"ray.init(num_cpus=1, include_dashboard=False, _temp_dir='{temp}'); "
             "d = ray._private.worker._global_node.get_session_dir_path(); shutdown_local_ray(); "
             "print(d, pathlib.Path(d).exists())")

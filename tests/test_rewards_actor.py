@@ -2,8 +2,10 @@
 import pytest
 import torch
 
-from rewards.pool import RewardPool, RewardPoolError
-from rewards.worker import RewardWorker, decoder_from_spec, make_reward_actor_cls
+from cluster.backend import RayBackend
+from cluster.errors import RewardGroupError
+from cluster.reward_group import RewardGroup
+from rewards.worker import RewardWorker, decoder_from_spec
 from rewards.testing import make_palette_decoder
 
 PIX = {"name": "rewards.testing:PixelMeanReward", "label": "pix", "weight": 2.0}
@@ -29,10 +31,10 @@ def test_worker_batches_across_groups_and_splits_back():
     assert worker.stats()["batch_sizes"] == [5, 5, 2]              # 12 samples across 3 groups, batches of 5
     assert len(out) == 3
     for o, exp in zip(out, _expected(items)):
-        assert o["rewards"].dtype == torch.float32 and o["rewards"].shape == (4,)
-        assert torch.allclose(o["rewards"], exp)
-        assert torch.equal(o["components"]["one"], torch.ones(4))
-        assert o["details"]["pix/prompt_len"].shape == (4,)
+        assert o.rewards.dtype == torch.float32 and o.rewards.shape == (4,)
+        assert torch.allclose(o.rewards, exp)
+        assert torch.equal(o.components["one"], torch.ones(4))
+        assert o.details["pix/prompt_len"].shape == (4,)
 
 
 def test_worker_accepts_images_and_mixed_groups():
@@ -43,7 +45,7 @@ def test_worker_accepts_images_and_mixed_groups():
     out = worker.score_groups(mixed)
     assert worker.stats()["batch_sizes"] == [6]
     for o, exp in zip(out, _expected(items)):
-        assert torch.allclose(o["rewards"], exp - 0.5)
+        assert torch.allclose(o.rewards, exp - 0.5)
     with pytest.raises(ValueError, match="no decoder"):
         RewardWorker([PIX]).score_groups(items)
     with pytest.raises(ValueError, match="exactly one of"):
@@ -76,14 +78,14 @@ def test_ray_actors_batch_and_survive_one_injected_failure(ray_cluster, tmp_path
     flag = tmp_path / "fail_once"
     flag.touch()
     flaky = {"name": "rewards.testing:FlakyReward", "label": "flaky", "flag_file": str(flag), "weight": 2.0}
-    pool = RewardPool.create([flaky, ONE], num_actors=2, decoder=DECODER, batch_size=5, num_cpus=0.5)
+    pool = RewardGroup.create(RayBackend(), [flaky, ONE], num_actors=2, decoder=DECODER, batch_size=5, num_cpus=0.5)
     try:
         items = _groups(3, 4)
         out = pool.score_groups(items)                 # actor 0 raises once; the retry runs on actor 1
         assert pool.retries == 1 and not flag.exists()
         for o, exp in zip(out, _expected(items)):
-            assert torch.allclose(o["rewards"], exp)
-            assert set(o["components"]) == {"flaky", "one"}
+            assert torch.allclose(o.rewards, exp)
+            assert set(o.components) == {"flaky", "one"}
         # concurrent calls spread over both actors
         outs = pool.map([_groups(2, 4, seed=1), _groups(1, 3, seed=2)])
         assert [len(o) for o in outs] == [2, 1]
@@ -99,9 +101,9 @@ def test_ray_actors_batch_and_survive_one_injected_failure(ray_cluster, tmp_path
 @pytest.mark.integration
 def test_ray_pool_names_the_failing_reward(ray_cluster):
     failing = {"name": "rewards.testing:FailingReward", "label": "always_fails"}
-    pool = RewardPool.create([ONE, failing], num_actors=1, num_cpus=0.5)
+    pool = RewardGroup.create(RayBackend(), [ONE, failing], num_actors=1, num_cpus=0.5)
     try:
-        with pytest.raises(RewardPoolError, match="reward always_fails failed twice") as ei:
+        with pytest.raises(RewardGroupError, match="reward always_fails failed twice") as ei:
             pool.score_groups([{"images": torch.zeros(2, 8, 8, 3, dtype=torch.uint8), "prompts": ["a", "b"]}])
         assert ei.value.reward == "always_fails"
     finally:
@@ -112,16 +114,15 @@ def test_ray_pool_names_the_failing_reward(ray_cluster):
 def test_ray_actor_restarts_after_crash(ray_cluster, tmp_path, capsys):
     flag = tmp_path / "crash_once"
     flag.touch()
-    actor_cls = make_reward_actor_cls(num_cpus=0.5, max_restarts=1)
     spec = {"name": "rewards.testing:FlakyReward", "label": "crashy", "flag_file": str(flag), "crash": True}
-    pool = RewardPool([actor_cls.remote([spec])], labels=["crashy"])
+    pool = RewardGroup.create(RayBackend(), [spec], num_cpus=0.5, max_restarts=1)
     try:
         first_pid = ray_cluster.get(pool.actors[0].ping.remote())
         pool.note_pid(0, first_pid)
         images = torch.full((3, 8, 8, 3), 51, dtype=torch.uint8)
         out = pool.score_groups([{"images": images, "prompts": ["a", "b", "c"]}])  # dies, restarts, retried
         assert pool.retries == 1
-        assert torch.allclose(out[0]["rewards"], torch.full((3,), 0.2))
+        assert torch.allclose(out[0].rewards, torch.full((3,), 0.2))
         printed = capsys.readouterr().out
         assert "[maskgrpo] reward call failed on actor 0" in printed
         assert f"[maskgrpo] reward actor 0 was restarted (pid {first_pid} -> {pool.pids[0]})" in printed
@@ -142,5 +143,5 @@ def test_worker_decodes_shapes_world_codes_for_geneval():
                "metadata": [it.to_json() for it in items[i:i + 3]]} for i in range(0, 12, 3)]
     out = worker.score_groups(groups)
     assert worker.stats()["batch_sizes"] == [8, 4]
-    assert all(torch.equal(o["rewards"], torch.ones(3)) for o in out)
-    assert all(torch.equal(o["details"]["geneval/strict"], torch.ones(3)) for o in out)
+    assert all(torch.equal(o.rewards, torch.ones(3)) for o in out)
+    assert all(torch.equal(o.details["geneval/strict"], torch.ones(3)) for o in out)

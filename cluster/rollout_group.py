@@ -1,7 +1,8 @@
-"""The rollout fleet: the rollout workers, and sampling groups on them with exactly-once re-issue on failure.
+"""The rollout role: rollout workers (`actors.rollout.RolloutWorker`), and sampling groups on them with
+exactly-once re-issue on failure.
 
-Rewards stream: `dispatch` with a reward pool submits each worker's scoring call together with its rollout,
-passing the rollout's trajectory references, so a reward actor scores a worker's groups the moment that worker
+Rewards stream: `dispatch` with a reward group submits each worker's scoring call together with its rollout,
+passing the rollout's trajectory futures, so a reward actor scores a worker's groups the moment that worker
 finishes (not after the slowest worker), while the driver may be busy elsewhere (e.g. waiting for the learner).
 """
 from __future__ import annotations
@@ -10,16 +11,15 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-import ray
 from omegaconf import DictConfig
-from ray.exceptions import ActorDiedError, RayActorError
 
+from actors.rollout import RolloutWorker
 from actors.types import GroupMeta, GroupRequest
-from rewards.pool import PendingScore, RewardPool
+from rewards.worker import RewardResult
 
-from .launch import start_rollout_worker
-
-ACTOR_ERRORS = (RayActorError,)
+from .backend import ActorSpec, Backend
+from .config import role_device, section
+from .reward_group import PendingScore, RewardGroup
 
 
 @dataclass
@@ -27,16 +27,16 @@ class PendingRollout:
     """One worker's rollout call, and the reward call that scores its groups when they exist (if any)."""
     worker: int
     requests: list[GroupRequest]
-    meta_ref: Any
-    traj_refs: list[Any]
+    meta: Any                       # future: list[GroupMeta]
+    trajectories: list[Any]         # futures: one Trajectory per group
     score: Optional[PendingScore] = None
 
 
 @dataclass
 class GroupResult:
     meta: GroupMeta
-    traj_ref: Any
-    scores: Optional[dict[str, Any]] = None   # the reward actor's result for the group (see RewardWorker)
+    trajectory: Any                 # a future of the group's Trajectory (the driver never reads it)
+    scores: Optional[RewardResult] = None
 
 
 @dataclass
@@ -46,25 +46,43 @@ class RolloutStats:
     staleness: list[int] = field(default_factory=list)
 
 
-def _submit_score(rewards: RewardPool, p: PendingRollout) -> PendingScore:
+def _submit_score(rewards: RewardGroup, p: PendingRollout) -> PendingScore:
     """The reward call for a worker's groups; it starts when their trajectories exist."""
     items = [{"prompts": [r.prompt] * len(r.seeds), "metadata": [r.metadata] * len(r.seeds)} for r in p.requests]
-    return rewards.submit(items, p.traj_refs)
+    return rewards.submit(items, p.trajectories)
 
 
-class RolloutFleet:
-    """`weights()` returns the current (version, weight-bucket refs) for workers that Ray restarted; without it a
-    restarted worker keeps the weights it loads itself from `policy.init` (evaluation of a fixed checkpoint)."""
+def rollout_spec(cfg: DictConfig, worker_id: int) -> ActorSpec:
+    c = cfg.cluster
+    threads = max(1, int(c.cpus_per_actor)) if c.rollout_gpus == 0 else None
+    return ActorSpec(RolloutWorker, (worker_id, section(cfg, "policy"), section(cfg, "sampler"),
+                                     role_device(c.rollout_gpus), threads),
+                     num_cpus=c.cpus_per_actor, num_gpus=c.rollout_gpus, max_restarts=c.max_restarts)
 
-    def __init__(self, cfg: DictConfig, weights: Optional[Callable[[], tuple[int, list[Any]]]] = None):
+
+class RolloutGroup:
+    """`weights()` returns the current (version, future of the weight buckets) for workers that came back
+    without them; without it a restarted worker keeps the weights it loads itself from `policy.init`
+    (evaluation of a fixed checkpoint)."""
+
+    def __init__(self, backend: Backend, cfg: DictConfig,
+                 weights: Optional[Callable[[], tuple[int, Any]]] = None):
+        self.backend = backend
         self.cfg = cfg
-        self.workers = {i: start_rollout_worker(cfg, i) for i in range(cfg.cluster.num_rollout_workers)}
+        self.workers = {i: backend.start(rollout_spec(cfg, i)) for i in range(cfg.cluster.num_rollout_workers)}
         self.weights = weights
-        self.version = 0
+        self.version = 0                   # the weight version every worker holds (after a sync)
         self.pids: dict[int, int] = {}     # each worker's process, to notice (and log) a restart
 
+    def call(self, method: str, *args: Any) -> dict[int, Any]:
+        """Call `method` on every worker; returns {worker id: future}."""
+        return {i: self.backend.call(w, method, *args) for i, w in self.workers.items()}
+
+    def ready(self) -> dict[int, Any]:
+        return self.call("ready")
+
     def dispatch(self, requests: list[GroupRequest], overrides: Optional[dict[str, Any]] = None,
-                 exclude: tuple[int, ...] = (), rewards: Optional[RewardPool] = None) -> list[PendingRollout]:
+                 exclude: tuple[int, ...] = (), rewards: Optional[RewardGroup] = None) -> list[PendingRollout]:
         """Spread groups over the workers, one batched `rollout` call per worker; with `rewards`, also submit the
         call that scores each worker's groups as soon as they exist."""
         ids = [i for i in sorted(self.workers) if i not in exclude] or sorted(self.workers)
@@ -72,68 +90,68 @@ class RolloutFleet:
         for k, wid in enumerate(ids):
             chunk = requests[k::len(ids)]
             if chunk:
-                refs = self.workers[wid].rollout.options(num_returns=len(chunk) + 1).remote(chunk, overrides)
-                p = PendingRollout(wid, chunk, refs[0], list(refs[1:]))
+                futures = self.backend.call(self.workers[wid], "rollout", chunk, overrides,
+                                            num_returns=len(chunk) + 1)
+                p = PendingRollout(wid, chunk, futures[0], list(futures[1:]))
                 if rewards is not None:
                     p.score = _submit_score(rewards, p)
                 pending.append(p)
         return pending
 
     def gather(self, pending: list[PendingRollout], stats: RolloutStats, overrides: Optional[dict[str, Any]] = None,
-               max_staleness: Optional[int] = None, rewards: Optional[RewardPool] = None) -> list[GroupResult]:
-        """Wait for rollouts (and their rewards, when they were dispatched with a pool). Groups of a failed
-        worker, and groups staler than `max_staleness` versions, are re-issued once on the live workers; a second
-        failure of the same groups stops the run. Results are in group-id order, each group once."""
+               max_staleness: Optional[int] = None, rewards: Optional[RewardGroup] = None) -> list[GroupResult]:
+        """Wait for rollouts (and their rewards, when they were dispatched with a reward group). Groups of a
+        failed worker, and groups staler than `max_staleness` versions, are re-issued once on the live workers; a
+        second failure of the same groups stops the run. Results are in group-id order, each group once."""
         results: list[GroupResult] = []
         retry: list[GroupRequest] = []
         failed: set[int] = set()
         for p in pending:
             try:
-                metas = ray.get(p.meta_ref)
-            except ACTOR_ERRORS as e:
+                metas = self.backend.get(p.meta)
+            except self.backend.actor_errors as e:
                 failed.add(p.worker)
                 print(f"[maskgrpo] rollout worker {p.worker} failed ({type(e).__name__}); re-issuing "
                       f"{len(p.requests)} groups", flush=True)
                 retry.extend(p.requests)
                 continue
-            if rewards is not None and p.score is None:        # dispatched without a pool: score now
+            if rewards is not None and p.score is None:        # dispatched without rewards: score now
                 p.score = _submit_score(rewards, p)
             scores = rewards.result(p.score) if p.score is not None else [None] * len(metas)
-            for meta, ref, score in zip(metas, p.traj_refs, scores):
+            for meta, traj, score in zip(metas, p.trajectories, scores):
                 if max_staleness is not None and self.version - meta.policy_version > max_staleness:
                     stats.stale_dropped += 1
                     retry.append(next(r for r in p.requests if r.group_id == meta.group_id))
                     continue
-                results.append(GroupResult(meta, ref, score))
+                results.append(GroupResult(meta, traj, score))
         if retry:
             stats.reissued += len(retry)
             self.resync_restarted()
             for p in self.dispatch(retry, overrides, exclude=tuple(failed), rewards=rewards):
-                metas = ray.get(p.meta_ref)
+                metas = self.backend.get(p.meta)
                 scores = rewards.result(p.score) if p.score is not None else [None] * len(metas)
-                results.extend(GroupResult(m, r, sc) for m, r, sc in zip(metas, p.traj_refs, scores))
+                results.extend(GroupResult(m, t, sc) for m, t, sc in zip(metas, p.trajectories, scores))
         results.sort(key=lambda r: r.meta.group_id)
         return results
 
     def wait_ready(self, timeout_s: float = 300.0) -> dict[int, dict[str, Any]]:
-        """Statuses of all workers, waiting while Ray restarts a dead one. A worker dead for good (its restarts
-        used up) leaves the fleet, as long as another one remains."""
+        """Statuses of all workers, waiting while the backend restarts a dead one. A worker dead for good (its
+        restarts used up) leaves the group, as long as another one remains."""
         deadline = time.monotonic() + timeout_s
         announced: set[int] = set()
         while True:
-            ids = sorted(self.workers)
-            refs = [self.workers[i].ready.remote() for i in ids]
+            futures = self.ready()
             status, restarting = {}, []
-            for i, ref in zip(ids, refs):
+            for i, future in futures.items():
                 try:
-                    status[i] = ray.get(ref, timeout=600)
-                except ActorDiedError:
+                    status[i] = self.backend.get(future, timeout=600)
+                except self.backend.dead_errors:
                     if len(self.workers) == 1:
                         raise
                     print(f"[maskgrpo] rollout worker {i} is dead for good (restarts used up); continuing with "
                           f"{len(self.workers) - 1} workers", flush=True)
                     del self.workers[i]
-                except ACTOR_ERRORS:
+                except self.backend.actor_errors:
                     restarting.append(i)
                     if i not in announced:
                         announced.add(i)
@@ -157,13 +175,10 @@ class RolloutFleet:
             return []
         stale = [i for i, s in status.items() if s["version"] != self.version]
         if stale:
-            version, refs = self.weights()
-            ray.get([self.workers[i].load_weights.remote(refs) for i in stale])
+            _, buckets = self.weights()
+            self.backend.get([self.backend.call(self.workers[i], "load_weights", buckets) for i in stale])
         return stale
 
     def shutdown(self) -> None:
         for a in self.workers.values():
-            try:
-                ray.kill(a)
-            except Exception:
-                pass
+            self.backend.kill(a)
