@@ -14,6 +14,7 @@ import torch
 
 from learner.config import LearnerConfig
 from learner.dist import free_port
+from learner.engine import Learner
 from learner.update import GroupUpdate, UpdateStats
 from learner.weights_export import WeightBucket
 from policy.trajectory import Trajectory
@@ -30,7 +31,6 @@ class LearnerWorker:
             torch.set_num_threads(num_threads)
         os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0",
                            "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port)})
-        from learner.engine import Learner
         torch.manual_seed(seed)
         self.rank = rank
         # The learner computes in the precision the rollout workers sample in (policy.dtype); it keeps fp32

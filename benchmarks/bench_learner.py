@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from cluster.advantages import plan_update  # noqa: E402
 from learner import Learner, LearnerConfig  # noqa: E402
 from policy.device import resolve_device  # noqa: E402
-from learner.testing import random_showo, sample_groups, tiny_showo_config  # noqa: E402
+from benchmarks.tiny_models import random_showo, sample_groups, tiny_showo_config  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 

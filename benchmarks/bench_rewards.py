@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rewards.base import build_reward  # noqa: E402
-from rewards.testing import (make_tiny_aesthetic_mlp, make_tiny_mask2former, make_tiny_open_clip,  # noqa: E402
+from benchmarks.tiny_models import (make_tiny_aesthetic_mlp, make_tiny_mask2former, make_tiny_open_clip,  # noqa: E402
                              make_tiny_pickscore)
 
 PROMPTS = ["a photo of a red car", "two dogs on a couch", "a blue fire hydrant", "a cup left of a laptop"]

@@ -88,7 +88,7 @@ class Report:
 
 # ----- sizes and FLOPs -------------------------------------------------------------------------------------------
 def model_config(size: str):
-    from learner.testing import tiny_showo_config
+    from benchmarks.tiny_models import tiny_showo_config
     from policy.showo import ShowoConfig
     if size == "tiny":
         return tiny_showo_config(hidden=64, layers=2, heads=4, num_vq_tokens=16, codebook_size=64)

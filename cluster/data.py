@@ -6,6 +6,8 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
+from worlds.shapes.world import make_splits
+
 from .config import plain
 from .prompts import PromptItem, read_prompts
 
@@ -15,7 +17,6 @@ def shapes_world_kwargs(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _shapes_split(cfg: DictConfig, which: str) -> list[PromptItem]:
-    from rewards.shapes.world import make_splits
     train, heldout = make_splits(shapes_world_kwargs(cfg), seed=0)
     items = train if which == "train" else heldout
     return [PromptItem(it.prompt, {k: v for k, v in it.to_json().items() if k != "prompt"}) for it in items]

@@ -14,6 +14,9 @@ from typing import Any
 import numpy as np
 
 from policy.files import atomic_write
+from rewards.types import GENEVAL_TAGS
+
+from .metrics import read_metrics
 
 
 def moving_average(values: np.ndarray, k: int) -> np.ndarray:
@@ -40,8 +43,6 @@ def reward_curve_data(output_dir: str | Path) -> dict[str, Any]:
     window ``window``; ``eval_steps``, ``eval_overall`` and ``eval_categories`` ({category: accuracies at
     eval_steps}, NaN where a report lacks the category), evaluations sorted by step.
     """
-    from rewards.types import GENEVAL_TAGS
-    from .metrics import read_metrics
     records = read_metrics(output_dir)
     steps = np.array([r["step"] for r in records], dtype=float)
     mean = np.array([_float(r.get("reward_mean")) for r in records], dtype=float)

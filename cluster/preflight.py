@@ -12,12 +12,20 @@ import re
 import time
 import uuid
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from omegaconf import DictConfig
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
 
-from .config import ConfigError
+from learner.checkpoint import MANIFEST
+from policy.files import sha256_file
+from policy.showo import ShowoConfig
+from policy.weights import CheckpointError, find_weight_files
+
+from .config import ConfigError, plain, section
 
 
 class StartupError(RuntimeError):
@@ -80,10 +88,6 @@ def verify_policy_init(cfg: DictConfig) -> Optional[str]:
     release) or for a single file, check that the weight files' headers read. Make `policy.arch` in the run's
     config what the directory's config.json says (that is the model that trains). Returns a note to print when
     the arch was replaced."""
-    from learner.checkpoint import MANIFEST
-    from policy.files import sha256_file
-    from policy.showo import ShowoConfig
-    from policy.weights import CheckpointError
     init = cfg.policy.init
     if init in ("random", "pretrained"):
         return None
@@ -112,7 +116,6 @@ def verify_policy_init(cfg: DictConfig) -> Optional[str]:
                 raise StartupError(f"policy.init={init!r}: {rel} does not match the sha256 in its {MANIFEST} (the "
                                    f"file is corrupted or was changed): copy it again or use another checkpoint")
     else:                                 # a release directory: no checksums, but a damaged header shows at once
-        from policy.weights import find_weight_files
         try:
             weight_files = find_weight_files(path)
         except CheckpointError as e:
@@ -127,10 +130,7 @@ def verify_policy_init(cfg: DictConfig) -> Optional[str]:
             arch = ShowoConfig.from_release(path)
         except (CheckpointError, ValueError, TypeError) as e:
             raise StartupError(f"policy.init={init!r}: its config.json cannot be read ({e})") from None
-        from .config import section
         if arch != section(cfg, "policy").arch:
-            from dataclasses import asdict
-            from omegaconf import OmegaConf
             cfg.policy.arch = OmegaConf.merge(cfg.policy.arch, asdict(arch))
             return (f"policy.arch taken from {path / 'config.json'} ({arch.phi.num_hidden_layers} layers, hidden "
                     f"{arch.phi.hidden_size}, {arch.num_vq_tokens} image tokens); config.yaml records it")
@@ -140,7 +140,6 @@ def verify_policy_init(cfg: DictConfig) -> Optional[str]:
 def unreadable_weights(f: Path) -> Optional[str]:
     """Why `f` cannot be a weights file (None when its header reads): checked before any actor starts."""
     if f.suffix == ".safetensors":
-        from safetensors import safe_open
         try:
             with safe_open(str(f), framework="pt") as handle:
                 handle.keys()
@@ -156,7 +155,6 @@ def unreadable_weights(f: Path) -> Optional[str]:
 def required_resources(cfg: DictConfig) -> dict[str, Any]:
     """The run's actors and what each asks of Ray: rollout workers, reward actors (a second pool when the
     evaluation scores with other rewards), learner ranks (kept on one node when they use GPUs)."""
-    from .config import plain
     c = cfg.cluster
     reward_pools = 2 if plain(cfg.eval.rewards) and plain(cfg.eval.rewards) != plain(cfg.rewards) else 1
     roles = [("rollout workers", c.num_rollout_workers, c.rollout_gpus),
@@ -212,7 +210,6 @@ def check_cluster_resources(cfg: DictConfig, wait_s: float,
 def check_local_resources(cfg: DictConfig) -> None:
     """In local mode (a private Ray instance on this machine) the GPUs are known before anything starts: fail
     at once when the config asks for more than this machine has (before pretraining a base, say)."""
-    import torch
     gpus = float(torch.cuda.device_count())
     problems = resource_problems(cfg, {"CPU": math.inf, "GPU": gpus}, [gpus])
     if problems:

@@ -20,6 +20,8 @@ from omegaconf import DictConfig
 from learner.engine import WarmupCosine
 from policy.factory import load_policy
 from policy.files import atomic_write_json, file_manifest
+from rewards.geneval import item_from_metadata
+from worlds.shapes.render import ShapesRenderer
 
 from .config import section
 from .data import shapes_world_kwargs, train_prompts
@@ -42,8 +44,6 @@ def ensure_base_policy(cfg: DictConfig) -> None:
 
 
 def pretrain(cfg: DictConfig) -> Path:
-    from rewards.geneval import item_from_metadata
-    from rewards.shapes.render import ShapesRenderer
     p = cfg.pretrain
     seed_everything(cfg.seed)
     policy_cfg = section(cfg, "policy")

@@ -5,12 +5,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any, Optional
 
-
-class Transition(StrEnum):
-    """Mask-GRPO's transition probability of one unmasking step (see `policy.transition`)."""
-    candidate1 = "candidate1"
-    candidate2 = "candidate2"
-    ar_style = "ar_style"
+from policy.trajectory import Transition
 
 
 class LossAverage(StrEnum):

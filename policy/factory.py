@@ -12,6 +12,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from worlds.shapes.codebook import ShapesCodebook
+from worlds.shapes.world import all_prompts, as_world
+
 from .showo import Showo, ShowoConfig
 from .tokenizer import HFTextTokenizer, TextTokenizer, WordTokenizer
 
@@ -111,7 +114,6 @@ def build_tokenizer(cfg: PolicyConfig, llm_vocab_size: int) -> TextTokenizer:
     if tok.kind == TokenizerKind.words:
         words = list(tok.words)
         if not words:
-            from rewards.shapes.world import all_prompts, as_world
             items = all_prompts(as_world(**cfg.decoder.shapes))
             words = sorted({w for item in items for w in item.prompt.lower().split()})
         return WordTokenizer(words, llm_vocab_size)
@@ -127,7 +129,6 @@ def build_decoder(cfg: PolicyConfig, device: torch.device | str = "cpu") -> Imag
         vq = MagvitV2.from_pretrained(dec.path, device=device)
         return vq.decode_uint8
     if dec.kind == DecoderKind.shapes:
-        from rewards.shapes.codebook import ShapesCodebook
         return ShapesImageDecoder(ShapesCodebook(**dec.shapes))
     raise ValueError(f"policy.decoder.kind must be 'magvit' or 'shapes', not {dec.kind!r}")
 

@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .files import atomic_write
+
 WHITE = (255, 255, 255)
 PASS_COLOR = (0, 160, 60)      # frame and check mark of a correct image
 FAIL_COLOR = (220, 30, 30)     # frame and cross of a wrong image
@@ -120,7 +122,6 @@ def captioned_grid(images: torch.Tensor | np.ndarray, captions: Sequence[str], n
 
 def _save_png(array: np.ndarray, path: str | Path) -> Path:
     from PIL import Image
-    from .files import atomic_write
     return atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 

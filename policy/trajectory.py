@@ -12,11 +12,19 @@ last sample there; our own sampler commits every position by the last step).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from enum import StrEnum
 from typing import Any
 
 import torch
 
-TRANSITIONS = ("candidate1", "candidate2", "ar_style")
+class Transition(StrEnum):
+    """Mask-GRPO's transition probability of one unmasking step (see `policy.transition`)."""
+    candidate1 = "candidate1"
+    candidate2 = "candidate2"
+    ar_style = "ar_style"
+
+
+TRANSITIONS: tuple[Transition, ...] = tuple(Transition)
 
 
 @dataclass

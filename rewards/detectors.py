@@ -35,7 +35,7 @@ class ColorClassifier(Protocol):
 
 _DETECTORS: dict[str, Callable[..., Detector]] = {}
 _COLOR_CLASSIFIERS: dict[str, Callable[..., ColorClassifier]] = {}
-_BUILTIN_DETECTORS = {"mask2former": "rewards.mask2former", "shapes": "rewards.shapes.detector"}
+_BUILTIN_DETECTORS = {"mask2former": "rewards.mask2former", "shapes": "worlds.shapes.detector"}
 _BUILTIN_COLOR_CLASSIFIERS = {"clip": "rewards.colors"}
 
 

@@ -54,9 +54,13 @@ def showo_vectors(fixture_dir) -> dict[str, torch.Tensor]:
 @pytest.fixture()
 def tiny_showo(tiny_config_dict, showo_vectors):
     """The fixtures' tiny Show-o with the reference weights loaded through the strict loader."""
-    from policy.showo import Showo
-    from policy.tiny import showo_config_from_fixture
-    model = Showo(showo_config_from_fixture(tiny_config_dict))
+    from policy.showo import PhiArch, Showo, ShowoConfig
+    t = tiny_config_dict
+    config = ShowoConfig(vocab_size=t["vocab_size"], llm_vocab_size=t["llm_vocab_size"],
+                         codebook_size=t["codebook_size"], num_vq_tokens=t["num_vq_tokens"],
+                         num_new_special_tokens=t["num_new_special_tokens"], max_seq_length=t["max_seq_length"],
+                         bos_id=t["bos"], eos_id=t["eos"], phi=PhiArch.from_hf_config(t["phi"]))
+    model = Showo(config)
     weights = {k[len("weights."):]: v for k, v in showo_vectors.items() if k.startswith("weights.")}
     model.load_released_state_dict(weights)
     return model.eval()

@@ -80,7 +80,7 @@ def test_semantic_checks():
     msg = _error(["rewards=[{name: geneva}]"])
     assert "unknown reward 'geneva'" in msg and "geneval" in msg
     assert "needs a 'name'" in _error(["rewards=[{weight: 1.0}]"])
-    load_config(TINY, ["rewards=[{name: 'rewards.testing:ConstantReward', value: 1.0}]"])
+    load_config(TINY, ["rewards=[{name: 'tests.helpers.rewards:ConstantReward', value: 1.0}]"])
 
 
 # ---------------------------------------------------------------------------------------------- prompt files
@@ -106,7 +106,7 @@ def test_prompt_files_of_every_format(tmp_path):
     assert [p.prompt for p in items] == ["a cat", "a dog"]
     assert items[1].metadata["include"] == [{"class": "dog", "count": 1}]
     cfg = load_config(TINY, [f"data.train_prompts={pq_path}", f"data.eval_prompts={jl}",
-                             "rewards=[{name: 'rewards.testing:ConstantReward'}]"])   # "a dog" has no GenEval clauses
+                             "rewards=[{name: 'tests.helpers.rewards:ConstantReward'}]"])   # "a dog" has no GenEval clauses
     assert cfg.data.train_prompts == str(pq_path)
 
 

@@ -22,7 +22,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from learner.engine import PolicyObjective
 from learner.loss import mask_grpo_row_loss, scored_terms
-from learner.testing import random_showo, tiny_showo_config
+from benchmarks.tiny_models import random_showo, tiny_showo_config
 from learner.weights_export import apply_weight_bucket, iter_weight_buckets
 from policy.logprob import all_transition_logprobs, transition_logprobs
 from policy.sampler import SamplerConfig, UnmaskingSampler

@@ -9,9 +9,9 @@ import torch
 from learner import Learner, LearnerConfig
 from learner.config import Transition
 from policy.trajectory import TRANSITIONS
-from updates import Planner
+from tests.updates import Planner
 from learner.engine import WarmupCosine, deepspeed_config, param_groups, plan_chunks
-from learner.testing import random_showo, sample_groups
+from benchmarks.tiny_models import random_showo, sample_groups
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")

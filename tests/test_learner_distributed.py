@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _job_data():
-    from learner.testing import random_showo, sample_groups
+    from benchmarks.tiny_models import random_showo, sample_groups
     model = random_showo(seed=5)
     trajs, prompts = sample_groups(model, num_groups=3, group_size=3, steps=4, seed=2)
     rewards = [torch.tensor([0.5, 0.5, 0.5]), torch.tensor([1.0, 0.0, 0.5]), torch.tensor([0.2, 0.9, 0.4])]
@@ -46,7 +46,7 @@ STEPS = [[0, 1, 2], [0, 1, 2], [1]]
 
 def _train(learner, rank: int, num_ranks: int, trajs, rewards, prompts) -> tuple[list[dict], list]:
     """Every step's UpdateStats of this rank (as dicts), and the driver-side tracker state at the end."""
-    from updates import Planner
+    from tests.updates import Planner
     planner, stats = Planner(learner.config), []
     for batch in STEPS:
         plan = planner.plan([trajs[i] for i in batch], [rewards[i] for i in batch], [prompts[i] for i in batch])

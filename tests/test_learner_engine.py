@@ -10,11 +10,12 @@ import torch
 
 from learner import (Learner, LearnerConfig, NonFiniteUpdateError, apply_weight_bucket, latest_checkpoint,
                      policy_step_logprobs)
-from learner.testing import fixed_batch, model_with, random_showo, sample_groups
+from benchmarks.tiny_models import random_showo, sample_groups
+from tests.helpers.learner import fixed_batch, model_with
 from policy.showo import Showo
 from policy.weights import CheckpointError
 from rewards.base import RewardError
-from updates import Planner
+from tests.updates import Planner
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -214,7 +215,7 @@ def test_checkpoint_crash_corruption_and_mismatch(data, tmp_path, monkeypatch):
     assert fresh.step == 0
 
     # mismatch: another model size
-    from learner.testing import tiny_showo_config
+    from benchmarks.tiny_models import tiny_showo_config
     other = Learner(random_showo(seed=1, config=tiny_showo_config(hidden=32)), _config())
     with pytest.raises(CheckpointError, match="does not match"):
         other.resume(second)

@@ -10,8 +10,8 @@ import torch
 from cluster.reduction import select_steps
 from learner import Learner, LearnerConfig, mask_grpo_row_loss, policy_step_logprobs
 from learner.loss import k3_kl, scored_terms
-from learner.testing import random_showo, sample_groups
-from updates import given
+from benchmarks.tiny_models import random_showo, sample_groups
+from tests.updates import given
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -84,7 +84,7 @@ def batch():
 
 
 def _model(batch):
-    from learner.testing import random_showo as make
+    from benchmarks.tiny_models import random_showo as make
     m = make(seed=3)
     m.load_state_dict(batch[0])
     return m

@@ -9,9 +9,10 @@ import learner.engine as engine
 from learner import Learner, LearnerConfig
 from learner.memory import (CPU_ROWS, MAX_AUTO_ROWS, MEMORY_SHARE, MicroBatchPlan, activation_bytes_per_row,
                             plan_micro_batches)
-from learner.testing import fixed_batch, model_with, tiny_showo_config
+from benchmarks.tiny_models import tiny_showo_config
+from tests.helpers.learner import fixed_batch, model_with
 from policy.showo import ShowoConfig
-from updates import Planner
+from tests.updates import Planner
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from learner import Learner, LearnerConfig, policy_step_logprobs
-from reference_trajectories import load_reference_trajectories
-from updates import given
+from tests.reference_trajectories import load_reference_trajectories
+from tests.updates import given
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")

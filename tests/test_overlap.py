@@ -96,8 +96,8 @@ def test_reward_calls_run_as_their_trajectories_arrive(local_ray):
                           token_logprob=torch.zeros(2, 1, n), remask_logprob=torch.zeros(2, 1, n),
                           threshold=torch.zeros(2, 1), final_codes=torch.zeros(2, n, dtype=torch.long))
 
-    pool = RewardGroup.create(RayBackend(), [{"name": "rewards.testing:ConstantReward", "value": 1.0}], num_actors=1,
-                             decoder={"factory": "rewards.shapes.codebook:make_decoder", "image_size": 16,
+    pool = RewardGroup.create(RayBackend(), [{"name": "tests.helpers.rewards:ConstantReward", "value": 1.0}], num_actors=1,
+                             decoder={"factory": "worlds.shapes.codebook:make_decoder", "image_size": 16,
                                       "grid_size": 4}, num_cpus=1)
     try:
         items = [{"prompts": ["a", "a"]}]

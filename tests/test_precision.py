@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import policy.transition as transition_mod
-from learner.testing import random_showo, tiny_showo_config
+from benchmarks.tiny_models import random_showo, tiny_showo_config
 from learner.weights_export import iter_weight_buckets
 from policy.factory import PolicyConfig, TokenizerConfig, compute_dtype, learner_bf16, load_policy
 from policy.logprob import checked_steps

@@ -35,8 +35,8 @@ def _last_line(text: str) -> str:
 def saved_checkpoints(tmp_path_factory):
     """Two complete learner checkpoints of the tiny model (no Ray): steps 1 and 2."""
     from learner import Learner, LearnerConfig
-    from learner.testing import random_showo, sample_groups
-    from updates import Planner
+    from benchmarks.tiny_models import random_showo, sample_groups
+    from tests.updates import Planner
     root = tmp_path_factory.mktemp("ck") / "checkpoints"
     model = random_showo(seed=3)
     trajs, prompts = sample_groups(model, 2, 3, 4, seed=1)
@@ -340,7 +340,7 @@ def test_plain_text_prompts_with_the_geneval_reward_fail_at_load(tmp_path):
     prompts.write_text("a red circle\na blue square\n")
     with pytest.raises(ConfigError, match="needs GenEval metadata .* 2 of 2 have none"):
         load_config(TINY, [f"data.train_prompts={prompts}"])
-    load_config(TINY, [f"data.train_prompts={prompts}", "rewards=[{name: 'rewards.testing:ConstantReward'}]",
+    load_config(TINY, [f"data.train_prompts={prompts}", "rewards=[{name: 'tests.helpers.rewards:ConstantReward'}]",
                        "eval.rewards=[{name: geneval, detector: {name: shapes}}]"])
 
 
@@ -360,7 +360,7 @@ def test_root_cause_of_an_actor_error():
 
 def test_full_disk_is_named_and_leaves_no_debris(saved_checkpoints, tmp_path, monkeypatch):
     from learner import Learner, LearnerConfig
-    from learner.testing import random_showo
+    from benchmarks.tiny_models import random_showo
     from policy.files import DiskFullError, atomic_write_text
     from policy.weights import CheckpointError
 

@@ -6,11 +6,11 @@ from cluster.backend import RayBackend
 from cluster.errors import RewardGroupError
 from cluster.reward_group import RewardGroup
 from rewards.worker import RewardWorker, decoder_from_spec
-from rewards.testing import make_palette_decoder
+from tests.helpers.rewards import make_palette_decoder
 
-PIX = {"name": "rewards.testing:PixelMeanReward", "label": "pix", "weight": 2.0}
-ONE = {"name": "rewards.testing:ConstantReward", "label": "one", "value": 1.0, "weight": 0.5}
-DECODER = {"factory": "rewards.testing:make_palette_decoder", "height": 16, "width": 16}
+PIX = {"name": "tests.helpers.rewards:PixelMeanReward", "label": "pix", "weight": 2.0}
+ONE = {"name": "tests.helpers.rewards:ConstantReward", "label": "one", "value": 1.0, "weight": 0.5}
+DECODER = {"factory": "tests.helpers.rewards:make_palette_decoder", "height": 16, "width": 16}
 
 
 def _groups(n_groups=3, g=4, n=16, seed=0):
@@ -77,7 +77,7 @@ def ray_cluster():
 def test_ray_actors_batch_and_survive_one_injected_failure(ray_cluster, tmp_path):
     flag = tmp_path / "fail_once"
     flag.touch()
-    flaky = {"name": "rewards.testing:FlakyReward", "label": "flaky", "flag_file": str(flag), "weight": 2.0}
+    flaky = {"name": "tests.helpers.rewards:FlakyReward", "label": "flaky", "flag_file": str(flag), "weight": 2.0}
     pool = RewardGroup.create(RayBackend(), [flaky, ONE], num_actors=2, decoder=DECODER, batch_size=5, num_cpus=0.5)
     try:
         items = _groups(3, 4)
@@ -100,7 +100,7 @@ def test_ray_actors_batch_and_survive_one_injected_failure(ray_cluster, tmp_path
 
 @pytest.mark.integration
 def test_ray_pool_names_the_failing_reward(ray_cluster):
-    failing = {"name": "rewards.testing:FailingReward", "label": "always_fails"}
+    failing = {"name": "tests.helpers.rewards:FailingReward", "label": "always_fails"}
     pool = RewardGroup.create(RayBackend(), [ONE, failing], num_actors=1, num_cpus=0.5)
     try:
         with pytest.raises(RewardGroupError, match="reward always_fails failed twice") as ei:
@@ -114,7 +114,7 @@ def test_ray_pool_names_the_failing_reward(ray_cluster):
 def test_ray_actor_restarts_after_crash(ray_cluster, tmp_path, capsys):
     flag = tmp_path / "crash_once"
     flag.touch()
-    spec = {"name": "rewards.testing:FlakyReward", "label": "crashy", "flag_file": str(flag), "crash": True}
+    spec = {"name": "tests.helpers.rewards:FlakyReward", "label": "crashy", "flag_file": str(flag), "crash": True}
     pool = RewardGroup.create(RayBackend(), [spec], num_cpus=0.5, max_restarts=1)
     try:
         first_pid = ray_cluster.get(pool.actors[0].ping.remote())
@@ -134,11 +134,11 @@ def test_ray_actor_restarts_after_crash(ray_cluster, tmp_path, capsys):
 def test_worker_decodes_shapes_world_codes_for_geneval():
     """Codes -> the shapes world's exact decoder -> exact detector -> GenEval: prompt-satisfying codes score 1."""
     import numpy as np
-    from rewards.shapes import all_prompts, sample_codes
+    from worlds.shapes import all_prompts, sample_codes
     items = all_prompts()[:12]
     codes = torch.as_tensor(sample_codes(items, np.random.default_rng(0)))
     worker = RewardWorker([{"name": "geneval", "detector": {"name": "shapes"}}],
-                          decoder={"factory": "rewards.shapes.codebook:make_decoder"}, batch_size=8)
+                          decoder={"factory": "worlds.shapes.codebook:make_decoder"}, batch_size=8)
     groups = [{"codes": codes[i:i + 3], "prompts": [it.prompt for it in items[i:i + 3]],
                "metadata": [it.to_json() for it in items[i:i + 3]]} for i in range(0, 12, 3)]
     out = worker.score_groups(groups)

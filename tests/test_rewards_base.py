@@ -4,7 +4,7 @@ import torch
 
 from rewards.base import (MultiRewardOutput, Reward, RewardError, RewardOutput, WeightedRewards, build_reward,
                           build_rewards, register_reward, reward_names, summarize)
-from rewards.testing import ConstantReward, PixelMeanReward
+from tests.helpers.rewards import ConstantReward, PixelMeanReward
 
 
 def _batch(b=4, h=8, w=8):
@@ -31,7 +31,7 @@ def test_register_and_build_by_name_and_import_path():
     out = r.score(images, prompts, meta)
     assert out.scores.dtype == torch.float32 and out.scores.shape == (4,)
     assert torch.allclose(out.scores, torch.tensor([0.0, 50.0, 100.0, 150.0]))
-    r2 = build_reward({"name": "rewards.testing:ConstantReward", "value": 2.5, "label": "const"})
+    r2 = build_reward({"name": "tests.helpers.rewards:ConstantReward", "value": 2.5, "label": "const"})
     assert isinstance(r2, ConstantReward) and r2.name == "const"
     assert torch.equal(r2.score(images, prompts).scores, torch.full((4,), 2.5))
 
@@ -41,10 +41,10 @@ def test_build_errors_are_clear():
         build_reward({"name": "nope"})
     with pytest.raises(ValueError, match="no 'name'"):
         build_reward({"weight": 1.0})
-    with pytest.raises(ValueError, match="cannot build reward 'rewards.testing:ConstantReward'"):
-        build_reward({"name": "rewards.testing:ConstantReward", "bogus_option": 1})
+    with pytest.raises(ValueError, match="cannot build reward 'tests.helpers.rewards:ConstantReward'"):
+        build_reward({"name": "tests.helpers.rewards:ConstantReward", "bogus_option": 1})
     with pytest.raises(ValueError, match="has no attribute"):
-        build_reward({"name": "rewards.testing:NoSuchReward"})
+        build_reward({"name": "tests.helpers.rewards:NoSuchReward"})
 
 
 def test_input_validation():
@@ -77,8 +77,8 @@ def test_micro_batches_are_concatenated():
 
 def test_weighted_sum_and_raw_components():
     images, prompts, meta = _batch()
-    combo = build_rewards([{"name": "rewards.testing:PixelMeanReward", "label": "pix", "weight": 2.0},
-                           {"name": "rewards.testing:ConstantReward", "label": "one", "value": 1.0, "weight": -0.5}])
+    combo = build_rewards([{"name": "tests.helpers.rewards:PixelMeanReward", "label": "pix", "weight": 2.0},
+                           {"name": "tests.helpers.rewards:ConstantReward", "label": "one", "value": 1.0, "weight": -0.5}])
     out = combo.score(images, prompts, meta)
     assert isinstance(out, MultiRewardOutput)
     pix = images.float().mean(dim=(1, 2, 3)) / 255
@@ -95,25 +95,25 @@ def test_weighted_sum_and_raw_components():
 
 def test_duplicate_labels_rejected():
     with pytest.raises(ValueError, match="unique"):
-        build_rewards([{"name": "rewards.testing:ConstantReward"}, {"name": "rewards.testing:ConstantReward"}])
+        build_rewards([{"name": "tests.helpers.rewards:ConstantReward"}, {"name": "tests.helpers.rewards:ConstantReward"}])
 
 
 def test_nan_raises_naming_reward_and_sample():
     images, prompts, meta = _batch()
-    combo = build_rewards([{"name": "rewards.testing:ConstantReward", "label": "ok"},
-                           {"name": "rewards.testing:NaNReward", "label": "nanny", "index": 2}])
+    combo = build_rewards([{"name": "tests.helpers.rewards:ConstantReward", "label": "ok"},
+                           {"name": "tests.helpers.rewards:NaNReward", "label": "nanny", "index": 2}])
     with pytest.raises(RewardError, match=r"'nanny' returned NaN .*sample 2") as ei:
         combo.score(images, prompts, meta)
     assert ei.value.reward == "nanny" and ei.value.sample == 2
     # directly, too
     with pytest.raises(RewardError, match="sample 1"):
-        build_reward({"name": "rewards.testing:NaNReward", "index": 1}).score(images, prompts)
+        build_reward({"name": "tests.helpers.rewards:NaNReward", "index": 1}).score(images, prompts)
 
 
 def test_failure_wrapped_with_reward_name_and_picklable():
     import pickle
     images, prompts, meta = _batch()
-    combo = WeightedRewards([("boom", 1.0, build_reward({"name": "rewards.testing:FailingReward"}))])
+    combo = WeightedRewards([("boom", 1.0, build_reward({"name": "tests.helpers.rewards:FailingReward"}))])
     with pytest.raises(RewardError, match="reward 'boom' failed on a batch of 4: RuntimeError") as ei:
         combo.score(images, prompts, meta)
     e = pickle.loads(pickle.dumps(ei.value))

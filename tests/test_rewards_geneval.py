@@ -249,7 +249,7 @@ def test_instance_postprocess_scores_boxes_and_crop():
 
 @pytest.fixture(scope="module")
 def tiny_m2f(tmp_path_factory):
-    from rewards.testing import make_tiny_mask2former, make_tiny_open_clip
+    from benchmarks.tiny_models import make_tiny_mask2former, make_tiny_open_clip
     d = tmp_path_factory.mktemp("m2f")
     cfg, ckpt = make_tiny_open_clip(d / "clip", name="tiny-clip-colors", quick_gelu=True)
     return {"m2f": make_tiny_mask2former(d / "m2f"), "clip_cfg": cfg, "clip": ckpt, "dir": d}
@@ -313,7 +313,7 @@ def test_mask2former_detector_through_real_loader(tiny_m2f):
 
 def test_mask2former_checkpoint_errors(tiny_m2f, tmp_path):
     from rewards.detectors import build_detector
-    from rewards.testing import make_tiny_mask2former
+    from benchmarks.tiny_models import make_tiny_mask2former
     with pytest.raises(CheckpointError, match="not found; expected .*mask2former"):
         build_detector({"name": "mask2former", "path": str(tmp_path / "none")})
     with pytest.raises(CheckpointError, match="10 classes but 80"):
@@ -429,7 +429,7 @@ def test_geneval_reward_with_mask2former_and_clip_colors(tiny_m2f):
 
 def test_geneval_reward_on_the_shapes_world():
     """The shapes world's exact detector plugs in by name: its prompt-satisfying scenes all pass."""
-    from rewards.shapes import all_prompts, render_batch
+    from worlds.shapes import all_prompts, render_batch
     items = all_prompts()
     images = torch.as_tensor(render_batch(items, np.random.default_rng(0)))
     reward = build_reward({"name": "geneval", "detector": {"name": "shapes"}, "strict": True})

@@ -7,7 +7,7 @@ from PIL import Image
 
 from policy.weights import CheckpointError
 from rewards.base import build_reward
-from rewards.testing import make_tiny_aesthetic_mlp, make_tiny_open_clip, make_tiny_pickscore
+from benchmarks.tiny_models import make_tiny_aesthetic_mlp, make_tiny_open_clip, make_tiny_pickscore
 
 PROMPTS = ["a photo of a cat", "a red car on a street", "two dogs", "a blue fire hydrant", "an apple"]
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from rewards.shapes.detector import ShapesDetector, make_detector
-from rewards.shapes.render import ShapesRenderer, relation_pairs, render_batch, sample_codes
-from rewards.shapes.codebook import ShapesCodebook, make_decoder
-from rewards.shapes.world import (COLOR_RGB, RELATIONS, ShapesWorld, all_prompts, make_splits, read_jsonl,
+from worlds.shapes.detector import ShapesDetector, make_detector
+from worlds.shapes.render import ShapesRenderer, relation_pairs, render_batch, sample_codes
+from worlds.shapes.codebook import ShapesCodebook, make_decoder
+from worlds.shapes.world import (COLOR_RGB, RELATIONS, ShapesWorld, all_prompts, make_splits, read_jsonl,
                                   write_jsonl, write_splits)
 from rewards.types import GENEVAL_TAGS, Detection, GenEvalItem
 
@@ -296,7 +296,7 @@ def test_encode_strict_and_nearest():
 
 
 def test_decoder_factory_by_dotted_path_and_pickle():
-    mod, _, name = "rewards.shapes.codebook.make_decoder".rpartition(".")
+    mod, _, name = "worlds.shapes.codebook.make_decoder".rpartition(".")
     decode = getattr(importlib.import_module(mod), name)(grid_size=4)
     decode = pickle.loads(pickle.dumps(decode))
     out = decode(torch.zeros(3, 16, dtype=torch.long))
@@ -469,7 +469,7 @@ def test_geneval_reward_end_to_end_on_decoded_codes():
     world = WORLDS["default"]
     items = all_prompts(world)
     reward = build_reward({"name": "geneval", "strict": True,
-                           "detector": {"name": "rewards.shapes.detector:ShapesDetector", **world.to_dict()}})
+                           "detector": {"name": "worlds.shapes.detector:ShapesDetector", **world.to_dict()}})
     decode = make_decoder(**world.to_dict())
     codes = torch.from_numpy(sample_codes(items, np.random.default_rng(0), world))
     out = reward.score(decode(codes), [it.prompt for it in items], [it.to_json() for it in items])
@@ -481,6 +481,6 @@ def test_geneval_reward_end_to_end_on_decoded_codes():
 
 def test_detector_registry_specs():
     from rewards.detectors import Detector, build_detector
-    for spec in ({"name": "shapes", "grid_size": 4}, {"name": "rewards.shapes.detector:ShapesDetector", "grid_size": 4}):
+    for spec in ({"name": "shapes", "grid_size": 4}, {"name": "worlds.shapes.detector:ShapesDetector", "grid_size": 4}):
         det = build_detector(spec)
         assert isinstance(det, Detector) and isinstance(det, ShapesDetector) and det.world.grid_size == 4

@@ -1,7 +1,7 @@
 """Scene renderer of the shapes world: draws, for each prompt, a random scene that satisfies it.
 
 Every object occupies one whole patch (one image token) and is one codebook pattern of
-:class:`~rewards.shapes.codebook.ShapesCodebook`, so a rendered scene is *exactly* its code sequence decoded:
+:class:`~worlds.shapes.codebook.ShapesCodebook`, so a rendered scene is *exactly* its code sequence decoded:
 rendering = sampling a layout of codes (:meth:`ShapesRenderer.sample_codes`) + one batched ``decode``.
 
 Layout rules (all randomness from the caller's ``numpy.random.Generator``, so results are reproducible):
@@ -22,8 +22,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from rewards.shapes.codebook import ShapesCodebook
-from rewards.shapes.world import ShapesWorld, WorldLike, as_world
+from worlds.shapes.codebook import ShapesCodebook
+from worlds.shapes.world import ShapesWorld, WorldLike, as_world
 from rewards.types import GenEvalItem
 
 

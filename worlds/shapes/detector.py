@@ -19,13 +19,14 @@ from typing import Any, Callable
 
 import torch
 
-from rewards.shapes.codebook import ArrayLike, ShapesCodebook, _as_tensor
-from rewards.shapes.world import WorldLike
+from rewards.detectors import register_detector
 from rewards.types import Detection
+from worlds.shapes.codebook import ArrayLike, ShapesCodebook, _as_tensor
+from worlds.shapes.world import WorldLike
 
 
 class ShapesDetector:
-    """Exact detector for a :class:`~rewards.shapes.world.ShapesWorld` (see the module docstring)."""
+    """Exact detector for a :class:`~worlds.shapes.world.ShapesWorld` (see the module docstring)."""
 
     def __init__(self, world: WorldLike = None, with_masks: bool = False, **world_kwargs: Any) -> None:
         self.codebook = ShapesCodebook(world, **world_kwargs)
@@ -78,7 +79,7 @@ class ShapesDetector:
 def make_detector(with_masks: bool = False, **world_kwargs: Any) -> Callable[[ArrayLike], list[list[Detection]]]:
     """A picklable callable ``uint8 images [B, H, W, 3] -> list[list[Detection]]`` for ``ShapesWorld(**world_kwargs)``.
 
-    Meant to be referenced by dotted path (``rewards.shapes.detector.make_detector``) in reward-actor configs.
+    Meant to be referenced by dotted path (``worlds.shapes.detector.make_detector``) in reward-actor configs.
     """
     return ShapesDetector(with_masks=with_masks, **world_kwargs).detect
 
@@ -90,7 +91,6 @@ def detect(images: ArrayLike, world: WorldLike = None) -> list[list[Detection]]:
 
 def _register() -> None:
     """Make the detector buildable as ``build_detector({"name": "shapes", **world_kwargs})``."""
-    from rewards.detectors import register_detector
     register_detector("shapes")(ShapesDetector)
 
 

@@ -7,7 +7,7 @@ Codebook (``K = 1 + n_shapes * n_colors`` codes, 13 by default)::
 
 An image of ``grid_size x grid_size`` patches is the row-major sequence of its patches' codes (``N = grid_size ** 2``
 tokens).  ``decode`` maps every code in ``[0, K)`` to a valid image; ``encode`` inverts it exactly on any image made
-of codebook patches (in particular on everything ``decode`` and :mod:`rewards.shapes.render` produce).
+of codebook patches (in particular on everything ``decode`` and :mod:`worlds.shapes.render` produce).
 
 All functions are batched (tensor ops / table look-ups, no per-image Python loops) and accept a ``torch.Tensor`` or
 a ``numpy.ndarray``; the result has the same kind as the input.
@@ -19,7 +19,7 @@ from typing import Any, Callable, Union
 import numpy as np
 import torch
 
-from rewards.shapes.world import COLOR_RGB, ShapesWorld, WorldLike, as_world, shape_mask
+from worlds.shapes.world import COLOR_RGB, ShapesWorld, WorldLike, as_world, shape_mask
 
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
@@ -147,6 +147,6 @@ class ShapesCodebook:
 def make_decoder(**world_kwargs: Any) -> Callable[[ArrayLike], ArrayLike]:
     """A picklable callable ``codes long [B, N] -> uint8 images [B, H, W, 3]`` for ``ShapesWorld(**world_kwargs)``.
 
-    Meant to be referenced by dotted path (``rewards.shapes.codebook.make_decoder``) in reward-actor configs.
+    Meant to be referenced by dotted path (``worlds.shapes.codebook.make_decoder``) in reward-actor configs.
     """
     return ShapesCodebook(**world_kwargs).decode

@@ -1,8 +1,8 @@
 """The synthetic "shapes world": configuration and GenEval-format prompt generation.
 
 A scene is a ``grid_size x grid_size`` grid of square patches (``patch_size`` pixels each).  Every object occupies
-exactly one patch and is drawn as a solid-colour shape mask (see :mod:`rewards.shapes.render` and
-:mod:`rewards.shapes.codebook`), so scenes are exactly representable by a tiny codebook and exactly detectable.
+exactly one patch and is drawn as a solid-colour shape mask (see :mod:`worlds.shapes.render` and
+:mod:`worlds.shapes.codebook`), so scenes are exactly representable by a tiny codebook and exactly detectable.
 
 Prompts follow GenEval's ``evaluation_metadata.jsonl`` format (``tag``, ``include``, ``exclude``, ``prompt``) with
 the six GenEval tags and the same conventions, e.g. a position prompt "a photo of a square left of a circle" is::

@@ -1,19 +1,63 @@
-"""Test and benchmark helpers: tiny randomly initialised reward models saved in their real formats, test-only
-rewards (constant, pixel mean, flaky via a flag file, NaN) and a toy code decoder.
-
-Nothing here is registered by name: use import paths, e.g. ``{"name": "rewards.testing:FlakyReward", ...}``.
-"""
+"""Tiny random models of the real architectures, for benchmarks and tests: Show-o at toy sizes (and groups sampled
+from it), and the reward models (open_clip, the aesthetic MLP, PickScore's CLIP, Mask2Former) saved in their
+real formats at toy sizes. No weights are downloaded: everything is randomly initialised and seeded."""
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
-from rewards.base import Reward, RewardOutput
+from policy.sampler import SamplerConfig, UnmaskingSampler
+from policy.showo import PhiArch, Showo, ShowoConfig
+from policy.trajectory import Trajectory
 from rewards.openclip import create_open_clip
+
+
+# ---------------------------------------------------------------------------------------------- Show-o
+
+def tiny_showo_config(hidden: int = 64, layers: int = 2, heads: int = 4, num_vq_tokens: int = 16,
+                      codebook_size: int = 64, max_seq_length: int = 16) -> ShowoConfig:
+    """The fixtures' tiny layout (text vocab 100, ten specials, bos = eos = 99) at a chosen size."""
+    return ShowoConfig(vocab_size=100 + 10 + codebook_size + 1, llm_vocab_size=100, codebook_size=codebook_size,
+                       num_vq_tokens=num_vq_tokens, num_new_special_tokens=10, max_seq_length=max_seq_length,
+                       bos_id=99, eos_id=99,
+                       phi=PhiArch(hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+                                   num_attention_heads=heads, max_position_embeddings=512))
+
+
+def random_showo(seed: int = 0, config: Optional[ShowoConfig] = None, std: float = 0.2) -> Showo:
+    """A Show-o with seeded random weights (normal(0, std) matrices, so that its predictions are not flat)."""
+    gen = torch.Generator().manual_seed(seed)
+    model = Showo(config or tiny_showo_config())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    return model.eval()
+
+
+def sample_groups(model: Showo, num_groups: int, group_size: int, steps: int, seed: int = 0) -> tuple[
+        list[Trajectory], list[str]]:
+    """`num_groups` groups of `group_size` rollouts (one prompt each) with the batched sampler, and the
+    prompts' names. Prompt g's text is a few token ids derived from g."""
+    sampler = UnmaskingSampler(model, SamplerConfig(steps=steps))
+    trajs, prompts = [], []
+    for g in range(num_groups):
+        text = [(7 * g + j) % 90 + 1 for j in range(3 + g % 4)]
+        area = model.layout.text_area([text])
+        tr = sampler.sample(area, [seed * 100_003 + g * 1_000 + i for i in range(group_size)], group_size)
+        tr.meta["group_id"] = g
+        trajs.append(tr)
+        prompts.append(f"prompt {g}")
+    return trajs, prompts
+
+
+# ---------------------------------------------------------------------------------------------- reward models
 
 TINY_CLIP_NAME = "tiny-clip-test"
 
@@ -112,74 +156,3 @@ def make_tiny_mask2former(directory: str | os.PathLike, num_labels: int = 80, se
     torch.manual_seed(seed)
     Mask2FormerForUniversalSegmentation(cfg).save_pretrained(str(directory))
     return str(directory)
-
-
-# ---------------------------------------------------------------------------------------------- test rewards
-
-class ConstantReward(Reward):
-    """Every sample scores `value`."""
-
-    def __init__(self, value: float = 1.0, batch_size: Optional[int] = None):
-        self.value, self.batch_size = float(value), batch_size
-
-    def _score(self, images, prompts, metadata):
-        return torch.full((images.shape[0],), self.value)
-
-
-class PixelMeanReward(Reward):
-    """Mean pixel value in [0, 1] (a cheap deterministic image function); details: the prompt length."""
-
-    def _score(self, images, prompts, metadata):
-        return RewardOutput(images.float().mean(dim=(1, 2, 3)) / 255.0,
-                            details={"prompt_len": torch.tensor([float(len(p)) for p in prompts])})
-
-
-class FlakyReward(PixelMeanReward):
-    """Raises once while `flag_file` exists (deleting it), then scores normally: a one-off injected failure.
-    With ``crash: true`` it kills its process instead of raising (an actor death)."""
-
-    def __init__(self, flag_file: str, crash: bool = False):
-        self.flag_file, self.crash = flag_file, crash
-
-    def _score(self, images, prompts, metadata):
-        if os.path.exists(self.flag_file):
-            os.remove(self.flag_file)
-            if self.crash:
-                os._exit(1)
-            raise RuntimeError(f"injected failure (flag file {self.flag_file})")
-        return super()._score(images, prompts, metadata)
-
-
-class FailingReward(Reward):
-    """Always raises."""
-
-    def _score(self, images, prompts, metadata):
-        raise RuntimeError("this reward always fails")
-
-
-class NaNReward(PixelMeanReward):
-    """Returns NaN for sample `index` of each batch."""
-
-    def __init__(self, index: int = 0):
-        self.index = index
-
-    def _score(self, images, prompts, metadata):
-        s = super()._score(images, prompts, metadata).scores
-        s[self.index] = float("nan")
-        return s
-
-
-def make_palette_decoder(height: int = 32, width: int = 32, codebook: int = 16) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A toy decoder factory: codes long [B,N] (N a square) -> uint8 [B,H,W,3], each code a flat colour patch."""
-    g = torch.Generator().manual_seed(0)
-    palette = torch.randint(0, 256, (codebook, 3), generator=g, dtype=torch.uint8)
-
-    def decode(codes: torch.Tensor) -> torch.Tensor:
-        b, n = codes.shape
-        side = int(round(n ** 0.5))
-        if side * side != n:
-            raise ValueError(f"palette decoder needs a square number of codes, got {n}")
-        grid = palette[codes.long() % codebook].view(b, side, side, 3).permute(0, 3, 1, 2).float()
-        img = torch.nn.functional.interpolate(grid, size=(height, width), mode="nearest")
-        return img.permute(0, 2, 3, 1).to(torch.uint8).contiguous()
-    return decode
