@@ -39,6 +39,11 @@ from .weights_export import WeightBucket, iter_weight_buckets
 log = logging.getLogger(__name__)
 
 
+# The figures summed over a rank's micro-batches, kept on the device and read once at the end of the update (the
+# UpdateStats fields of the same names, and the count of passes whose loss was not finite).
+PASS_SUMS = ("loss", "nonfinite_passes", "clipped", "ratio_sum", "approx_kl_sum", "kl_sum", "on_policy_outside_clip")
+
+
 class NonFiniteUpdateError(RuntimeError):
     """Too many consecutive updates had a NaN/inf loss or gradient; none of them was applied."""
 
@@ -265,8 +270,7 @@ class Learner:
         beh = [b.to(self.device) for b in beh]
         if cfg.stale_logprobs == StaleLogprobs.recompute and any(stale):
             beh = self._proximal_logprobs(chunks, pool, beh, stale, stats)
-        # loss, non-finite passes, clipped rows, Σ ratio, Σ approx-KL, Σ KL, on-policy rows outside the clip range
-        sums = torch.zeros(7, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(len(PASS_SUMS), dtype=torch.float64, device=self.device)   # named by PASS_SUMS
         ratio_max = torch.zeros((), dtype=torch.float64, device=self.device)
         on_policy: list[torch.Tensor] = []
         for i, ch in enumerate(chunks):
@@ -297,19 +301,22 @@ class Learner:
             self.engine.backward(torch.where(finite, loss, 0.0) * self.world_size + logp.sum() * poison)
             staleness = self.version - tr.policy_version
             r = rl.ratio
-            sums += torch.stack([loss.detach(), (~finite).float(), rl.clipped.sum().float(), r.sum(),
-                                 rl.approx_kl.sum(), rl.kl.sum() if rl.kl is not None else r.new_zeros(()),
-                                 ((r < cfg.clip_low) | (r > cfg.clip_high)).sum().float() * (staleness == 0)]).double()
+            terms = {"loss": loss.detach(), "nonfinite_passes": (~finite).float(), "clipped": rl.clipped.sum().float(),
+                     "ratio_sum": r.sum(), "approx_kl_sum": rl.approx_kl.sum(),
+                     "kl_sum": rl.kl.sum() if rl.kl is not None else r.new_zeros(()),
+                     "on_policy_outside_clip": ((r < cfg.clip_low) | (r > cfg.clip_high)).sum().float() * (staleness == 0)}
+            sums += torch.stack([terms[k] for k in PASS_SUMS]).double()
             ratio_max = torch.maximum(ratio_max, r.max().double())
             stats.rows += ch.rows
             stats.stale_sum += staleness * ch.rows
             if staleness == 0:
                 on_policy.append((r - 1.0).abs())
-        loss, bad, clipped, ratio_sum, approx_kl, kl, outside, r_max = torch.cat([sums, ratio_max.view(1)]).tolist()
-        stats.loss, stats.clipped, stats.ratio_sum, stats.ratio_max = loss, clipped, ratio_sum, r_max
-        stats.approx_kl_sum, stats.kl_sum, stats.on_policy_outside_clip = approx_kl, kl, outside
+        totals = dict(zip(PASS_SUMS + ("ratio_max",), torch.cat([sums, ratio_max.view(1)]).tolist()))   # one read
+        for name, value in totals.items():
+            if name != "nonfinite_passes":
+                setattr(stats, name, value)
         stats.on_policy_dev = torch.cat(on_policy).tolist() if on_policy else []
-        stats.nonfinite_skipped = bad > 0        # this rank's view; the update is skipped on every rank
+        stats.nonfinite_skipped = totals["nonfinite_passes"] > 0   # this rank's view; skipped on every rank
         stats.seconds_forward_backward += time.perf_counter()
         return stats
 
