@@ -6,9 +6,13 @@ message as the last line and exits with status 1.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import os
 import re
+import socket
+import sys
 import time
 import uuid
 import zipfile
@@ -25,11 +29,17 @@ class StartupError(RuntimeError):
 
 
 # ----- output directory ---------------------------------------------------------------------------------------------
+LOCK_NAME = ".maskgrpo.lock"
+_held_locks: dict[str, Any] = {}      # resolved output_dir -> the open lock file whose flock this process holds
+
+
 def prepare_output_dir(output_dir: str | Path) -> Path:
-    """Create `output_dir` and prove it is writable (ConfigError naming it otherwise)."""
+    """Create `output_dir`, take its run lock (`lock_output_dir`) before anything else is written there, and prove
+    it is writable (ConfigError naming it otherwise)."""
     out = Path(output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        lock_output_dir(out)
         probe = out / f".write-test-{uuid.uuid4().hex[:8]}"
         probe.write_text("ok")
         probe.unlink()
@@ -38,6 +48,53 @@ def prepare_output_dir(output_dir: str | Path) -> Path:
         raise ConfigError(f"output_dir={str(output_dir)!r} {what}: choose a writable directory, e.g. "
                           f"output_dir=runs/my_run") from None
     return out
+
+
+def lock_output_dir(output_dir: str | Path) -> None:
+    """One run per output directory: an exclusive `flock` on ``output_dir/.maskgrpo.lock``, held until this
+    process ends (the operating system releases it then, also after kill -9, so a killed run never blocks its own
+    resume) or `release_output_dir`. The file names the holder (pid, host, start time, command); a second
+    process is refused at once with a StartupError naming it. Taking it again in the holding process is a no-op."""
+    key = str(Path(output_dir).resolve())
+    if key in _held_locks:
+        return
+    path = Path(key) / LOCK_NAME
+    f = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = _describe_holder(f.read())
+        f.close()
+        raise StartupError(f"output_dir={str(output_dir)!r} is in use by another run ({holder}; lock file {path}): "
+                           f"two runs in one directory would mix their metrics and overwrite each other's "
+                           f"checkpoints. Wait for that run to end or stop it, or use another output_dir") from None
+    except OSError as e:                  # a file system without locks (some network mounts): say so, go on
+        f.close()
+        print(f"[maskgrpo] output_dir={str(output_dir)!r}: its file system cannot lock files ({e.strerror or e}); "
+              f"a second run started into it would not be detected", flush=True)
+        return
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:300],
+                        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}) + "\n")
+    f.flush()
+    _held_locks[key] = f
+
+
+def release_output_dir(output_dir: str | Path) -> None:
+    """Give up this process's run lock of `output_dir` (when it is done there but goes on living)."""
+    f = _held_locks.pop(str(Path(output_dir).resolve()), None)
+    if f is not None:
+        f.close()                         # closing the file releases the flock
+
+
+def _describe_holder(text: str) -> str:
+    try:
+        h = json.loads(text)
+        return f"pid {h['pid']} on host {h['host']}, started {h['started']}: {h['command']}"
+    except (ValueError, KeyError, TypeError):
+        return "its holder is still starting" if not text.strip() else f"holder {text.strip()[:200]!r}"
 
 
 def refuse_to_mix_runs(output_dir: str | Path, resume: Optional[str]) -> None:

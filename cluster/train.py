@@ -23,7 +23,9 @@ from policy.files import unused_path
 
 from .config import ConfigError, save_resolved
 from .preflight import (StartupError, check_cluster_resources, check_local_resources, config_changes,
-                        prepare_output_dir, refuse_to_mix_runs, required_resources, verify_policy_init)
+                        prepare_output_dir, refuse_to_mix_runs, release_output_dir, required_resources,
+                        verify_policy_init)
+from .metrics import truncate_metrics
 from .runtime import cpu_deepspeed_env, watch_cluster
 
 
@@ -203,8 +205,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if done >= cfg.max_steps:
             print(f"[maskgrpo] {resume} is at step {done} >= max_steps={cfg.max_steps}: nothing to train (raise "
                   f"max_steps to continue)", flush=True)
+            release_output_dir(cfg.output_dir)
             return {"output_dir": cfg.output_dir, "checkpoint": resume, "nothing_to_do": True}
         keep_history(cfg, done)
+    elif cfg.resume is not None:       # nothing saved to continue from: no line of the earlier attempt stays
+        truncate_metrics(cfg.output_dir, -1, "of an attempt that saved no checkpoint")
     save_resolved(cfg, cfg.output_dir)
     mode = init_ray(cfg)
     trainer, watch = None, None
@@ -223,6 +228,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             trainer.shutdown()
         if mode == "local":
             shutdown_local_ray()
+        release_output_dir(cfg.output_dir)
 
 
 def _train_loop(cfg: DictConfig, trainer, resume: Optional[str]) -> dict[str, Any]:

@@ -1,0 +1,231 @@
+"""Issue 19: a checkpoint never runs code, one run per output directory, metrics that match the weights on every
+resume path, no silent ruin of the weights (a non-finite update stops the run before anything is saved), inputs
+with bounds, and one clear line for every one of these."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from learner import Learner, LearnerConfig
+from learner.testing import fixed_batch, model_with
+from policy.files import sha256_file
+from policy.weights import CheckpointError
+from updates import Planner
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return fixed_batch()
+
+
+def _config(**kw) -> LearnerConfig:
+    base = dict(transition="candidate1", lr=1e-3, warmup_steps=2, total_steps=10, micro_batch_rows=5, seed=11)
+    base.update(kw)
+    return LearnerConfig(**base)
+
+
+# ----- 1. a checkpoint is data ----------------------------------------------------------------------------------
+class _Payload:
+    """A pickle that, when unpickled with code execution possible, creates `marker` (what an attacker's file does)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _rewrite_manifest(ck: Path) -> None:
+    """What an attacker does after replacing a file: the manifest's sizes and hashes made to match again."""
+    manifest = json.loads((ck / "manifest.json").read_text())
+    for rel in manifest["files"]:
+        f = ck / rel
+        manifest["files"][rel] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
+    (ck / "manifest.json").write_text(json.dumps(manifest))
+
+
+class Unpickling:
+    """Records every unpickling a load could do (pickle.load/loads/Unpickler, torch.load) inside `with`."""
+
+    def __init__(self, monkeypatch):
+        self.monkeypatch, self.calls = monkeypatch, []
+
+    def __enter__(self):
+        calls = self.calls
+
+        def spy(name, real):
+            def wrapper(*a, **k):
+                calls.append(name)
+                return real(*a, **k)
+            return wrapper
+
+        class Spied(pickle.Unpickler):
+            def __init__(self, *a, **k):
+                calls.append("pickle.Unpickler")
+                super().__init__(*a, **k)
+        for name in ("load", "loads"):
+            self.monkeypatch.setattr(pickle, name, spy(f"pickle.{name}", getattr(pickle, name)))
+        self.monkeypatch.setattr(pickle, "Unpickler", Spied)
+        self.monkeypatch.setattr(torch, "load", spy("torch.load", torch.load))
+        return self
+
+    def __exit__(self, *exc):
+        self.monkeypatch.undo()
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_a_checkpoint_whose_files_are_replaced_by_pickles_is_refused_and_runs_nothing(data, tmp_path, stage,
+                                                                                      monkeypatch):
+    _, trajs, rewards, prompts = data
+    learner = Learner(model_with(data[0]), _config(zero_stage=stage))
+    Planner(learner.config).train(learner, trajs, rewards, prompts)
+    good = learner.save_checkpoint(tmp_path / "ck")
+    files = sorted(json.loads((good / "manifest.json").read_text())["files"])
+    assert "engine/rank000.safetensors" in files and "engine/rank000.json" in files
+    assert "trainer_state.json" in files and "pytorch_model.safetensors" in files
+    assert not [f for f in files if not f.endswith((".json", ".safetensors"))]      # nothing but data is written
+
+    fresh = Learner(model_with(data[0]), _config(zero_stage=stage))
+    marker = tmp_path / "PWNED"
+    for rel in files:                                  # every file a resume reads, one at a time
+        ck = tmp_path / f"tampered_{rel.replace('/', '_')}" / good.name
+        shutil.copytree(good, ck)
+        (ck / rel).write_bytes(pickle.dumps(_Payload(marker)))
+        _rewrite_manifest(ck)
+        with Unpickling(monkeypatch) as spied, pytest.raises(CheckpointError) as e:
+            fresh.resume(ck)
+        assert spied.calls == [], rel                  # nothing was even handed to an unpickler
+        line = str(e.value).splitlines()[-1]
+        assert rel in line and "not data" in line and "refusing to load it" in line, line
+        assert not marker.exists(), f"unpickling {rel} ran the payload"
+    assert fresh.step == 0
+    with Unpickling(monkeypatch) as spied:
+        fresh.resume(good)                             # the untampered checkpoint still loads, as data
+    assert fresh.step == 1 and spied.calls == []
+
+
+def test_an_old_format_checkpoint_with_a_pickled_engine_state_is_not_resumed(data, tmp_path):
+    from learner.checkpoint import pick_resume_checkpoint
+    _, trajs, rewards, prompts = data
+    learner = Learner(model_with(data[0]), _config())
+    Planner(learner.config).train(learner, trajs, rewards, prompts)
+    ck = learner.save_checkpoint(tmp_path / "checkpoints")
+    manifest = json.loads((ck / "manifest.json").read_text())
+    manifest["format"] = "maskgrpo-learner-checkpoint/1"
+    (ck / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="earlier version .* policy.init="):
+        Learner(model_with(data[0]), _config()).resume(ck)
+    with pytest.raises(CheckpointError, match="earlier version"):
+        pick_resume_checkpoint(tmp_path / "checkpoints")   # an old checkpoint is not "damaged": never renamed
+    assert ck.is_dir()
+
+
+def test_state_files_round_trip_and_refuse_what_is_not_data(tmp_path):
+    import numpy as np
+    from learner.state_files import read_state, write_state
+    tree = {"state": {0: {"step": torch.tensor(3.0), "m": torch.arange(4.0)}}, "groups": [{"betas": (0.9, 0.95)}],
+            "size": torch.Size([2, 3]), "inf": float("inf"), "np": np.arange(3, dtype=np.uint32), "none": None}
+    write_state(tmp_path / "s", tree)
+    back = read_state(tmp_path / "s")
+    assert back["state"][0]["step"] == 3.0 and torch.equal(back["state"][0]["m"], torch.arange(4.0))
+    assert back["groups"][0]["betas"] == (0.9, 0.95) and back["size"] == torch.Size([2, 3])
+    assert back["inf"] == float("inf") and back["np"].dtype == np.uint32 and back["none"] is None
+    with pytest.raises(TypeError, match="cannot store a .*_Payload as data"):
+        write_state(tmp_path / "t", {"x": _Payload(tmp_path / "m")})
+
+
+# ----- 2. one run per output directory ------------------------------------------------------------------------------
+def _hold_lock(out: Path):
+    """Another process holding the run lock of `out` (as a running `maskgrpo train` does)."""
+    import subprocess
+    import sys
+    code = ("import sys, time; from cluster.preflight import prepare_output_dir; prepare_output_dir(sys.argv[1]); "
+            "print('held', flush=True); time.sleep(120)")
+    p = subprocess.Popen([sys.executable, "-c", code, str(out)], cwd=Path(__file__).resolve().parents[1],
+                         stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_a_second_run_into_an_output_dir_is_refused_at_once_naming_the_holder(tmp_path, capsys):
+    import fcntl
+    import socket
+    import time
+    from cluster.cli import main as cli_main
+    from cluster.preflight import LOCK_NAME, StartupError, prepare_output_dir, release_output_dir
+    out = tmp_path / "run"
+    holder = _hold_lock(out)
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(StartupError) as e:
+            prepare_output_dir(out)
+        assert time.monotonic() - t0 < 1.0                     # at once, no waiting
+        message = str(e.value)
+        assert f"pid {holder.pid} on host {socket.gethostname()}, started " in message
+        assert "in use by another run" in message and "another output_dir" in message
+        tiny = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+        for args in (["train", "--config", tiny, f"output_dir={out}", "resume=auto"],
+                     ["eval", "--config", tiny, f"output_dir={out}"]):
+            assert cli_main(args) == 1, args                   # train, resume=auto and eval all check it
+            last = capsys.readouterr().err.strip().splitlines()[-1]
+            assert last.startswith("maskgrpo: StartupError: output_dir=") and f"pid {holder.pid}" in last, last
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]   # the refused runs wrote nothing
+    finally:
+        holder.kill()                                          # kill -9: the OS releases the lock
+        holder.wait()
+    prepare_output_dir(out)                                    # so a killed run never blocks its own resume
+    prepare_output_dir(out)                                    # the holder may take it again
+    with open(out / LOCK_NAME) as f, pytest.raises(BlockingIOError):
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)     # held: another open file cannot take it
+    release_output_dir(out)
+    with open(out / LOCK_NAME) as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)     # released
+
+
+# ----- 3. metrics match the weights on every resume path ----------------------------------------------------------
+def test_a_resume_that_finds_no_checkpoint_keeps_no_metric_line_of_the_earlier_attempt(tmp_path, capsys):
+    from cluster.metrics import read_metrics, truncate_metrics
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text(json.dumps({"step": 0, "version": 1}) + "\n")   # step 0 of a stopped run
+    assert truncate_metrics(out, -1, "of an attempt that saved no checkpoint") == [0]
+    assert read_metrics(out) == []
+    assert "1 lines of steps of an attempt that saved no checkpoint (steps 0..0) dropped" in capsys.readouterr().out
+
+
+# ----- 4. no silent ruin of the weights -------------------------------------------------------------------------
+@pytest.mark.parametrize("value", ["inf", "nan", "-1", "0"])
+def test_an_lr_that_cannot_train_fails_at_load(value):
+    from cluster.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="learner.lr must be a finite number > 0"):
+        load_config(str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"), [f"learner.lr={value}"])
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_an_update_that_leaves_non_finite_weights_stops_before_anything_is_saved_or_synced(data, tmp_path, stage):
+    from learner import NonFiniteUpdateError, latest_checkpoint
+    _, trajs, rewards, prompts = data
+    learner = Learner(model_with(data[0]), _config(zero_stage=stage, grad_clip=0.0))
+    planner = Planner(learner.config)
+    planner.train(learner, trajs, rewards, prompts)
+    good = learner.save_checkpoint(tmp_path / "ck")
+    for group in learner.engine.optimizer.param_groups:      # what learner.lr=inf did before the config refused it
+        group["lr"] = float("inf")
+    with pytest.raises(NonFiniteUpdateError) as e:
+        planner.train(learner, trajs, rewards, prompts)
+    message = str(e.value)
+    assert "learner update 2 (weight version 1 -> 2) left NaN/inf weights" in message
+    assert str(good) in message and "Lower learner.lr" in message and learner.step == 1
+    with pytest.raises(NonFiniteUpdateError, match="not saving a checkpoint"):
+        learner.save_checkpoint(tmp_path / "ck")
+    with pytest.raises(NonFiniteUpdateError, match="not syncing the weights"):
+        learner.iter_weight_buckets()
+    assert latest_checkpoint(tmp_path / "ck") == good         # the last checkpoint is the last good one
