@@ -6,7 +6,7 @@ import sys
 from typing import Optional, Sequence
 
 from .config import ConfigError, load_config
-from .errors import run_failures
+from .errors import keep_remote_errors, log_failure, plain_text, run_failures
 from .prompts import PromptFileError, read_prompts
 
 
@@ -64,7 +64,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as e:
         if not isinstance(e, run_failures()):
             raise
-        print(f"maskgrpo: {type(e).__name__}: {e}", file=sys.stderr)
+        from pathlib import Path
+        from .preflight import OutputDirInUse
+        cfg = getattr(args, "cfg", None)
+        if cfg is not None and Path(cfg.output_dir).is_dir() and not isinstance(e, OutputDirInUse):
+            print(f"maskgrpo: details in {log_failure(cfg.output_dir, e)}", file=sys.stderr)
+        print(f"maskgrpo: {type(e).__name__}: {plain_text(str(e))}", file=sys.stderr)
         return 1
 
 
@@ -80,11 +85,13 @@ def _run(args: argparse.Namespace) -> int:
             return 2
         return run_benchmark(args.what, args.bench_args)
     try:
-        cfg = load_config(args.config, args.overrides)
-        file_prompts = read_prompts(args.prompts) if args.command == "generate" and args.prompts else []
+        cfg = args.cfg = load_config(args.config, args.overrides)
+        # read before anything starts: a malformed file (not UTF-8, bad JSON) is one line, exit status 2
+        file_prompts = read_prompts(args.prompts) if getattr(args, "prompts", None) else []
     except (ConfigError, PromptFileError) as e:
         print(f"maskgrpo: {e}", file=sys.stderr)
         return 2
+    keep_remote_errors(cfg.output_dir)
     if args.command == "generate":
         from .generate import generate
         prompts = list(args.prompt) + [it.prompt for it in file_prompts]

@@ -22,10 +22,10 @@ from learner.checkpoint import checkpoint_step
 from policy.files import unused_path
 
 from .config import ConfigError, save_resolved
-from .preflight import (StartupError, check_cluster_resources, check_local_resources, config_changes,
-                        prepare_output_dir, refuse_to_mix_runs, release_output_dir, required_resources,
-                        verify_policy_init)
 from .metrics import truncate_metrics
+from .preflight import (StartupError, check_cluster_resources, check_local_resources, check_prompt_lengths,
+                        config_changes, prepare_output_dir, refuse_to_mix_runs, release_output_dir,
+                        required_resources, verify_policy_init)
 from .runtime import cpu_deepspeed_env, watch_cluster
 
 
@@ -64,10 +64,44 @@ def init_ray(cfg: DictConfig) -> str:
     needed = math.ceil(required_resources(cfg)["CPU"]) + 1
     # address="local": a private instance even when `ray start` left a cluster running on this machine (plain
     # ray.init() would join that one, with whatever resources it has)
-    ray.init(address="local", num_cpus=max(needed, cfg.cluster.local_num_cpus or os.cpu_count() or 1),
-             include_dashboard=False,
-             runtime_env=env, log_to_driver=True, configure_logging=False)
+    loopback_only(True)
+    try:
+        ray.init(address="local", num_cpus=max(needed, cfg.cluster.local_num_cpus or os.cpu_count() or 1),
+                 include_dashboard=False,
+                 runtime_env=env, log_to_driver=True, configure_logging=False)
+    except BaseException:
+        loopback_only(False)
+        raise
     return "local"
+
+
+_SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"   # Ray's switch for its single-machine (loopback) mode
+_saved_switch: list[Any] = []                           # (environment value, Ray's constant) before loopback_only
+
+
+def loopback_only(on: bool) -> None:
+    """A private local instance listens on 127.0.0.1 only (no port of it is reachable from the network): Ray's
+    single-machine mode, the one it uses on macOS and Windows, makes the node address the loopback one. Ray reads
+    the switch from the environment, in the processes it starts, and once at import in this one; `on=False`
+    restores both before this process joins a real cluster."""
+    try:
+        import ray._private.ray_constants as constants
+    except ImportError:  # pragma: no cover
+        return
+    if not hasattr(constants, "ENABLE_RAY_CLUSTER"):
+        return                     # a Ray without the switch: its default binding stays
+    if on and not _saved_switch:
+        _saved_switch.extend([os.environ.get(_SINGLE_MACHINE), constants.ENABLE_RAY_CLUSTER])
+    if on:
+        os.environ[_SINGLE_MACHINE] = "0"
+        constants.ENABLE_RAY_CLUSTER = False
+    elif _saved_switch:
+        env, constants.ENABLE_RAY_CLUSTER = _saved_switch
+        _saved_switch.clear()
+        if env is None:
+            os.environ.pop(_SINGLE_MACHINE, None)
+        else:
+            os.environ[_SINGLE_MACHINE] = env
 
 
 def shutdown_local_ray() -> None:
@@ -81,6 +115,7 @@ def shutdown_local_ray() -> None:
     except Exception:
         pass
     ray.shutdown()
+    loopback_only(False)
     if session_dir and Path(session_dir).is_dir():
         shutil.rmtree(session_dir, ignore_errors=True)
 
@@ -107,7 +142,8 @@ def _resume_path(cfg: DictConfig) -> Optional[str]:
 def keep_history(cfg: DictConfig, step: int) -> None:
     """Before a resumed run writes its own config.yaml and timeline.json, keep the earlier ones (as
     ``config.before_step_NNNNNN.yaml`` when the config changed, ``timeline.before_step_NNNNNN.json``) and name
-    every changed key, so that the run directory still says what trained steps 0..step-1."""
+    every changed key, so that the run directory still says what trained steps 0..step-1. A timeline of an
+    attempt that resumed from the same step and failed is dropped (it timed nothing that the weights hold)."""
     from omegaconf import OmegaConf
     out = Path(cfg.output_dir)
     saved_path = out / "config.yaml"
@@ -125,9 +161,12 @@ def keep_history(cfg: DictConfig, step: int) -> None:
             os.replace(saved_path, kept)
             print(f"[maskgrpo] resuming with a changed config ({len(changes)} keys; steps before {step} ran with "
                   f"{kept.name}):\n  " + "\n  ".join(changes), flush=True)
-    timeline = out / "timeline.json"
+    timeline, kept = out / "timeline.json", out / f"timeline.before_step_{step:06d}.json"
     if timeline.is_file():
-        os.replace(timeline, unused_path(out / f"timeline.before_step_{step:06d}.json"))
+        if kept.exists():      # the run up to `step` is kept already: this one is of a resume that failed
+            timeline.unlink()
+        else:
+            os.replace(timeline, kept)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -142,7 +181,11 @@ class InterruptGuard:
     """Defers Ctrl-C (and SIGTERM, which `ray job stop` sends) while a training step is in flight (rollouts,
     update, weight sync, metrics line), so that an interrupt never lands between the learner's update and the
     driver's bookkeeping: the step completes, then the run stops with a consistent checkpoint. A second signal
-    stops at once (no checkpoint is saved then)."""
+    stops at once (no checkpoint is saved then).
+
+    Python runs a signal's handler only when the main thread is back in the interpreter, and signals that arrive
+    while it waits in C (e.g. in ``ray.get``) call the handler once: two Ctrl-C 0.5 s apart looked like one. A
+    wakeup fd (`signal.set_wakeup_fd`) receives one byte per delivered signal, so the handler counts them all."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -155,9 +198,22 @@ class InterruptGuard:
             yield
             return
         previous = {sig: signal.getsignal(sig) for sig in self.SIGNALS}
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        os.set_blocking(write_fd, False)
+        old_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+        def delivered() -> int:
+            """Signals of ours delivered since the last call (at least this one)."""
+            try:
+                data = os.read(read_fd, 4096)
+            except BlockingIOError:
+                data = b""
+            return max(1, sum(1 for b in data if b in self.SIGNALS))
 
         def handler(signum, frame):
-            if self.pending:
+            count = delivered()
+            if self.pending or count >= 2:
                 self.pending = False
                 for sig, old in previous.items():
                     signal.signal(sig, old)
@@ -174,6 +230,9 @@ class InterruptGuard:
         finally:
             for sig, old in previous.items():
                 signal.signal(sig, old)
+            signal.set_wakeup_fd(old_wakeup)
+            os.close(read_fd)
+            os.close(write_fd)
         if self.pending:
             self.pending = False
             raise KeyboardInterrupt
@@ -199,6 +258,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     note = verify_policy_init(cfg)
     if note:
         print(f"[maskgrpo] {note}", flush=True)
+    note = check_prompt_lengths(cfg)
+    if note:
+        print(f"[maskgrpo] warning: {note}", flush=True)
     resume = _resume_path(cfg)
     if resume is not None:
         done = checkpoint_step(resume)

@@ -176,7 +176,7 @@ def test_a_second_run_into_an_output_dir_is_refused_at_once_naming_the_holder(tm
                      ["eval", "--config", tiny, f"output_dir={out}"]):
             assert cli_main(args) == 1, args                   # train, resume=auto and eval all check it
             last = capsys.readouterr().err.strip().splitlines()[-1]
-            assert last.startswith("maskgrpo: StartupError: output_dir=") and f"pid {holder.pid}" in last, last
+            assert last.startswith("maskgrpo: OutputDirInUse: output_dir=") and f"pid {holder.pid}" in last, last
         assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]   # the refused runs wrote nothing
     finally:
         holder.kill()                                          # kill -9: the OS releases the lock
@@ -229,3 +229,133 @@ def test_an_update_that_leaves_non_finite_weights_stops_before_anything_is_saved
     with pytest.raises(NonFiniteUpdateError, match="not syncing the weights"):
         learner.iter_weight_buckets()
     assert latest_checkpoint(tmp_path / "ck") == good         # the last checkpoint is the last good one
+
+
+# ----- 5. inputs with bounds ----------------------------------------------------------------------------------------
+TINY = str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+
+
+def test_a_group_size_the_machine_cannot_hold_fails_before_anything_starts():
+    from cluster.config import load_config
+    from cluster.preflight import StartupError, check_local_resources, memory_problems
+    cfg = load_config(TINY, ["data.group_size=100000"])
+    (problem,) = memory_problems(cfg, cpu_bytes=8 * 2**30, gpu_bytes=0)
+    assert problem.startswith("data.group_size=100000 x data.prompts_per_step=2 rollouts need at least ")
+    assert "this machine's free memory is 8.0 GiB: lower data.group_size or data.prompts_per_step" in problem
+    assert memory_problems(load_config(TINY), cpu_bytes=8 * 2**30, gpu_bytes=0) == []
+    gpu = load_config(TINY, ["data.group_size=100000", "device=auto", "cluster.rollout_gpus=0.5"])
+    assert "a rollout worker's GPU share (cluster.rollout_gpus=0.5) is 1.0 GiB" in \
+        memory_problems(gpu, cpu_bytes=1e15, gpu_bytes=2 * 2**30)[0]
+    with pytest.raises(StartupError, match="data.group_size=100000"):
+        check_local_resources(load_config(TINY, ["data.group_size=1000000"]))   # what this machine sees
+
+
+def test_a_prompt_longer_than_the_text_area_is_named(tmp_path):
+    from cluster.config import load_config
+    from cluster.preflight import check_prompt_lengths
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n" + "a blue square " * 20_000 + "\nthe end\n")      # a 100 KB prompt
+    note = check_prompt_lengths(load_config(TINY, [f"data.train_prompts={prompts}", "rewards=[{name: rewards.testing:PixelMeanReward}]"]))
+    assert note.startswith("1 of 3 training prompts are longer than policy.arch.max_seq_length=16 tokens and are cut")
+    assert "prompt 2, 'a blue square a blue square" in note and "has 60003 tokens" in note
+    assert check_prompt_lengths(load_config(TINY)) is None
+
+
+# ----- 6. prompt files that are not UTF-8 ----------------------------------------------------------------------------
+def test_a_prompt_file_that_is_not_utf8_names_file_line_and_fix(tmp_path, capsys):
+    from cluster.cli import main as cli_main
+    from cluster.config import ConfigError, load_config
+    bad = tmp_path / "prompts.txt"
+    bad.write_bytes("a red circle\nthe caf".encode() + b"\xff" + b" sign\n")
+    jsonl = tmp_path / "eval.jsonl"
+    jsonl.write_bytes(b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(ConfigError, match=r"prompts.txt:2: not UTF-8 text \(byte 0xff at column 8\): save the file as UTF-8"):
+        load_config(TINY, [f"data.train_prompts={bad}", "rewards=[{name: rewards.testing:PixelMeanReward}]"])
+    for args in (["generate", "--config", TINY, f"output_dir={tmp_path / 'g'}", "--prompts", str(bad)],
+                 ["eval", "--config", TINY, f"output_dir={tmp_path / 'e'}", "--prompts", str(jsonl)]):
+        assert cli_main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "not UTF-8 text" in err[0] and "iconv" in err[0], err
+    assert "eval.jsonl:2:" in err[0]
+
+
+# ----- 7. the smaller points ---------------------------------------------------------------------------------------
+def test_two_signals_while_the_main_thread_waits_in_c_stop_at_once():
+    """Both arrive while the main thread is inside one long C call (as in ray.get): Python calls the handler once,
+    the wakeup fd counts two, so the run stops at once instead of finishing the step."""
+    import signal
+    import threading
+    import time
+    from cluster.train import InterruptGuard
+
+    def two_ctrl_c():
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.3)
+        os.kill(os.getpid(), signal.SIGINT)
+    done = []
+    a = torch.randn(1500, 1500)
+    with pytest.raises(KeyboardInterrupt):
+        with InterruptGuard().deferred():
+            threading.Thread(target=two_ctrl_c).start()
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 1.5:       # C calls of ~0.1 s+ each: the signals land inside them
+                a = torch.tanh(a @ a)
+            time.sleep(2)
+            done.append("the step finished")
+    assert done == [] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_test_rewards_take_the_reward_actors_device_option():
+    from rewards.worker import RewardWorker
+    specs = [{"name": f"rewards.testing:{name}", **extra} for name, extra in
+             (("ConstantReward", {}), ("PixelMeanReward", {"label": "px"}), ("NaNReward", {}),
+              ("FailingReward", {}), ("FlakyReward", {"flag_file": "/nonexistent"}))]
+    worker = RewardWorker(specs, decoder=None, device="cpu")      # built at once (it took 37 s to fail before)
+    assert len(worker.labels()) == 5
+
+
+def test_failed_resumes_do_not_pile_up_timelines(tmp_path):
+    from cluster.config import load_config
+    from cluster.train import keep_history
+    cfg = load_config(TINY, [f"output_dir={tmp_path}"])
+    (tmp_path / "timeline.json").write_text("the run up to step 2")
+    keep_history(cfg, 2)
+    for _ in range(3):                                   # three resumes from step 2 that failed
+        (tmp_path / "timeline.json").write_text("a failed resume")
+        keep_history(cfg, 2)
+    assert sorted(p.name for p in tmp_path.glob("timeline*")) == ["timeline.before_step_000002.json"]
+    assert (tmp_path / "timeline.before_step_000002.json").read_text() == "the run up to step 2"
+
+
+def test_ray_unhandled_error_reports_go_to_the_error_log(tmp_path, caplog):
+    import logging
+    from cluster.errors import keep_remote_errors
+    path = keep_remote_errors(tmp_path)
+    worker_logger = logging.getLogger("ray._private.worker")
+    with caplog.at_level(logging.ERROR, logger="ray._private.worker"):
+        worker_logger.error("Unhandled error (suppress with 'RAY_IGNORE_UNHANDLED_ERRORS=1'): "
+                            "\x1b[36mray::RewardActor.score()\x1b[39m\nTraceback (most recent call last):\n  ...")
+        worker_logger.error("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]       # not on the screen
+    text = path.read_text()
+    assert "ray::RewardActor.score()\nTraceback" in text and "\x1b" not in text
+
+
+@pytest.mark.integration
+def test_a_local_ray_instance_listens_on_loopback_only(tmp_path):
+    import subprocess
+    import sys
+    code = ("import os, subprocess, psutil, ray; from cluster.config import load_config; "
+            "from cluster.train import init_ray, shutdown_local_ray; "
+            f"assert init_ray(load_config({TINY!r}, ['cluster.local_num_cpus=1'])) == 'local'; "
+            "pids = {p.pid for p in psutil.Process().children(recursive=True)} | {os.getpid()}; "
+            "out = subprocess.run(['ss', '-ltnpH'], capture_output=True, text=True).stdout; "
+            "print('\\n'.join(l.split()[3] for l in out.splitlines() if any(f'pid={p},' in l for p in pids))); "
+            "shutdown_local_ray()")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    listening = out.stdout.split()
+    assert listening, "no listening socket found"
+    assert all("127.0.0.1" in a for a in listening), listening
