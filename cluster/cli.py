@@ -6,7 +6,7 @@ import sys
 from typing import Optional, Sequence
 
 from .config import ConfigError, load_config
-from .errors import keep_remote_errors, log_failure, plain_text, run_failures
+from .errors import keep_remote_errors, log_failure, one_line, run_failures
 from .prompts import PromptFileError, read_prompts
 
 
@@ -69,7 +69,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = getattr(args, "cfg", None)
         if cfg is not None and Path(cfg.output_dir).is_dir() and not isinstance(e, OutputDirInUse):
             print(f"maskgrpo: details in {log_failure(cfg.output_dir, e)}", file=sys.stderr)
-        print(f"maskgrpo: {type(e).__name__}: {plain_text(str(e))}", file=sys.stderr)
+        print(f"maskgrpo: {type(e).__name__}: {one_line(str(e))}", file=sys.stderr)
         return 1
 
 

@@ -32,6 +32,28 @@ def plain_text(text: str) -> str:
     return _ANSI.sub("", text)
 
 
+_CAUSE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)): (.+)$")
+
+
+def one_line(message: str) -> str:
+    """A failure's message for the screen: one that carries a remote traceback (Ray puts the actor's into its
+    error's text) becomes its own first clause and the traceback's last line, the cause (`errors.log` keeps the
+    rest); other messages, including intentional lists of problems, stay as they are."""
+    text = plain_text(message)
+    if not re.search(r'^\s*File "', text, re.M):         # no traceback frames in it
+        return text
+    head = text.splitlines()[0]
+    for marker in (": RayTaskError(", ": RayActorError(", ": ray::", " (RayTaskError("):
+        if marker in head:
+            head = head.split(marker, 1)[0]
+            break
+    causes = [m for line in text.splitlines() if (m := _CAUSE.match(line.strip()))]
+    if not causes:
+        return head
+    kind, cause = causes[-1].group(1).rsplit(".", 1)[-1], causes[-1].group(2)
+    return f"{head}: {kind}: {cause}"
+
+
 def keep_remote_errors(output_dir: str | Path) -> Path:
     """Ray's "Unhandled error" reports (the traceback of an actor task whose failed result was never fetched,
     15-35 lines with colour codes, printed when the result is dropped) go to ``output_dir/errors.log`` instead of

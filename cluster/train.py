@@ -121,18 +121,29 @@ def shutdown_local_ray() -> None:
 
 
 def _resume_path(cfg: DictConfig) -> Optional[str]:
-    """The checkpoint to continue from; `resume=auto` prints which one and why, every time."""
-    from learner.checkpoint import pick_resume_checkpoint, verify_checkpoint
+    """The checkpoint to continue from; `resume=auto` prints which one and why, every time. Its files are checked
+    to be data (JSON / safetensors) here, before any actor starts: one replaced on purpose stops the run."""
+    from learner.checkpoint import OldFormatError, check_data_files, pick_resume_checkpoint, verify_checkpoint
     from policy.weights import CheckpointError
     if cfg.resume is None:
         return None
     root = Path(cfg.output_dir) / "checkpoints"
     if cfg.resume == "auto":
-        found, line = pick_resume_checkpoint(root)
+        try:
+            found, line = pick_resume_checkpoint(root)
+        except OldFormatError as e:
+            raise StartupError(f"resume=auto: {e}") from None
         print(f"[maskgrpo] {line}", flush=True)
+        if found is not None:
+            try:
+                check_data_files(found, verify_checkpoint(found, check_hash=False))
+            except CheckpointError as e:
+                raise StartupError(f"resume=auto: {e}") from None
         return str(found) if found else None
     try:
-        verify_checkpoint(cfg.resume)
+        check_data_files(cfg.resume, verify_checkpoint(cfg.resume))
+    except OldFormatError as e:
+        raise StartupError(f"resume={cfg.resume}: {e}") from None
     except CheckpointError as e:
         raise StartupError(f"resume={cfg.resume}: {e}; resume=auto continues from the newest intact checkpoint "
                            f"of output_dir") from None

@@ -294,13 +294,13 @@ def test_two_signals_while_the_main_thread_waits_in_c_stop_at_once():
         time.sleep(0.3)
         os.kill(os.getpid(), signal.SIGINT)
     done = []
-    a = torch.randn(1500, 1500)
+    a = torch.randn(3000, 3000)
     with pytest.raises(KeyboardInterrupt):
         with InterruptGuard().deferred():
             threading.Thread(target=two_ctrl_c).start()
             t0 = time.monotonic()
-            while time.monotonic() - t0 < 1.5:       # C calls of ~0.1 s+ each: the signals land inside them
-                a = torch.tanh(a @ a)
+            a @ a                                    # one C call of ~1 s+ (one thread): both signals land inside
+            assert time.monotonic() - t0 > 0.6, "the C call was too short to hold both signals"
             time.sleep(2)
             done.append("the step finished")
     assert done == [] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
@@ -359,3 +359,38 @@ def test_a_local_ray_instance_listens_on_loopback_only(tmp_path):
     listening = out.stdout.split()
     assert listening, "no listening socket found"
     assert all("127.0.0.1" in a for a in listening), listening
+
+
+def test_train_resume_auto_refuses_a_tampered_checkpoint_before_anything_starts(data, tmp_path, capsys):
+    from cluster.cli import main as cli_main
+    _, trajs, rewards, prompts = data
+    learner = Learner(model_with(data[0]), _config())
+    Planner(learner.config).train(learner, trajs, rewards, prompts)
+    out = tmp_path / "run"
+    ck = learner.save_checkpoint(out / "checkpoints")
+    marker = tmp_path / "PWNED"
+    (ck / "engine" / "rank000.json").write_bytes(pickle.dumps(_Payload(marker)))
+    _rewrite_manifest(ck)
+    assert cli_main(["train", "--config", TINY, f"output_dir={out}", "resume=auto"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("maskgrpo: StartupError: resume=auto: checkpoint ") and "'engine/rank000.json' is not data" in last
+    assert "refusing to load it" in last and not marker.exists() and ck.is_dir()   # kept as it is, not "damaged"
+
+
+def test_a_remote_traceback_in_a_failure_becomes_its_cause_on_one_line():
+    from cluster.errors import one_line
+    # the message of a NaN-reward run (configs/tiny.yaml, rewards.testing:NaNReward), colour codes and all
+    message = ("reward rewards.testing:NaNReward failed twice (actor 0, then actor 0): RayTaskError(RewardError): "
+               "\x1b[36mray::RewardWorker.score_groups()\x1b[39m (pid=26835, ip=127.0.0.1, actor_id=0e7f)\n"
+               "  File \"/repo/rewards/worker.py\", line 127, in score_groups\n"
+               "    out = self.rewards.score(images, [c.prompt for c in chunk], [c.meta for c in chunk])\n"
+               "          ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^\n"
+               "  File \"/repo/rewards/base.py\", line 84, in check_scores\n"
+               "    raise RewardError(label, f\"reward {label!r} returned {kind} as {what} for sample {i}\"\n"
+               "rewards.base.RewardError: reward 'rewards.testing:NaNReward' returned NaN as score for sample 0 of "
+               "the batch (1 non-finite of 8)")
+    assert one_line(message) == ("reward rewards.testing:NaNReward failed twice (actor 0, then actor 0): RewardError: "
+                                 "reward 'rewards.testing:NaNReward' returned NaN as score for sample 0 of the batch "
+                                 "(1 non-finite of 8)")
+    listing = "this machine cannot hold the run:\n  - 4 GPUs needed"
+    assert one_line(listing) == listing                  # intentional lists of problems stay
