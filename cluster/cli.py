@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from .config import ConfigError, load_config
+from .errors import RUN_FAILURES, keep_remote_errors, log_failure, one_line
+from .preflight import OutputDirInUse
 from .prompts import PromptFileError, read_prompts
 
 
@@ -61,10 +64,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"maskgrpo: {e}", file=sys.stderr)
         return 2
     except Exception as e:
-        from .errors import RUN_FAILURES     # imported here: torch and the learner load only when a command runs
         if not isinstance(e, RUN_FAILURES):
             raise
-        print(f"maskgrpo: {type(e).__name__}: {e}", file=sys.stderr)
+        cfg = getattr(args, "cfg", None)
+        if cfg is not None and Path(cfg.output_dir).is_dir() and not isinstance(e, OutputDirInUse):
+            print(f"maskgrpo: details in {log_failure(cfg.output_dir, e)}", file=sys.stderr)
+        print(f"maskgrpo: {type(e).__name__}: {one_line(str(e))}", file=sys.stderr)
         return 1
 
 
@@ -80,11 +85,13 @@ def _run(args: argparse.Namespace) -> int:
             return 2
         return run_benchmark(args.what, args.bench_args)
     try:
-        cfg = load_config(args.config, args.overrides)
-        file_prompts = read_prompts(args.prompts) if args.command == "generate" and args.prompts else []
+        cfg = args.cfg = load_config(args.config, args.overrides)
+        # read before anything starts: a malformed file (not UTF-8, bad JSON) is one line, exit status 2
+        file_prompts = read_prompts(args.prompts) if getattr(args, "prompts", None) else []
     except (ConfigError, PromptFileError) as e:
         print(f"maskgrpo: {e}", file=sys.stderr)
         return 2
+    keep_remote_errors(cfg.output_dir)
     if args.command == "generate":
         from .generate import generate
         prompts = list(args.prompt) + [it.prompt for it in file_prompts]

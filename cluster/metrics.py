@@ -60,15 +60,7 @@ class MetricsLogger:
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop lines of steps after the checkpoint, so the curve continues without duplicates."""
-        if not self.path.exists():
-            return
-        records = _read_records(self.path)
-        keep = [r for r in records if r.get("step", -1) <= step]
-        dropped = [r.get("step") for r in records if r.get("step", -1) > step]
-        if dropped:
-            print(f"[maskgrpo] {self.path}: {len(dropped)} lines of steps after the checkpoint (steps {dropped[0]}.."
-                  f"{dropped[-1]}) dropped; those steps run again", flush=True)
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+        truncate_metrics(self.path.parent, step, "after the checkpoint")
 
     def log(self, record: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
@@ -87,6 +79,23 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def truncate_metrics(output_dir: str | Path, step: int, where: str) -> list[int]:
+    """Keep the lines of steps <= `step` in ``output_dir/metrics.jsonl`` (their steps run again), so that the
+    metrics always describe the weights a run continues from; -1 keeps none (a resume that found no checkpoint).
+    Prints what was dropped, `where` saying relative to what; returns the dropped steps."""
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = _read_records(path)
+    keep = [r for r in records if r.get("step", -1) <= step]
+    dropped = [r.get("step") for r in records if r.get("step", -1) > step]
+    if dropped:
+        print(f"[maskgrpo] {path}: {len(dropped)} lines of steps {where} (steps {dropped[0]}..{dropped[-1]}) "
+              f"dropped; those steps run again", flush=True)
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+    return dropped
 
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, Any]]:

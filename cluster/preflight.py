@@ -6,9 +6,13 @@ message as the last line and exits with status 1.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import os
 import re
+import socket
+import sys
 import time
 import uuid
 import zipfile
@@ -32,12 +36,22 @@ class StartupError(RuntimeError):
     """The run cannot start; the message names the cause and the fix."""
 
 
+class OutputDirInUse(StartupError):
+    """Another process holds the run lock of the output directory (this one must write nothing there)."""
+
+
 # ----- output directory ---------------------------------------------------------------------------------------------
+LOCK_NAME = ".maskgrpo.lock"
+_held_locks: dict[str, Any] = {}      # resolved output_dir -> the open lock file whose flock this process holds
+
+
 def prepare_output_dir(output_dir: str | Path) -> Path:
-    """Create `output_dir` and prove it is writable (ConfigError naming it otherwise)."""
+    """Create `output_dir`, take its run lock (`lock_output_dir`) before anything else is written there, and prove
+    it is writable (ConfigError naming it otherwise)."""
     out = Path(output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        lock_output_dir(out)
         probe = out / f".write-test-{uuid.uuid4().hex[:8]}"
         probe.write_text("ok")
         probe.unlink()
@@ -46,6 +60,53 @@ def prepare_output_dir(output_dir: str | Path) -> Path:
         raise ConfigError(f"output_dir={str(output_dir)!r} {what}: choose a writable directory, e.g. "
                           f"output_dir=runs/my_run") from None
     return out
+
+
+def lock_output_dir(output_dir: str | Path) -> None:
+    """One run per output directory: an exclusive `flock` on ``output_dir/.maskgrpo.lock``, held until this
+    process ends (the operating system releases it then, also after kill -9, so a killed run never blocks its own
+    resume) or `release_output_dir`. The file names the holder (pid, host, start time, command); a second
+    process is refused at once with a StartupError naming it. Taking it again in the holding process is a no-op."""
+    key = str(Path(output_dir).resolve())
+    if key in _held_locks:
+        return
+    path = Path(key) / LOCK_NAME
+    f = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = _describe_holder(f.read())
+        f.close()
+        raise OutputDirInUse(f"output_dir={str(output_dir)!r} is in use by another run ({holder}; lock file {path}): "
+                           f"two runs in one directory would mix their metrics and overwrite each other's "
+                           f"checkpoints. Wait for that run to end or stop it, or use another output_dir") from None
+    except OSError as e:                  # a file system without locks (some network mounts): say so, go on
+        f.close()
+        print(f"[maskgrpo] output_dir={str(output_dir)!r}: its file system cannot lock files ({e.strerror or e}); "
+              f"a second run started into it would not be detected", flush=True)
+        return
+    f.seek(0)
+    f.truncate()
+    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv)[:300],
+                        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}) + "\n")
+    f.flush()
+    _held_locks[key] = f
+
+
+def release_output_dir(output_dir: str | Path) -> None:
+    """Give up this process's run lock of `output_dir` (when it is done there but goes on living)."""
+    f = _held_locks.pop(str(Path(output_dir).resolve()), None)
+    if f is not None:
+        f.close()                         # closing the file releases the flock
+
+
+def _describe_holder(text: str) -> str:
+    try:
+        h = json.loads(text)
+        return f"pid {h['pid']} on host {h['host']}, started {h['started']}: {h['command']}"
+    except (ValueError, KeyError, TypeError):
+        return "its holder is still starting" if not text.strip() else f"holder {text.strip()[:200]!r}"
 
 
 def refuse_to_mix_runs(output_dir: str | Path, resume: Optional[str]) -> None:
@@ -212,9 +273,85 @@ def check_local_resources(cfg: DictConfig) -> None:
     at once when the config asks for more than this machine has (before pretraining a base, say)."""
     gpus = float(torch.cuda.device_count())
     problems = resource_problems(cfg, {"CPU": math.inf, "GPU": gpus}, [gpus])
+    if not problems:
+        gpu_bytes = float(torch.cuda.mem_get_info(0)[1]) if gpus else 0.0
+        problems = memory_problems(cfg, available_memory_bytes(), gpu_bytes)
     if problems:
         raise StartupError("this machine cannot hold the run (local mode: no cluster.address):\n  - "
                            + "\n  - ".join(problems))
+
+
+def rollout_bytes_per_sample(cfg: DictConfig) -> int:
+    """An estimate, from below, of the memory one rollout sample needs while a worker samples it: its trajectory
+    record (codes and log-probs of every step) plus one forward pass over its sequence in float32 (the residual
+    stream, layer norm and q/k/v: six hidden-wide copies; then the widest stage, two copies of the MLP activations
+    or of the attention scores, or four of the codebook logits), twice with guidance on. (Tiny config, 2-core CPU:
+    0.12 MiB estimated; 0.15 MiB measured as peak RSS per sample at G=8000.)"""
+    a, s = cfg.policy.arch, cfg.sampler
+    n, seq = int(a.num_vq_tokens), int(a.max_seq_length) + 1 + int(a.num_vq_tokens) + 2
+    trajectory = int(s.steps) * n * (8 + 4 + 4) + n * 8
+    widest = max(4 * n * int(a.codebook_size), 2 * seq * int(a.phi.intermediate_size),
+                 2 * int(a.phi.num_attention_heads) * seq * seq)
+    forward = 4 * (6 * seq * int(a.phi.hidden_size) + widest)
+    return trajectory + forward * (2 if float(s.guidance_scale) != 0.0 else 1)
+
+
+def memory_problems(cfg: DictConfig, cpu_bytes: float, gpu_bytes: float) -> list[str]:
+    """Group sizes and batches that cannot fit this machine (local mode): the rollout workers sample
+    data.prompts_per_step x data.group_size samples a step, each worker its share in one batch (on the CPU all of
+    them in this machine's memory, on a GPU each worker within its cluster.rollout_gpus share)."""
+    c, d = cfg.cluster, cfg.data
+    per_worker = math.ceil(d.prompts_per_step / c.num_rollout_workers) * d.group_size
+    per_sample = rollout_bytes_per_sample(cfg)
+    if c.rollout_gpus > 0:
+        need, have, where = per_worker * per_sample, gpu_bytes * min(1.0, float(c.rollout_gpus)), \
+            f"a rollout worker's GPU share (cluster.rollout_gpus={c.rollout_gpus:g})"
+    else:
+        need, have, where = d.prompts_per_step * d.group_size * per_sample, cpu_bytes, "this machine's free memory"
+    if need <= have:
+        return []
+    return [f"data.group_size={d.group_size} x data.prompts_per_step={d.prompts_per_step} rollouts need at least "
+            f"{need / 2**30:.1f} GiB (trajectories and one forward pass; {per_sample / 2**20:.2f} MiB a sample) but "
+            f"{where} is {have / 2**30:.1f} GiB: lower data.group_size or data.prompts_per_step, or add rollout "
+            f"workers (cluster.num_rollout_workers) / a larger GPU"]
+
+
+def available_memory_bytes() -> float:
+    """MemAvailable of /proc/meminfo (what can be allocated without swapping); inf where it cannot be read."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return math.inf
+
+
+def check_prompt_lengths(cfg: DictConfig) -> Optional[str]:
+    """A note naming the prompts longer than the text area (policy.arch.max_seq_length tokens, with <t2i>, <bos>
+    and <eos>), which the layout cuts: the policy never sees their ends. None when every prompt fits."""
+    from policy.factory import build_tokenizer
+    from .config import section
+    from .data import eval_prompts, train_prompts
+    policy = section(cfg, "policy")
+    limit = int(policy.max_seq_length or policy.arch.max_seq_length)
+    tokenizer = build_tokenizer(policy, int(policy.arch.llm_vocab_size))
+    bos = int(policy.arch.bos_id)
+    notes = []
+    for which, items in (("training", train_prompts(cfg)), ("evaluation", eval_prompts(cfg))):
+        ids = tokenizer([it.prompt for it in items])
+        # the text area holds <t2i> <bos> ids <eos> in max_seq_length + 1 positions
+        long = [(i, len(t) + (2 if t and t[0] == bos else 3)) for i, t in enumerate(ids)]
+        long = [(i, n) for i, n in long if n > limit + 1]
+        if long:
+            i, n = max(long, key=lambda x: x[1])
+            text = items[i].prompt
+            notes.append(f"{len(long)} of {len(items)} {which} prompts are longer than policy.arch.max_seq_length="
+                         f"{limit} tokens and are cut to it (the longest, prompt {i + 1}, "
+                         f"{text[:60]!r}{'...' if len(text) > 60 else ''}, has {n} tokens)")
+    if not notes:
+        return None
+    return "; ".join(notes) + ": shorten them, or use a model trained with a longer max_seq_length"
 
 
 def _ray_resources() -> tuple[dict[str, float], list[float]]:

@@ -28,15 +28,28 @@ def read_prompts(path: str | Path) -> list[PromptItem]:
     elif suffix in (".jsonl", ".json"):
         items = _read_jsonl(p)
     else:
-        items = [PromptItem(line.strip()) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+        items = [PromptItem(line.strip()) for line in read_text(p).splitlines() if line.strip()]
     if not items:
         raise PromptFileError(f"prompt file {str(p)!r} holds no prompts")
     return items
 
 
+def read_text(p: Path) -> str:
+    """A prompt file's text (UTF-8, a leading byte-order mark dropped); PromptFileError naming the file, line and
+    column of the first byte that is not UTF-8, and the fix."""
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise PromptFileError(f"{p}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x} at column {column}): save the "
+                              f"file as UTF-8, e.g. iconv -f latin1 -t utf-8 {p.name} > {p.stem}.utf8{p.suffix}") from None
+
+
 def _read_jsonl(p: Path) -> list[PromptItem]:
     items = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_text(p).splitlines(), 1):
         if not line.strip():
             continue
         try:

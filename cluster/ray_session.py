@@ -11,7 +11,7 @@ import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from omegaconf import DictConfig
 
@@ -55,10 +55,44 @@ def init_ray(cfg: DictConfig) -> str:
     needed = math.ceil(required_resources(cfg)["CPU"]) + 1
     # address="local": a private instance even when `ray start` left a cluster running on this machine (plain
     # ray.init() would join that one, with whatever resources it has)
-    ray.init(address="local", num_cpus=max(needed, cfg.cluster.local_num_cpus or os.cpu_count() or 1),
-             include_dashboard=False,
-             runtime_env=env, log_to_driver=True, configure_logging=False)
+    loopback_only(True)
+    try:
+        ray.init(address="local", num_cpus=max(needed, cfg.cluster.local_num_cpus or os.cpu_count() or 1),
+                 include_dashboard=False,
+                 runtime_env=env, log_to_driver=True, configure_logging=False)
+    except BaseException:
+        loopback_only(False)
+        raise
     return "local"
+
+
+_SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"   # Ray's switch for its single-machine (loopback) mode
+_saved_switch: list[Any] = []                           # (environment value, Ray's constant) before loopback_only
+
+
+def loopback_only(on: bool) -> None:
+    """A private local instance listens on 127.0.0.1 only (no port of it is reachable from the network): Ray's
+    single-machine mode, the one it uses on macOS and Windows, makes the node address the loopback one. Ray reads
+    the switch from the environment, in the processes it starts, and once at import in this one; `on=False`
+    restores both before this process joins a real cluster."""
+    try:
+        import ray._private.ray_constants as constants
+    except ImportError:  # pragma: no cover
+        return
+    if not hasattr(constants, "ENABLE_RAY_CLUSTER"):
+        return                     # a Ray without the switch: its default binding stays
+    if on and not _saved_switch:
+        _saved_switch.extend([os.environ.get(_SINGLE_MACHINE), constants.ENABLE_RAY_CLUSTER])
+    if on:
+        os.environ[_SINGLE_MACHINE] = "0"
+        constants.ENABLE_RAY_CLUSTER = False
+    elif _saved_switch:
+        env, constants.ENABLE_RAY_CLUSTER = _saved_switch
+        _saved_switch.clear()
+        if env is None:
+            os.environ.pop(_SINGLE_MACHINE, None)
+        else:
+            os.environ[_SINGLE_MACHINE] = env
 
 
 def shutdown_local_ray() -> None:
@@ -72,6 +106,7 @@ def shutdown_local_ray() -> None:
     except Exception:
         pass
     ray.shutdown()
+    loopback_only(False)
     if session_dir and Path(session_dir).is_dir():
         shutil.rmtree(session_dir, ignore_errors=True)
 

@@ -17,7 +17,8 @@ from omegaconf import DictConfig
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from learner.checkpoint import checkpoint_step, pick_resume_checkpoint, verify_checkpoint
+from learner.checkpoint import (OldFormatError, check_data_files, checkpoint_step, pick_resume_checkpoint,
+                                verify_checkpoint)
 from policy.files import unused_path
 from policy.weights import CheckpointError
 
@@ -25,24 +26,37 @@ from .config import Backend, ConfigError, save_resolved
 from .driver import Trainer
 from .evaluate import format_before_after, format_table, report_path
 from .plots import reward_curve
-from .preflight import (StartupError, check_cluster_resources, check_local_resources, config_changes,
-                        prepare_output_dir, refuse_to_mix_runs, verify_policy_init)
+from .metrics import truncate_metrics
+from .preflight import (StartupError, check_cluster_resources, check_local_resources, check_prompt_lengths,
+                        config_changes, prepare_output_dir, refuse_to_mix_runs, release_output_dir,
+                        verify_policy_init)
 from .pretrain import ensure_base_policy
 from .ray_session import backend_session, cluster_address, in_ray_job
 from .runtime import cpu_deepspeed_env, watch_cluster
 
 
 def _resume_path(cfg: DictConfig) -> Optional[str]:
-    """The checkpoint to continue from; `resume=auto` prints which one and why, every time."""
+    """The checkpoint to continue from; `resume=auto` prints which one and why, every time. Its files are checked
+    to be data (JSON / safetensors) here, before any actor starts: one replaced on purpose stops the run."""
     if cfg.resume is None:
         return None
     root = Path(cfg.output_dir) / "checkpoints"
     if cfg.resume == "auto":
-        found, line = pick_resume_checkpoint(root)
+        try:
+            found, line = pick_resume_checkpoint(root)
+        except OldFormatError as e:
+            raise StartupError(f"resume=auto: {e}") from None
         print(f"[maskgrpo] {line}", flush=True)
+        if found is not None:
+            try:
+                check_data_files(found, verify_checkpoint(found, check_hash=False))
+            except CheckpointError as e:
+                raise StartupError(f"resume=auto: {e}") from None
         return str(found) if found else None
     try:
-        verify_checkpoint(cfg.resume)
+        check_data_files(cfg.resume, verify_checkpoint(cfg.resume))
+    except OldFormatError as e:
+        raise StartupError(f"resume={cfg.resume}: {e}") from None
     except CheckpointError as e:
         raise StartupError(f"resume={cfg.resume}: {e}; resume=auto continues from the newest intact checkpoint "
                            f"of output_dir") from None
@@ -52,7 +66,8 @@ def _resume_path(cfg: DictConfig) -> Optional[str]:
 def keep_history(cfg: DictConfig, step: int) -> None:
     """Before a resumed run writes its own config.yaml and timeline.json, keep the earlier ones (as
     ``config.before_step_NNNNNN.yaml`` when the config changed, ``timeline.before_step_NNNNNN.json``) and name
-    every changed key, so that the run directory still says what trained steps 0..step-1."""
+    every changed key, so that the run directory still says what trained steps 0..step-1. A timeline of an
+    attempt that resumed from the same step and failed is dropped (it timed nothing that the weights hold)."""
     out = Path(cfg.output_dir)
     saved_path = out / "config.yaml"
     if saved_path.is_file():
@@ -69,9 +84,12 @@ def keep_history(cfg: DictConfig, step: int) -> None:
             os.replace(saved_path, kept)
             print(f"[maskgrpo] resuming with a changed config ({len(changes)} keys; steps before {step} ran with "
                   f"{kept.name}):\n  " + "\n  ".join(changes), flush=True)
-    timeline = out / "timeline.json"
+    timeline, kept = out / "timeline.json", out / f"timeline.before_step_{step:06d}.json"
     if timeline.is_file():
-        os.replace(timeline, unused_path(out / f"timeline.before_step_{step:06d}.json"))
+        if kept.exists():      # the run up to `step` is kept already: this one is of a resume that failed
+            timeline.unlink()
+        else:
+            os.replace(timeline, kept)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -86,7 +104,11 @@ class InterruptGuard:
     """Defers Ctrl-C (and SIGTERM, which `ray job stop` sends) while a training step is in flight (rollouts,
     update, weight sync, metrics line), so that an interrupt never lands between the learner's update and the
     driver's bookkeeping: the step completes, then the run stops with a consistent checkpoint. A second signal
-    stops at once (no checkpoint is saved then)."""
+    stops at once (no checkpoint is saved then).
+
+    Python runs a signal's handler only when the main thread is back in the interpreter, and signals that arrive
+    while it waits in C (e.g. in ``ray.get``) call the handler once: two Ctrl-C 0.5 s apart looked like one. A
+    wakeup fd (`signal.set_wakeup_fd`) receives one byte per delivered signal, so the handler counts them all."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -99,9 +121,22 @@ class InterruptGuard:
             yield
             return
         previous = {sig: signal.getsignal(sig) for sig in self.SIGNALS}
+        read_fd, write_fd = os.pipe()
+        os.set_blocking(read_fd, False)
+        os.set_blocking(write_fd, False)
+        old_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+        def delivered() -> int:
+            """Signals of ours delivered since the last call (at least this one)."""
+            try:
+                data = os.read(read_fd, 4096)
+            except BlockingIOError:
+                data = b""
+            return max(1, sum(1 for b in data if b in self.SIGNALS))
 
         def handler(signum, frame):
-            if self.pending:
+            count = delivered()
+            if self.pending or count >= 2:
                 self.pending = False
                 for sig, old in previous.items():
                     signal.signal(sig, old)
@@ -118,6 +153,9 @@ class InterruptGuard:
         finally:
             for sig, old in previous.items():
                 signal.signal(sig, old)
+            signal.set_wakeup_fd(old_wakeup)
+            os.close(read_fd)
+            os.close(write_fd)
         if self.pending:
             self.pending = False
             raise KeyboardInterrupt
@@ -141,15 +179,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     note = verify_policy_init(cfg)
     if note:
         print(f"[maskgrpo] {note}", flush=True)
+    note = check_prompt_lengths(cfg)
+    if note:
+        print(f"[maskgrpo] warning: {note}", flush=True)
     resume = _resume_path(cfg)
     if resume is not None:
         done = checkpoint_step(resume)
         if done >= cfg.max_steps:
             print(f"[maskgrpo] {resume} is at step {done} >= max_steps={cfg.max_steps}: nothing to train (raise "
                   f"max_steps to continue)", flush=True)
+            release_output_dir(cfg.output_dir)
             return {"output_dir": cfg.output_dir, "checkpoint": resume, "nothing_to_do": True}
         keep_history(cfg, done)
+    elif cfg.resume is not None:       # nothing saved to continue from: no line of the earlier attempt stays
+        truncate_metrics(cfg.output_dir, -1, "of an attempt that saved no checkpoint")
     save_resolved(cfg, cfg.output_dir)
+    try:
+        return _run(cfg, resume)
+    finally:
+        release_output_dir(cfg.output_dir)
+
+
+def _run(cfg: DictConfig, resume: Optional[str]) -> dict[str, Any]:
+    """Start the role groups on the configured backend and train."""
     with backend_session(cfg) as (backend, mode):
         trainer, watch = None, None
         try:

@@ -2,15 +2,21 @@
 
 - ``pytorch_model.safetensors`` + ``config.json`` (+ ``llm/config.json`` for a Phi other than phi-1.5): the policy
   in the released key layout, written by `policy.showo.write_pretrained` so that both our ``Showo.from_pretrained``
-  and showlab/Show-o's open it (gathered from all ranks under ZeRO-3), in the training dtype. Checkpoints of
-  earlier versions hold ``model.safetensors`` instead; they still load;
-- ``engine/``: DeepSpeed's engine state (fp32 master weights, optimizer moments, LR scheduler; partitioned per
-  rank under ZeRO);
+  and showlab/Show-o's open it (gathered from all ranks under ZeRO-3), in the training dtype; a resume under
+  ZeRO 0-2 loads the policy's weights from it;
+- ``engine/rankNNN.safetensors`` + ``engine/rankNNN.json``: each rank's engine state as data (`learner.state_files`):
+  DeepSpeed's optimizer state dict (fp32 master partitions and Adam moments, partitioned per rank under ZeRO; under
+  ZeRO-3 the fp32 partitions are also where the weights are restored from), the LR scheduler, DeepSpeed's step
+  counters and the rank's RNG states. DeepSpeed's own ``save_checkpoint``/``load_checkpoint`` are not used: they
+  pickle, and their loader unpickles with ``weights_only=False``;
 - ``trainer_state.json``: step / weight version / non-finite counters / the driver's state (incl. its advantage
   tracker);
-- ``rng_rankNNN.pt``: each rank's RNG states;
 - ``manifest.json`` (written last): format, step, world size, ZeRO stage, model config, parameter shapes,
   and the size (and sha256) of every file.
+
+Nothing in a checkpoint is a pickle, and loading one reads only safetensors and JSON, so a checkpoint is data:
+a tampered one can hold wrong numbers, never code (see README, "What a checkpoint can do"). Checkpoints of format
+1 (DeepSpeed's pickled ``engine/`` directory) are refused; their weights still serve as ``policy.init``.
 
 Everything is written under a hidden temporary name (``.step_NNNNNN.tmp``) and renamed into place once complete,
 so a crash never leaves a half-written directory under a checkpoint name; `latest_checkpoint` only returns
@@ -21,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 from pathlib import Path
@@ -30,18 +35,23 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from policy.files import atomic_write_json, disk_full_error, is_disk_full, remove_path, sha256_file, unused_path
-from policy.showo import write_pretrained
-from policy.weights import CheckpointError
+from policy.showo import WEIGHTS_NAME, write_pretrained
+from policy.weights import CheckpointError, load_strict
 
 from . import dist
+from .engine_state import load_engine_state, rank_files, save_engine_state
 
 if TYPE_CHECKING:
     from .engine import Learner
 
-FORMAT = "maskgrpo-learner-checkpoint/1"
+FORMAT = "maskgrpo-learner-checkpoint/2"
+OLD_FORMATS = ("maskgrpo-learner-checkpoint/1",)
 MANIFEST = "manifest.json"
-ENGINE_TAG = "engine"
 _NAME = re.compile(r"^step_(\d+)$")
+
+
+class OldFormatError(CheckpointError):
+    """A checkpoint of an earlier format (a pickled engine state): intact, but never resumed."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -57,6 +67,10 @@ def _read_manifest(path: Path) -> dict[str, Any]:
         manifest = json.loads(m.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{str(m)!r} is corrupted ({e})") from e
+    if isinstance(manifest, dict) and manifest.get("format") in OLD_FORMATS:
+        raise OldFormatError(f"{str(path)!r} was written by an earlier version of maskgrpo whose engine state is a "
+                              f"pickle, which a resume would have to unpickle (code could run): it is not resumed. "
+                              f"Start a new run from its weights with policy.init={str(path)!r} (a fresh optimizer)")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{str(m)!r}: unknown checkpoint format {manifest.get('format') if isinstance(manifest, dict) else None!r}, "
                               f"expected {FORMAT!r}")
@@ -98,6 +112,8 @@ def pick_resume_checkpoint(root: str | Path) -> tuple[Optional[Path], str]:
     for step, p in reversed(candidates):
         try:
             verify_checkpoint(p)
+        except OldFormatError:
+            raise
         except CheckpointError as e:
             target = unused_path(p.with_name(p.name + ".damaged"))
             os.replace(p, target)
@@ -137,26 +153,32 @@ def verify_checkpoint(path: str | Path, check_hash: bool = True) -> dict[str, An
     return manifest
 
 
-def _rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    try:
-        import numpy as np
-        state["numpy"] = np.random.get_state()
-    except ImportError:  # pragma: no cover
-        pass
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "numpy" in state:
-        import numpy as np
-        np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def check_data_files(path: str | Path, manifest: dict[str, Any]) -> None:
+    """Every file of the checkpoint is JSON or safetensors and parses as such, and every file a resume reads is
+    listed: a checkpoint that passes holds data only, whoever made it (the sha256 in the manifest catch damage,
+    not tampering, since whoever changes a file can rewrite the manifest too)."""
+    from safetensors import safe_open
+    path = Path(path)
+    needed = [WEIGHTS_NAME, "trainer_state.json",
+              *(f.relative_to(path).as_posix() for f in rank_files(path, int(manifest.get("world_size", 1))))]
+    missing = [rel for rel in needed if rel not in manifest["files"]]
+    if missing:
+        raise CheckpointError(f"checkpoint {str(path)!r} is incomplete: its manifest lists no {missing[0]!r}")
+    for rel in manifest["files"]:
+        f = path / rel
+        try:
+            if rel.endswith(".json"):
+                json.loads(f.read_text(encoding="utf-8"))
+            elif rel.endswith(".safetensors"):
+                with safe_open(str(f), framework="pt") as handle:
+                    handle.keys()
+            else:
+                raise ValueError("neither .json nor .safetensors")
+        except Exception as e:               # safetensors raises its own error types for a bad header
+            raise CheckpointError(f"checkpoint {str(path)!r}: {rel!r} is not data ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}); its manifest matches it, so the "
+                                  f"file was replaced on purpose: refusing to load it. Resume from a checkpoint "
+                                  f"you wrote, or start again from weights you trust") from None
 
 
 def _param_shapes(learner: "Learner") -> dict[str, list[int]]:
@@ -174,13 +196,12 @@ def _write_checkpoint_files(learner: "Learner", tmp: Path, final: Path, trainer_
         atomic_write_json(tmp / "trainer_state.json", trainer_state)
     del state_dict
     try:
-        learner.engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
+        save_engine_state(learner, tmp)
     except Exception as e:
         if is_disk_full(e):
             raise
-        raise CheckpointError(f"DeepSpeed could not write the engine state to {str(tmp)!r}: {e}; the previous "
-                              f"checkpoints are untouched") from e
-    torch.save(_rng_state(), tmp / f"rng_rank{rank:03d}.pt")
+        raise CheckpointError(f"could not write the engine state to {str(tmp)!r} ({type(e).__name__}: {e}); the "
+                              f"previous checkpoints are untouched") from e
     dist.barrier()
 
     if rank == 0:
@@ -267,6 +288,18 @@ def _check_compatible(learner: "Learner", manifest: dict[str, Any], path: Path) 
                                 "pytorch_model.safetensors with a fresh optimizer)")
 
 
+def _load_weights(learner: "Learner", path: Path) -> None:
+    """The policy's weights from the checkpoint's safetensors file, into every rank's full copy (ZeRO 0-2)."""
+    from safetensors.torch import load_file
+    f = path / WEIGHTS_NAME
+    try:
+        state = load_file(str(f), device="cpu")
+    except Exception as e:                  # safetensors raises its own error types for a bad header
+        raise CheckpointError(f"{str(f)!r} is not a safetensors file ({type(e).__name__}: {e})") from None
+    with torch.no_grad():
+        load_strict(learner.policy, state, f"checkpoint {str(path)!r}")
+
+
 def load_checkpoint(learner: "Learner", path: str | Path, check_hash: bool = True) -> Path:
     """Restore `learner` (all ranks call this) from a checkpoint directory, or from the latest complete one
     under a checkpoints root. Raises CheckpointError, before loading anything, for a corrupted or mismatched
@@ -282,6 +315,7 @@ def load_checkpoint(learner: "Learner", path: str | Path, check_hash: bool = Tru
     if learner.rank == 0:
         try:
             manifest = verify_checkpoint(path, check_hash)
+            check_data_files(path, manifest)
             _check_compatible(learner, manifest, path)
         except CheckpointError as e:
             error = str(e)
@@ -289,19 +323,25 @@ def load_checkpoint(learner: "Learner", path: str | Path, check_hash: bool = Tru
     if error is not None:
         raise CheckpointError(error)
     try:
-        load_path, _ = learner.engine.load_checkpoint(str(path), tag=ENGINE_TAG, load_optimizer_states=True,
-                                                      load_lr_scheduler_states=True)
-    except Exception as e:
-        raise CheckpointError(f"DeepSpeed could not load the engine state of {str(path)!r}: {e}") from e
-    if load_path is None:
-        raise CheckpointError(f"DeepSpeed found no engine state in {str(path / ENGINE_TAG)!r}")
+        trainer_state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        if not isinstance(trainer_state, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read the trainer state of {str(path)!r}: {type(e).__name__}: {e}") from None
+    error = None
     try:
-        learner.load_trainer_state(json.loads((path / "trainer_state.json").read_text()))
-        rng = path / f"rng_rank{learner.rank:03d}.pt"
-        if rng.is_file():
-            _set_rng_state(torch.load(rng, weights_only=False))
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"cannot read the trainer state of {str(path)!r}: {e}") from e
+        if learner.config.zero_stage < 3:       # ZeRO-3 restores the weights from the fp32 partitions
+            _load_weights(learner, path)
+        load_engine_state(learner, path)
+        learner.load_trainer_state(trainer_state)
+    except CheckpointError as e:
+        error = str(e)
+    except (TypeError, ValueError, KeyError, IndexError, RuntimeError) as e:
+        error = (f"the engine state of {str(path)!r} does not fit this learner ({type(e).__name__}: "
+                 f"{str(e).splitlines()[0] if str(e) else ''})")
+    errors = [e for e in dist.all_gather_object(error) if e is not None]
+    if errors:
+        raise CheckpointError(errors[0] + "; the learner is left partly loaded: start it again") from None
     learner.last_checkpoint = str(path)
     dist.barrier()
     return path

@@ -1,6 +1,7 @@
 """The learner's configuration: objective, advantages, step reduction, optimizer and DeepSpeed settings."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any, Optional
@@ -104,8 +105,12 @@ class LearnerConfig:
             (self.reduction_k >= 1 and self.reduction_n >= 1, "learner.reduction_k and reduction_n must be >= 1"),
             (self.adv_eps > 0.0, "learner.adv_eps must be > 0"),
             (self.filter_min_std >= 0.0 and self.filter_top_bottom >= 0, "learner filters must be >= 0"),
-            (self.lr > 0.0, "learner.lr must be > 0"),
-            (len(self.betas) == 2, "learner.betas needs two values"),
+            (math.isfinite(self.lr) and self.lr > 0.0,
+             f"learner.lr must be a finite number > 0, not {self.lr!r} (an infinite step ruins every weight)"),
+            (len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "learner.betas needs two values in [0, 1)"),
+            (math.isfinite(self.adam_eps) and self.adam_eps > 0.0, "learner.adam_eps must be a finite number > 0"),
+            (all(math.isfinite(v) and v >= 0.0 for v in (self.weight_decay, self.grad_clip, self.kl_beta)),
+             "learner.weight_decay, grad_clip and kl_beta must be finite numbers >= 0"),
             (self.zero_stage in (0, 1, 2, 3), "learner.zero_stage must be 0, 1, 2 or 3"),
             (self.micro_batch_rows >= 0, "learner.micro_batch_rows must be >= 1, or 0 for auto (free GPU memory)"),
             (self.warmup_steps >= 0 and self.total_steps >= 1, "learner.warmup_steps >= 0 and total_steps >= 1"),

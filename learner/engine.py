@@ -45,7 +45,8 @@ PASS_SUMS = ("loss", "nonfinite_passes", "clipped", "ratio_sum", "approx_kl_sum"
 
 
 class NonFiniteUpdateError(RuntimeError):
-    """Too many consecutive updates had a NaN/inf loss or gradient; none of them was applied."""
+    """Too many consecutive updates had a NaN/inf loss or gradient (none of them was applied), or an applied update
+    left non-finite weights (they are never saved or synced)."""
 
 
 # ----- optimizer pieces --------------------------------------------------------------------------------------
@@ -210,6 +211,7 @@ class Learner:
         self.nonfinite_total = 0
         self.consecutive_nonfinite = 0
         self.last_checkpoint: Optional[str] = None
+        self.ruined: Optional[str] = None  # why the weights are non-finite: never saved or synced again
         self.driver_state: Optional[dict[str, Any]] = None   # the caller's own JSON state, kept in checkpoints
         self.micro_batch_plan: Optional[MicroBatchPlan] = None
         self._updated = False           # an optimizer step ran in this process (its state is allocated)
@@ -413,6 +415,15 @@ class Learner:
             log.warning("learner step skipped: non-finite loss or gradient (%d in a row, %d in total)",
                         self.consecutive_nonfinite, self.nonfinite_total)
         elif not stats.no_signal_skipped:
+            if not self._weights_finite():
+                where = (f"the last good checkpoint {self.last_checkpoint!r} is intact"
+                         if self.last_checkpoint else "no checkpoint was saved by this learner yet")
+                self.ruined = (f"learner update {self.step + 1} (weight version {self.step} -> {self.step + 1}) left "
+                               f"NaN/inf weights although its loss and gradients were finite: the step was too large "
+                               f"(learner.lr={self.config.lr:g}, lr now {stats.lr:g}) or the optimizer state is "
+                               f"damaged. Nothing was saved or synced after it; {where}. Lower learner.lr (keep "
+                               f"learner.grad_clip > 0), then resume=auto")
+                raise NonFiniteUpdateError(self.ruined)
             self.consecutive_nonfinite = 0
             self.step += 1
             self._updated = True
@@ -429,6 +440,22 @@ class Learner:
                 f"rewards, the recorded behaviour log-probs and the learning rate, then resume from it.")
         return stats
 
+    def _weights_finite(self) -> bool:
+        """Whether every weight is finite, after an update: one fused max-|w| over the weights this rank holds
+        (under ZeRO-3 its partitions) on the device, read once; collective (every rank gets the same answer)."""
+        held = [getattr(p, "ds_tensor", p).detach() for p in self.policy.parameters()]
+        held = [t for t in held if t.numel()]
+        finite = 1.0
+        if held:
+            peaks = torch._foreach_norm(held, float("inf"))
+            finite = float(torch.stack([t.float() for t in peaks]).isfinite().all())
+        (finite,) = dist.all_reduce([finite], op="min")
+        return finite > 0
+
+    def _refuse_if_ruined(self, what: str) -> None:
+        if self.ruined is not None:
+            raise NonFiniteUpdateError(f"not {what}: {self.ruined}")
+
     def full_gradients(self) -> dict[str, torch.Tensor]:
         """Every policy parameter's full accumulated gradient (fp32 CPU copies), between `accumulate_gradients`
         and `apply_update`; collective under ZeRO (all ranks call it)."""
@@ -444,6 +471,7 @@ class Learner:
     def iter_weight_buckets(self, bucket_bytes: int = 256 << 20,
                             dtype: Optional[torch.dtype] = None) -> Iterator[WeightBucket]:
         """The policy's full weights in buckets (rank 0 yields; every rank must exhaust the iterator)."""
+        self._refuse_if_ruined("syncing the weights")
         return iter_weight_buckets(self.policy, bucket_bytes, self.version, self.rank, dtype)
 
     def gathered_state_dict(self) -> dict[str, torch.Tensor]:
@@ -468,6 +496,7 @@ class Learner:
 
     def save_checkpoint(self, root: str | Path, keep_last: int = 0) -> Path:
         from .checkpoint import save_checkpoint
+        self._refuse_if_ruined("saving a checkpoint")
         return save_checkpoint(self, root, keep_last=keep_last)
 
     def resume(self, path: str | Path) -> Path:

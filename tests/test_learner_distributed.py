@@ -126,7 +126,9 @@ def test_two_ranks_match_one_rank(tmp_path, stage):
     assert info["tracker"] == json.loads(json.dumps(tracker))
     ckpt = Path(info["checkpoint"])
     manifest = json.loads((ckpt / "manifest.json").read_text())
-    assert manifest["world_size"] == 2 and {"rng_rank000.pt", "rng_rank001.pt"} <= set(manifest["files"])
+    assert manifest["world_size"] == 2 and {"engine/rank000.json", "engine/rank001.json", "engine/rank000.safetensors",
+                                         "engine/rank001.safetensors"} <= set(manifest["files"])
+    assert not [f for f in manifest["files"] if not f.endswith((".json", ".safetensors"))]   # data only
     from policy.weights import read_state_dict
     saved = read_state_dict(ckpt)
     assert all(torch.equal(saved[k], two[k]) for k in two)

@@ -180,7 +180,7 @@ def test_checkpoint_crash_corruption_and_mismatch(data, tmp_path, monkeypatch):
 
     def boom(*a, **k):
         raise OSError("disk full")
-    monkeypatch.setattr(learner.engine, "save_checkpoint", boom)
+    monkeypatch.setattr("learner.checkpoint.save_engine_state", boom)
     with pytest.raises(CheckpointError, match="untouched"):
         learner.save_checkpoint(root)
     monkeypatch.undo()

@@ -377,9 +377,9 @@ def test_full_disk_is_named_and_leaves_no_debris(saved_checkpoints, tmp_path, mo
     learner = Learner(random_showo(seed=3), LearnerConfig(transition="candidate2"))
     learner.step = 7
 
-    def enforce_fail(*a, **k):           # what torch's zip writer says when the disk fills under DeepSpeed
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 334720 vs 334608")
-    monkeypatch.setattr(learner.engine, "save_checkpoint", enforce_fail)
+    def short_write(*a, **k):            # what safetensors says when the disk fills under it
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+    monkeypatch.setattr("learner.checkpoint.save_engine_state", short_write)
     before = sorted(p.name for p in root.iterdir())
     with pytest.raises(CheckpointError, match="is full .* the previous checkpoints are untouched"):
         learner.save_checkpoint(root)

@@ -13,9 +13,10 @@ from rewards.base import Reward, RewardOutput
 
 
 class ConstantReward(Reward):
-    """Every sample scores `value`."""
+    """Every sample scores `value`. The test rewards take the reward actor's `device` option and compute on the
+    CPU whatever it says (they are arithmetic on a few numbers)."""
 
-    def __init__(self, value: float = 1.0, batch_size: Optional[int] = None):
+    def __init__(self, value: float = 1.0, batch_size: Optional[int] = None, device: Optional[str] = None):
         self.value, self.batch_size = float(value), batch_size
 
     def _score(self, images, prompts, metadata):
@@ -24,6 +25,9 @@ class ConstantReward(Reward):
 
 class PixelMeanReward(Reward):
     """Mean pixel value in [0, 1] (a cheap deterministic image function); details: the prompt length."""
+
+    def __init__(self, device: Optional[str] = None):
+        pass
 
     def _score(self, images, prompts, metadata):
         return RewardOutput(images.float().mean(dim=(1, 2, 3)) / 255.0,
@@ -34,7 +38,7 @@ class FlakyReward(PixelMeanReward):
     """Raises once while `flag_file` exists (deleting it), then scores normally: a one-off injected failure.
     With ``crash: true`` it kills its process instead of raising (an actor death)."""
 
-    def __init__(self, flag_file: str, crash: bool = False):
+    def __init__(self, flag_file: str, crash: bool = False, device: Optional[str] = None):
         self.flag_file, self.crash = flag_file, crash
 
     def _score(self, images, prompts, metadata):
@@ -49,6 +53,9 @@ class FlakyReward(PixelMeanReward):
 class FailingReward(Reward):
     """Always raises."""
 
+    def __init__(self, device: Optional[str] = None):
+        pass
+
     def _score(self, images, prompts, metadata):
         raise RuntimeError("this reward always fails")
 
@@ -56,7 +63,7 @@ class FailingReward(Reward):
 class NaNReward(PixelMeanReward):
     """Returns NaN for sample `index` of each batch."""
 
-    def __init__(self, index: int = 0):
+    def __init__(self, index: int = 0, device: Optional[str] = None):
         self.index = index
 
     def _score(self, images, prompts, metadata):
