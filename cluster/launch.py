@@ -13,7 +13,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from actors.learner import LearnerWorker
 from actors.rollout import RolloutWorker
 
-from .config import plain, section
+from .config import plain, reward_specs, section
 
 
 def role_device(gpus: float) -> str:
@@ -61,18 +61,6 @@ def reward_decoder_spec(cfg: DictConfig) -> dict[str, Any]:
     """The reward actors decode codes with the policy's image decoder (MAGVIT-v2 or the shapes world)."""
     return {"factory": "policy.factory:build_decoder", "cfg": section(cfg, "policy"),
             "device": role_device(cfg.cluster.reward_gpus)}
-
-
-def reward_specs(cfg: DictConfig, specs: Any) -> list[dict[str, Any]]:
-    """Reward specs with the shapes-world detector bound to the policy's world (grid, colours, shapes)."""
-    out = []
-    for spec in plain(specs):
-        spec = dict(spec)
-        det = spec.get("detector")
-        if isinstance(det, dict) and det.get("name") == "shapes" and len(det) == 1:
-            spec["detector"] = {"name": "shapes", **(plain(cfg.policy.decoder.shapes) or {})}
-        out.append(spec)
-    return out
 
 
 def start_reward_pool(cfg: DictConfig, specs: Any = None):
