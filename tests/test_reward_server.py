@@ -280,3 +280,71 @@ def test_a_garbage_answer_is_named(token_env):
         assert url in str(e.value) and "answered garbage (scores must be a list of 2 numbers)" in str(e.value)
     finally:
         httpd.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def _train(config: Path, out: Path, *overrides: str, token: str = TOKEN) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "RAY_DEDUP_LOGS": "0",
+           "MASKGRPO_REWARD_TOKEN": token}
+    return subprocess.Popen([sys.executable, "-m", "cluster.cli", "train", "--config", str(config),
+                             f"output_dir={out}", "max_steps=6", "save_every=1", "eval.at_start=false", *overrides],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _metrics(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_training_through_the_reward_server_survives_its_death_with_resume_auto(tmp_path):
+    """The tiny config trains through `remote` with the same rewards as in-process; killing the server mid-run
+    ends the run (exit 1) with a last line naming the URL; resume=auto after a restart loses and repeats nothing."""
+    tiny = REPO / "configs" / "tiny.yaml"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    remote_cfg = tmp_path / "remote.yaml"
+    remote_cfg.write_text(json.dumps({"base": str(tiny), "rewards": [
+        {"name": "remote", "url": url, "timeout_s": 5, "retries": 1, "backoff_s": 0.2}]}))
+
+    local = _train(tiny, tmp_path / "local")
+    out, err = local.communicate(timeout=600)
+    assert local.returncode == 0, err[-3000:]
+    reference = _metrics(tmp_path / "local")
+    assert [r["step"] for r in reference] == list(range(6))
+
+    server = start_server(tiny, port)           # serves tiny.yaml's rewards: what the local run scored with
+    try:
+        wait_healthy(server, url)
+        run = _train(remote_cfg, tmp_path / "remote")
+        deadline = time.monotonic() + 600
+        while len(_metrics(tmp_path / "remote")) < 2 and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        server.kill()
+        server.wait()
+        killed_at = time.monotonic()
+        out, err = run.communicate(timeout=300)
+        ended_s = time.monotonic() - killed_at
+        first = _metrics(tmp_path / "remote")
+        assert run.returncode == 1, (out[-2000:], err[-3000:])
+        last = err.strip().splitlines()[-1]
+        assert url in last, err[-3000:]
+        assert ended_s < 2 * (2 * 5 + 0.2) + 60     # the pool's two calls x (retries + 1) x timeout_s, plus exit
+        assert 2 <= len(first) < 6
+        for a, b in zip(first, reference):          # the same rewards as in-process, so the same run
+            assert (a["step"], a["reward_mean"], a["reward_std"]) == (b["step"], b["reward_mean"], b["reward_std"])
+
+        server = start_server(tiny, port)
+        wait_healthy(server, url)
+        again = _train(remote_cfg, tmp_path / "remote", "resume=auto")
+        out, err = again.communicate(timeout=600)
+        assert again.returncode == 0, err[-3000:]
+    finally:
+        stop(server)
+    lines = _metrics(tmp_path / "remote")
+    assert [r["step"] for r in lines] == list(range(6))                # nothing lost, nothing trained twice
+    assert [r["version"] for r in lines] == list(range(1, 7))
+    state = json.loads((tmp_path / "remote" / "checkpoints" / "step_000006" / "trainer_state.json").read_text())
+    assert state["step"] == 6
