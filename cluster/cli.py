@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. reward_server.max_batch=32")
     s = sub.add_parser("bench", help="benchmarks: maskgrpo bench WHAT [the benchmark's own options]",
                        epilog="each benchmark takes its own options (maskgrpo bench WHAT --help), not --config")
-    s.add_argument("what", nargs="?", default="sampler", choices=["sampler", "learner", "rewards", "pipeline"],
+    s.add_argument("what", nargs="?", default="sampler", choices=["sampler", "learner", "rewards", "pipeline", "reward_server"],
                    help="which benchmark (default: sampler)")
     s.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to benchmarks.bench_WHAT (e.g. --sizes tiny)")
     return p
