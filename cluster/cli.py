@@ -1,4 +1,5 @@
-"""The `maskgrpo` command: generate | pretrain | train | eval | bench, each with --config and key=value overrides."""
+"""The `maskgrpo` command: generate | pretrain | train | eval | serve-reward | bench, each with --config and
+key=value overrides."""
 from __future__ import annotations
 
 import argparse
@@ -34,9 +35,17 @@ def _parser() -> argparse.ArgumentParser:
         if name == "eval":
             s.add_argument("--checkpoint", default=None, help="checkpoint dir (default: policy.init)")
             s.add_argument("--prompts", default=None, help="GenEval metadata .jsonl (default: data.eval_prompts)")
+    s = sub.add_parser("serve-reward", help="serve the config's rewards over HTTP (docs/reward_server.md)",
+                       epilog="the bearer token comes from $MASKGRPO_REWARD_TOKEN or --token-file, never the command "
+                              "line; clients use {name: remote, url: ..., token_env: ...}")
+    s.add_argument("--config", default=None, help="YAML config whose `rewards` are served")
+    s.add_argument("--host", default=None, help="address to bind (default: reward_server.host, 127.0.0.1)")
+    s.add_argument("--port", type=int, default=None, help="port (default: reward_server.port, 8377)")
+    s.add_argument("--token-file", default=None, help="file holding the bearer token (else $MASKGRPO_REWARD_TOKEN)")
+    s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. reward_server.max_batch=32")
     s = sub.add_parser("bench", help="benchmarks: maskgrpo bench WHAT [the benchmark's own options]",
                        epilog="each benchmark takes its own options (maskgrpo bench WHAT --help), not --config")
-    s.add_argument("what", nargs="?", default="sampler", choices=["sampler", "learner", "rewards", "pipeline"],
+    s.add_argument("what", nargs="?", default="sampler", choices=["sampler", "learner", "rewards", "pipeline", "reward_server"],
                    help="which benchmark (default: sampler)")
     s.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to benchmarks.bench_WHAT (e.g. --sizes tiny)")
     return p
@@ -109,11 +118,45 @@ def _run(args: argparse.Namespace) -> int:
         from .train import train
         train(cfg)
         return 0
+    if args.command == "serve-reward":
+        return _serve_reward(cfg, args)
     if args.command == "eval":
         from .evaluate import evaluate_command
         evaluate_command(cfg, checkpoint=args.checkpoint, prompts=args.prompts)
         return 0
     return 1
+
+
+TOKEN_ENV = "MASKGRPO_REWARD_TOKEN"
+
+
+def _serve_reward(cfg, args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from .config import reward_specs, section
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as e:
+            print(f"maskgrpo serve-reward: cannot read --token-file {args.token_file}: {e.strerror}", file=sys.stderr)
+            return 2
+    else:
+        token = os.environ.get(TOKEN_ENV, "").strip()
+    if not token:
+        print(f"maskgrpo serve-reward: no bearer token: set {TOKEN_ENV} or pass --token-file FILE (a non-empty "
+              f"file; clients send it as 'Authorization: Bearer <token>')", file=sys.stderr)
+        return 2
+    srv = section(cfg, "reward_server")
+    from rewards.server import serve
+    try:
+        serve(reward_specs(cfg, cfg.rewards), token, host=args.host or srv.host, port=srv.port if args.port is None else args.port,
+              max_batch=srv.max_batch, max_wait_ms=srv.max_wait_ms, max_body_mb=srv.max_body_mb,
+              cache_size=srv.cache_size, device=srv.device)
+    except ValueError as e:          # a reward spec that cannot be built: before the server listens
+        print(f"maskgrpo serve-reward: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

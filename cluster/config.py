@@ -141,6 +141,24 @@ class LoggingConfig:
     progress: bool = True
 
 
+@dataclass
+class RewardServerConfig:
+    """`maskgrpo serve-reward` (rewards/server.py, docs/reward_server.md); the token is never in a config."""
+    host: str = "127.0.0.1"               # loopback unless told otherwise (e.g. 0.0.0.0 behind a firewall)
+    port: int = 8377
+    max_batch: int = 64                   # images per model batch: concurrent requests are merged up to this
+    max_wait_ms: float = 5.0              # how long a request waits for others to join its batch
+    max_body_mb: float = 256.0            # larger request bodies get 413
+    cache_size: int = 1024                # recent answers kept by idempotency key (a retried request is not rescored)
+    device: Optional[str] = None          # given to every reward spec that sets none (None: their defaults)
+
+    def __post_init__(self) -> None:
+        _require([(0 <= self.port <= 65535, "reward_server.port must be in 0..65535"),
+                  (self.max_batch >= 1 and self.cache_size >= 1, "reward_server.max_batch and cache_size must be >= 1"),
+                  (self.max_wait_ms >= 0 and self.max_body_mb > 0,
+                   "reward_server.max_wait_ms must be >= 0 and max_body_mb > 0")])
+
+
 def _default_rewards() -> list[dict[str, Any]]:
     return [{"name": "geneval", "weight": 1.0, "detector": {"name": "shapes"}}]
 
@@ -162,6 +180,7 @@ class RunConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    reward_server: RewardServerConfig = field(default_factory=RewardServerConfig)
 
     def __post_init__(self) -> None:
         """The checks that span sections or read the disk; every problem is listed at once."""
@@ -307,6 +326,19 @@ def plain(node: Any) -> Any:
     if isinstance(node, (DictConfig, ListConfig)):
         return OmegaConf.to_container(node, resolve=True, enum_to_str=True)
     return node
+
+
+def reward_specs(cfg: DictConfig, specs: Any) -> list[dict[str, Any]]:
+    """Reward specs with the shapes-world detector bound to the policy's world (grid, colours, shapes): what the
+    reward actors and `maskgrpo serve-reward` build."""
+    out = []
+    for spec in plain(specs):
+        spec = dict(spec)
+        det = spec.get("detector")
+        if isinstance(det, dict) and det.get("name") == "shapes" and len(det) == 1:
+            spec["detector"] = {"name": "shapes", **(plain(cfg.policy.decoder.shapes) or {})}
+        out.append(spec)
+    return out
 
 
 def save_resolved(cfg: DictConfig, output_dir: str | Path) -> Path:

@@ -18,7 +18,7 @@ from rewards.base import RewardError
 from rewards.worker import RewardResult, RewardWorker
 
 from .backend import ActorSpec, Backend
-from .config import plain, role_device, section
+from .config import reward_specs, role_device, section
 from .errors import RewardGroupError
 
 
@@ -43,18 +43,6 @@ def decoder_spec(cfg: DictConfig) -> dict[str, Any]:
     """The reward actors decode codes with the policy's image decoder (MAGVIT-v2 or the shapes world)."""
     return {"factory": "policy.factory:build_decoder", "cfg": section(cfg, "policy"),
             "device": role_device(cfg.cluster.reward_gpus)}
-
-
-def reward_specs(cfg: DictConfig, specs: Any) -> list[dict[str, Any]]:
-    """Reward specs with the shapes-world detector bound to the policy's world (grid, colours, shapes)."""
-    out = []
-    for spec in plain(specs):
-        spec = dict(spec)
-        det = spec.get("detector")
-        if isinstance(det, dict) and det.get("name") == "shapes" and len(det) == 1:
-            spec["detector"] = {"name": "shapes", **(plain(cfg.policy.decoder.shapes) or {})}
-        out.append(spec)
-    return out
 
 
 class RewardGroup:

@@ -18,7 +18,10 @@ the factor from step to step; MaskGIT and this sampler do not).
 
 The step loop never reads a device tensor back to the host; each step holds one fp32 [B, N, C] tensor (the
 log-probabilities, `policy.transition`), from which the sampled codes, their log-probs, the threshold and the
-re-masked positions' below-threshold mass are all read.
+re-masked positions' below-threshold mass are all read, and the step's self-certainty (the mean over the
+still-masked positions of Σ_c p_c log p_c, recorded per step in `Trajectory.self_certainty`). With
+classifier-free guidance, p is the guided distribution ``softmax((1+s)·cond − s·uncond)``: the one the codes are
+actually drawn from.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ import torch
 
 from .showo import PrefixCache, Showo
 from .trajectory import Trajectory
-from .transition import code_logprob, codebook_logprobs, remask_log_mass, sample_codes
+from .transition import code_logprob, codebook_logprobs, neg_entropy, remask_log_mass, sample_codes
 
 class Schedule(StrEnum):
     """How many positions stay masked after each step: N·γ((t+1)/T)."""
@@ -135,6 +138,7 @@ class UnmaskingSampler:
         token_logprob = torch.zeros(b, steps, n, device=device)
         remask_logprob = torch.zeros(b, steps, n, device=device)
         threshold = torch.zeros(b, steps, device=device)
+        certainty = torch.zeros(b, steps, device=device)
         rows = torch.arange(b, device=device)
         for t in range(steps):
             unknown = codes < 0
@@ -142,6 +146,8 @@ class UnmaskingSampler:
             logprobs = (codebook_logprobs(*logits.chunk(2), cfg.guidance_scale) if cfg_on
                         else codebook_logprobs(logits))                       # fp32 [B, N, C]
             del logits
+            # self-certainty: mean over the still-masked positions of Σ_c p log p of the distribution sampled
+            certainty[:, t] = (neg_entropy(logprobs) * unknown).sum(-1) / unknown.sum(-1).clamp(min=1)
             drawn = sample_codes(logprobs, u[:, t, 0])
             drawn = torch.where(unknown, drawn, torch.full_like(drawn, -1))
             logp = code_logprob(logprobs, drawn)
@@ -170,5 +176,5 @@ class UnmaskingSampler:
         return Trajectory(text_ids=text_area.cpu(), uncond_text_ids=uncond.cpu(), unmask_step=unmask_step.cpu(),
                           sampled_codes=sampled_codes.cpu(), token_logprob=token_logprob.cpu(),
                           remask_logprob=remask_logprob.cpu(), threshold=threshold.cpu(), final_codes=codes.cpu(),
-                          guidance_scale=cfg.guidance_scale,
+                          self_certainty=certainty.cpu(), guidance_scale=cfg.guidance_scale,
                           meta={"sample_seconds": time.perf_counter() - t0, "seeds": list(map(int, seeds))})

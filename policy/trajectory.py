@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -37,6 +37,9 @@ class Trajectory:
     remask_logprob: torch.Tensor    # float [B, T, N] behaviour log Σ_{v: p(v) < threshold} p(v) where re-masked (else 0)
     threshold: torch.Tensor         # float [B, T]  confidence threshold probability of each step (candidate 1)
     final_codes: torch.Tensor       # long [B, N]   the image's codes
+    # float [B, T]: per step, the mean over the positions masked at its start of Σ_c p_c log p_c of the
+    # distribution the codes were drawn from (the guided one under classifier-free guidance); None if not recorded
+    self_certainty: Optional[torch.Tensor] = None
     guidance_scale: float = 0.0
     policy_version: int = 0
     meta: dict[str, Any] = field(default_factory=dict)  # prompt id, group id, timings: small values only
@@ -52,6 +55,12 @@ class Trajectory:
     @property
     def num_image_tokens(self) -> int:
         return int(self.final_codes.shape[1])
+
+    def certainty_score(self) -> torch.Tensor:
+        """Self-certainty per rollout, float [B]: the per-step values averaged over the T steps."""
+        if self.self_certainty is None:
+            raise ValueError("this trajectory has no self_certainty (recorded by policy.sampler.UnmaskingSampler)")
+        return self.self_certainty.mean(-1)
 
     def step_masks(self, steps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Bool [B, T, N] masks (or [B, S, N] for `steps` [S]): (masked at start of step, kept at step,

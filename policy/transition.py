@@ -111,3 +111,16 @@ def sample_codes(logprobs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor
         cdf = flat[a:b].exp().cumsum_(-1)
         out[a:b] = torch.searchsorted(cdf, u[a:b].contiguous()).squeeze(-1)
     return out.clamp_(max=c - 1).view(uniforms.shape)
+
+
+def neg_entropy(logprobs: torch.Tensor) -> torch.Tensor:
+    """Σ_c p_c log p_c [..., ] per position from fp32 log-probs [..., C] (the negative entropy, <= 0; a code
+    with p = 0 contributes 0). Works through the rows in chunks, so no second full-size tensor exists."""
+    c = logprobs.shape[-1]
+    flat = logprobs.reshape(-1, c)
+    out = torch.empty(flat.shape[0], dtype=flat.dtype, device=flat.device)
+    for a, b in _row_chunks(flat.shape[0], c):
+        lp = flat[a:b]
+        p = lp.exp()
+        out[a:b] = torch.where(p > 0, p * lp, 0.0).sum(-1)
+    return out.view(logprobs.shape[:-1])

@@ -139,6 +139,8 @@ _BUILTIN_REWARDS = {
     "pickscore": "rewards.pickscore",
     "aesthetic": "rewards.aesthetic",
     "geneval": "rewards.geneval",
+    "self_certainty": "rewards.self_certainty",
+    "remote": "rewards.remote",
 }
 
 

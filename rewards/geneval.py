@@ -18,10 +18,19 @@ its colour (if it names one) and one for its position (if it names one); one for
 requirement is met only if its count is met; a position requirement only if the clause's count and colour are
 met, the target clause is fully met and every pair is in the relation (exactly when GenEval would pass it).
 So ``fraction == 1`` iff the strict GenEval verdict is correct.
+
+Counting credit (``count_credit="graded"``, `CountCredit`): a count requirement that is not met earns part of its
+requirement instead of nothing. With c the detections of the clause's class (above the threshold): an include
+clause asking for at least n earns ``min(c, n) / n``; an exclude clause allowing fewer than m (m >= 1) earns
+``min(1, (m − 1) / c)``. Both lie in [0, 1], are 1 exactly when GenEval's rule holds, and fall with the distance
+from the target (for GenEval's counting prompts, include n and exclude n + 1, the count credit is
+``min(c, n) / max(c, n)`` over the two clauses). Colour and position requirements stay 0/1 and still need the
+count met; ``GenEvalResult.credit`` is the graded sum (``met`` and ``correct`` stay GenEval's).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -57,19 +66,43 @@ POSITION_MARGIN = 0.1
 MODEL_SPECS = ("mask2former", "clip")   # detector / colour-classifier names that run a model (take `device`)
 
 
+class CountCredit(StrEnum):
+    """How a count requirement that is not met is scored: ``exact`` 0 (GenEval), ``graded`` a share (module doc)."""
+    exact = "exact"
+    graded = "graded"
+
+
+def include_count_credit(found: int, n: int) -> float:
+    """Credit of an include clause "at least n" with `found` detections: min(found, n) / n."""
+    return min(found, n) / n if n > 0 else 1.0
+
+
+def exclude_count_credit(found: int, m: int) -> float:
+    """Credit of an exclude clause "fewer than m" with `found` detections: min(1, (m - 1) / found)."""
+    return 1.0 if found < m else (m - 1) / found
+
+
 @dataclass
 class GenEvalResult:
-    """Verdict for one image: strict ``correct``, ``met`` of ``total`` requirements, and why it failed."""
+    """Verdict for one image: strict ``correct``, ``met`` of ``total`` requirements, and why it failed.
+    ``credit``: the requirements met counted with graded counting credit (``met`` when not computed)."""
     correct: bool
     met: int
     total: int
     reason: str = ""
     asked: int = 0     # objects the prompt's include clauses ask for
     found: int = 0     # objects detected above the confidence threshold
+    credit: Optional[float] = None
 
     @property
     def fraction(self) -> float:
         return self.met / self.total if self.total else 1.0
+
+    @property
+    def graded_fraction(self) -> float:
+        """``credit / total``: the fraction with counting credit (equals ``fraction`` when all counts are met)."""
+        credit = self.met if self.credit is None else self.credit
+        return credit / self.total if self.total else 1.0
 
 
 def select_objects(detections: Sequence[Detection], tag: str, threshold: float = THRESHOLD,
@@ -119,6 +152,7 @@ def evaluate(item: GenEvalItem, objects: Mapping[str, Sequence[Detection]],
     """Judge one image from its selected objects (``select_objects``); ``color_of(det, class)`` names colours."""
     color_of = color_of or _own_color
     met = total = 0
+    partial = 0.0      # graded credit of the count requirements that are not met
     reasons: list[str] = []
     groups: list[Optional[Sequence[Detection]]] = []   # per include clause: its objects if fully met, else None
     for req in item.include:
@@ -129,6 +163,7 @@ def evaluate(item: GenEvalItem, objects: Mapping[str, Sequence[Detection]],
         if ok:
             met += 1
         else:
+            partial += include_count_credit(len(objects.get(cls, [])), n)
             reasons.append(f"expected {cls}>={n}, found {len(objects.get(cls, []))}")
         if "color" in req and ok:
             colors = [color_of(d, cls) for d in found]
@@ -161,10 +196,12 @@ def evaluate(item: GenEvalItem, objects: Mapping[str, Sequence[Detection]],
         total += 1
         k = len(objects.get(cls, []))
         if k >= n:
+            partial += exclude_count_credit(k, n)
             reasons.append(f"expected {cls}<{n}, found {k}")
         else:
             met += 1
-    return GenEvalResult(correct=met == total, met=met, total=total, reason="\n".join(reasons))
+    return GenEvalResult(correct=met == total, met=met, total=total, reason="\n".join(reasons),
+                         credit=met + partial)
 
 
 def color_queries(item: GenEvalItem, objects: Mapping[str, Sequence[Detection]]) -> list[tuple[Detection, str]]:
@@ -257,12 +294,18 @@ class GenEvalReward(Reward):
                  strict: bool = False, threshold: float = THRESHOLD, counting_threshold: float = COUNTING_THRESHOLD,
                  max_objects: int = MAX_OBJECTS, position_margin: float = POSITION_MARGIN,
                  batch_size: Optional[int] = None, device: Optional[str] = None,
-                 max_extra_objects: Optional[int] = None, precision_weighted: bool = False):
+                 max_extra_objects: Optional[int] = None, precision_weighted: bool = False,
+                 count_credit: CountCredit | str = CountCredit.exact):
         """`max_extra_objects`: when set, an image showing more than this many detected objects (above the
         confidence threshold) beyond those the prompt asks for fails and meets none of its requirements (fraction
         0). GenEval itself has no such rule, so a policy trained on its partial credit learns to flood the image
         with objects to satisfy "at least N" clauses; this closes that loophole (unset: GenEval's verdicts)."""
         self.max_extra_objects = max_extra_objects
+        # `count_credit`: "graded" gives near-miss counts a share of their requirement (module doc); the extra-object
+        # guard still zeroes an image over its allowance, and the strict verdict is unchanged
+        if count_credit not in tuple(CountCredit):
+            raise ValueError(f"geneval count_credit={count_credit!r}: choose one of {[c.value for c in CountCredit]}")
+        self.count_credit = CountCredit(count_credit)
         # `precision_weighted`: the fraction is multiplied by asked/found objects when more are found than asked,
         # a dense penalty for unrequested objects (the strict verdict is unchanged).
         self.precision_weighted = precision_weighted
@@ -290,14 +333,15 @@ class GenEvalReward(Reward):
             r.found = sum(1 for d in dets if d.score > self.threshold)
             if self.max_extra_objects is not None and r.found - r.asked > self.max_extra_objects:
                 reason = "; ".join(x for x in (r.reason, f"{r.found - r.asked} extra objects") if x)
-                r = GenEvalResult(False, 0, r.total, reason, r.asked, r.found)
+                r = GenEvalResult(False, 0, r.total, reason, r.asked, r.found, credit=0.0)
             out.append(r)
         return out
 
     def _score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]):
         results = self.evaluate(images, prompts, metadata)
         strict = torch.tensor([float(r.correct) for r in results], dtype=torch.float32)
-        frac = torch.tensor([r.fraction for r in results], dtype=torch.float32)
+        graded = self.count_credit == CountCredit.graded
+        frac = torch.tensor([r.graded_fraction if graded else r.fraction for r in results], dtype=torch.float32)
         if self.precision_weighted:   # min(1, asked / found): a dense penalty for unrequested objects
             frac = frac * torch.tensor([min(1.0, r.asked / r.found) if r.found else 1.0 for r in results],
                                        dtype=torch.float32)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 
 from rewards.base import build_rewards, import_object
+from rewards.self_certainty import trajectory_metadata
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]
 
@@ -125,13 +126,15 @@ class RewardWorker:
 
     def score_groups(self, items: Sequence[Mapping[str, Any]], *trajectories: Any) -> list[RewardResult]:
         """One `RewardResult` per item (group). With `trajectories`, item i is scored on
-        ``trajectories[i].final_codes``."""
+        ``trajectories[i].final_codes``, its metadata extended with the trajectory's per-sample fields
+        (``self_certainty``: `rewards.self_certainty.trajectory_metadata`)."""
         start = time.time()
         self._calls += 1
         if trajectories:
             if len(trajectories) != len(items):
                 raise ValueError(f"{len(trajectories)} trajectories for {len(items)} items")
-            items = [{**it, "codes": tr.final_codes} for it, tr in zip(items, trajectories)]
+            items = [{**it, "codes": tr.final_codes, "metadata": trajectory_metadata(it.get("metadata"), tr)}
+                     for it, tr in zip(items, trajectories)]
         samples = self._flatten(items)
         totals, comps, details = [], {l: [] for l in self.rewards.labels}, {}
         for s in range(0, len(samples), self.batch_size):

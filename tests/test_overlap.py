@@ -120,7 +120,8 @@ def test_streamed_rewards_are_paired_and_each_group_trained_once(local_ray, tmp_
     within the bound; the learner's updates are recorded in the timeline alongside rollouts and rewards."""
     ray = local_ray
     from cluster.driver import Trainer
-    from cluster.reward_group import decoder_spec, reward_specs
+    from cluster.config import reward_specs
+    from cluster.reward_group import decoder_spec
     from rewards.worker import RewardWorker
     cfg = load_config(TINY, [f"output_dir={tmp_path}", "cluster.num_rollout_workers=2", "max_steps=6",
                              f"cluster.max_staleness={staleness}", "learner.lr=1e-3", "logging.progress=false"])
