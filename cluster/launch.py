@@ -28,7 +28,7 @@ def start_rollout_worker(cfg: DictConfig, worker_id: int):
                      max_task_retries=0)(RolloutWorker)
     threads = max(1, int(c.cpus_per_actor)) if c.rollout_gpus == 0 else None
     return cls.options(name=None).remote(worker_id, section(cfg, "policy"), section(cfg, "sampler"),
-                                         role_device(c.rollout_gpus), threads)
+                                         role_device(c.rollout_gpus), threads, lora=section(cfg, "learner").lora)
 
 
 def start_learner_ranks(cfg: DictConfig, timeout_s: float = 600.0) -> tuple[list[Any], PlacementGroup]:

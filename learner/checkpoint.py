@@ -4,7 +4,10 @@
   in the released key layout, written by `policy.showo.write_pretrained` so that both our ``Showo.from_pretrained``
   and showlab/Show-o's open it (gathered from all ranks under ZeRO-3), in the training dtype. Checkpoints of
   earlier versions hold ``model.safetensors`` instead; they still load;
-- ``engine/``: DeepSpeed's engine state (fp32 master weights, optimizer moments, LR scheduler; partitioned per
+- with LoRA (`learner.lora.rank` > 0) instead of those: ``adapter_config.json`` + ``adapter_model.safetensors``,
+  the adapters in peft's own format (`learner.lora`; ``PeftModel.from_pretrained`` opens them on the base), the
+  frozen base staying where ``policy.init`` points; ``maskgrpo export`` merges them into Show-o weights;
+- ``engine/``: DeepSpeed's engine state (with LoRA the adapters' only: frozen parameters are left out) (fp32 master weights, optimizer moments, LR scheduler; partitioned per
   rank under ZeRO);
 - ``trainer_state.json``: step / weight version / non-finite counters / the driver's state (incl. its advantage
   tracker);
@@ -19,6 +22,7 @@ anything is loaded, and loading never writes to the checkpoint directory.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -34,6 +38,7 @@ from policy.showo import write_pretrained
 from policy.weights import CheckpointError
 
 from . import dist
+from .lora import read_settings, same_layout, save_adapters
 
 if TYPE_CHECKING:
     from .engine import Learner
@@ -168,13 +173,17 @@ def _write_checkpoint_files(learner: "Learner", tmp: Path, final: Path, trainer_
     """Everything of a checkpoint into the temporary directory `tmp` (to become `final`; all ranks), the manifest
     last."""
     rank = learner.rank
-    state_dict = learner.gathered_state_dict()          # collective under ZeRO-3
+    lora = learner.lora.enabled
+    state_dict = learner.gathered_adapters() if lora else learner.gathered_state_dict()   # collective under ZeRO-3
     if rank == 0:
-        write_pretrained(tmp, state_dict, learner.policy.config, final_directory=final)
+        if lora:
+            save_adapters(tmp, state_dict, learner.lora)
+        else:
+            write_pretrained(tmp, state_dict, learner.policy.config, final_directory=final)
         atomic_write_json(tmp / "trainer_state.json", trainer_state)
     del state_dict
     try:
-        learner.engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False)
+        learner.engine.save_checkpoint(str(tmp), tag=ENGINE_TAG, save_latest=False, exclude_frozen_parameters=lora)
     except Exception as e:
         if is_disk_full(e):
             raise
@@ -193,7 +202,7 @@ def _write_checkpoint_files(learner: "Learner", tmp: Path, final: Path, trainer_
                     "world_size": learner.world_size, "zero_stage": learner.config.zero_stage,
                     "bf16": learner.bf16, "transition": learner.config.transition,
                     "model_config": learner.policy.config.to_dict(), "param_shapes": _param_shapes(learner),
-                    "files": files}
+                    "lora": dataclasses.asdict(learner.config.lora) if lora else None, "files": files}
         atomic_write_json(tmp / MANIFEST, manifest)
 
 
@@ -247,7 +256,28 @@ def save_checkpoint(learner: "Learner", root: str | Path, keep_last: int = 0, ha
     return final
 
 
+def _check_lora(learner: "Learner", manifest: dict[str, Any], path: Path) -> None:
+    """A LoRA checkpoint resumes only with the same adapters, a full one only without (one line, with the fix)."""
+    ours = learner.config.lora
+    saved = read_settings(path) if manifest.get("lora") else None
+    if saved is None and ours.enabled:
+        raise CheckpointError(f"checkpoint {str(path)!r} trained every weight (no LoRA adapters) but learner.lora.rank"
+                              f"={ours.rank}: resume it with learner.lora.rank=0, or start a new LoRA run from its "
+                              f"weights (policy.init={str(path)!r}, no resume)")
+    if saved is not None and not ours.enabled:
+        raise CheckpointError(f"checkpoint {str(path)!r} holds LoRA adapters (rank {saved.rank}) but learner.lora is "
+                              f"off: resume with learner.lora.rank={saved.rank} learner.lora.alpha={saved.alpha:g} "
+                              f"learner.lora.target_modules=[{','.join(saved.target_modules)}] (the run's settings), "
+                              f"or merge it (maskgrpo export --checkpoint {str(path)!r} --out DIR) and start from DIR")
+    if saved is not None and not same_layout(saved, ours):
+        raise CheckpointError(f"checkpoint {str(path)!r} holds LoRA adapters of rank {saved.rank} (alpha "
+                              f"{saved.alpha:g}, modules {saved.target_modules}), the learner is set to rank "
+                              f"{ours.rank} (alpha {ours.alpha:g}, modules {sorted(ours.target_modules)}): resume with "
+                              f"the checkpoint's learner.lora settings, or start a new run")
+
+
 def _check_compatible(learner: "Learner", manifest: dict[str, Any], path: Path) -> None:
+    _check_lora(learner, manifest, path)
     problems = []
     if manifest["model_config"] != learner.policy.config.to_dict():
         problems.append("the model config differs from the learner's policy")
@@ -290,7 +320,8 @@ def load_checkpoint(learner: "Learner", path: str | Path, check_hash: bool = Tru
         raise CheckpointError(error)
     try:
         load_path, _ = learner.engine.load_checkpoint(str(path), tag=ENGINE_TAG, load_optimizer_states=True,
-                                                      load_lr_scheduler_states=True)
+                                                      load_lr_scheduler_states=True,
+                                                      load_module_strict=not learner.lora.enabled)
     except Exception as e:
         raise CheckpointError(f"DeepSpeed could not load the engine state of {str(path)!r}: {e}") from e
     if load_path is None:

@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .showo import Showo, ShowoConfig
+from .showo import Showo, ShowoConfig, has_pretrained_weights
 from .tokenizer import HFTextTokenizer, TextTokenizer, WordTokenizer
 
 ImageDecoder = Callable[[torch.Tensor], torch.Tensor]   # codes long [B, N] -> uint8 [B, H, W, 3]
@@ -97,6 +97,11 @@ def build_showo(cfg: PolicyConfig) -> Showo:
         torch.manual_seed(cfg.init_seed)
         return Showo(cfg.arch)
     path = Path(cfg.init).expanduser()
+    if path.is_dir() and (path / "adapter_config.json").is_file() and not has_pretrained_weights(path):
+        from .weights import CheckpointError
+        raise CheckpointError(f"policy.init={cfg.init!r} holds LoRA adapters, not model weights: merge them into "
+                              f"their base with `maskgrpo export --checkpoint {cfg.init} --out DIR` and use "
+                              f"policy.init=DIR (or continue that run with resume={cfg.init})")
     has_config = path.is_dir() and (path / "config.json").is_file()
     return Showo.from_pretrained(path, config=None if has_config else cfg.arch, phi_config=cfg.phi_config,
                                  max_seq_length=cfg.max_seq_length)
