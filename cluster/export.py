@@ -53,9 +53,9 @@ def export_merged(cfg: Optional[DictConfig], checkpoint: str | Path, out: str | 
     if policy.init == "pretrained":
         from .pretrain import base_dir
         policy.init = str(base_dir(cfg))
-    if policy.init == "random" or not Path(policy.init).expanduser().exists():
-        raise ConfigError(f"policy.init={policy.init!r} is not the base the adapters were trained on: give the "
-                          f"run's config (--config runs/x/config.yaml) or policy.init=<the base directory>")
+    if policy.init != "random" and not Path(policy.init).expanduser().exists():   # random: rebuilt from init_seed
+        raise ConfigError(f"policy.init={policy.init!r} does not exist: give the run's config (--config "
+                          f"runs/x/config.yaml) or policy.init=<the base the adapters were trained on>")
     model = build_showo(policy).float()
     if model.config.to_dict() != manifest["model_config"]:
         raise CheckpointError(f"the base at policy.init={policy.init!r} is another model than the one {str(ck)!r} "

@@ -23,7 +23,8 @@ from policy.files import unused_path
 
 from .config import ConfigError, save_resolved
 from .preflight import (StartupError, check_cluster_resources, check_local_resources, config_changes,
-                        prepare_output_dir, refuse_to_mix_runs, required_resources, verify_policy_init)
+                        prepare_output_dir, refuse_to_mix_runs, required_resources, verify_policy_init,
+                        verify_resume_lora)
 from .runtime import cpu_deepspeed_env, watch_cluster
 
 
@@ -199,6 +200,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         print(f"[maskgrpo] {note}", flush=True)
     resume = _resume_path(cfg)
     if resume is not None:
+        verify_resume_lora(cfg, resume)
         done = checkpoint_step(resume)
         if done >= cfg.max_steps:
             print(f"[maskgrpo] {resume} is at step {done} >= max_steps={cfg.max_steps}: nothing to train (raise "

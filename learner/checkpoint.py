@@ -41,6 +41,7 @@ from . import dist
 from .lora import read_settings, same_layout, save_adapters
 
 if TYPE_CHECKING:
+    from .config import LoraSettings
     from .engine import Learner
 
 FORMAT = "maskgrpo-learner-checkpoint/1"
@@ -256,28 +257,36 @@ def save_checkpoint(learner: "Learner", root: str | Path, keep_last: int = 0, ha
     return final
 
 
-def _check_lora(learner: "Learner", manifest: dict[str, Any], path: Path) -> None:
-    """A LoRA checkpoint resumes only with the same adapters, a full one only without (one line, with the fix)."""
-    ours = learner.config.lora
-    saved = read_settings(path) if manifest.get("lora") else None
+def saved_lora(path: str | Path) -> Optional["LoraSettings"]:
+    """The LoRA settings a checkpoint was trained with (None: it trained every weight)."""
+    path = Path(path)
+    return read_settings(path) if _read_manifest(path).get("lora") else None
+
+
+def lora_mismatch(saved: Optional["LoraSettings"], ours: "LoraSettings", path: str | Path) -> Optional[str]:
+    """Why a checkpoint with adapters `saved` cannot resume with `ours` (one line with the fix), or None: a LoRA
+    checkpoint resumes only with the same adapters, a full one only without."""
     if saved is None and ours.enabled:
-        raise CheckpointError(f"checkpoint {str(path)!r} trained every weight (no LoRA adapters) but learner.lora.rank"
-                              f"={ours.rank}: resume it with learner.lora.rank=0, or start a new LoRA run from its "
-                              f"weights (policy.init={str(path)!r}, no resume)")
+        return (f"checkpoint {str(path)!r} trained every weight (no LoRA adapters) but learner.lora.rank={ours.rank}: "
+                f"resume it with learner.lora.rank=0, or start a new LoRA run from its weights "
+                f"(policy.init={str(path)!r}, no resume)")
     if saved is not None and not ours.enabled:
-        raise CheckpointError(f"checkpoint {str(path)!r} holds LoRA adapters (rank {saved.rank}) but learner.lora is "
-                              f"off: resume with learner.lora.rank={saved.rank} learner.lora.alpha={saved.alpha:g} "
-                              f"learner.lora.target_modules=[{','.join(saved.target_modules)}] (the run's settings), "
-                              f"or merge it (maskgrpo export --checkpoint {str(path)!r} --out DIR) and start from DIR")
+        return (f"checkpoint {str(path)!r} holds LoRA adapters (rank {saved.rank}) but learner.lora is off: resume "
+                f"with learner.lora.rank={saved.rank} learner.lora.alpha={saved.alpha:g} "
+                f"learner.lora.target_modules=[{','.join(saved.target_modules)}] (the run's settings), or merge it "
+                f"(maskgrpo export --checkpoint {str(path)!r} --out DIR) and start from DIR")
     if saved is not None and not same_layout(saved, ours):
-        raise CheckpointError(f"checkpoint {str(path)!r} holds LoRA adapters of rank {saved.rank} (alpha "
-                              f"{saved.alpha:g}, modules {saved.target_modules}), the learner is set to rank "
-                              f"{ours.rank} (alpha {ours.alpha:g}, modules {sorted(ours.target_modules)}): resume with "
-                              f"the checkpoint's learner.lora settings, or start a new run")
+        return (f"checkpoint {str(path)!r} holds LoRA adapters of rank {saved.rank} (alpha {saved.alpha:g}, modules "
+                f"{saved.target_modules}), the learner is set to rank {ours.rank} (alpha {ours.alpha:g}, modules "
+                f"{sorted(ours.target_modules)}): resume with the checkpoint's learner.lora settings, or start a new "
+                f"run")
+    return None
 
 
 def _check_compatible(learner: "Learner", manifest: dict[str, Any], path: Path) -> None:
-    _check_lora(learner, manifest, path)
+    problem = lora_mismatch(read_settings(path) if manifest.get("lora") else None, learner.config.lora, path)
+    if problem:
+        raise CheckpointError(problem)
     problems = []
     if manifest["model_config"] != learner.policy.config.to_dict():
         problems.append("the model config differs from the learner's policy")

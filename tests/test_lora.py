@@ -253,3 +253,8 @@ def test_resume_with_other_adapters_or_without_lora_fails_naming_the_fix(data, t
     full = _trained(data, 1, lora=LoraSettings()).save_checkpoint(tmp_path / "full")
     with pytest.raises(CheckpointError, match=r"trained every weight \(no LoRA adapters\) but learner.lora.rank=4"):
         Learner(model_with(data[0]), _config()).resume(full)
+    from cluster.config import ConfigError, load_config
+    from cluster.preflight import verify_resume_lora
+    with pytest.raises(ConfigError, match=r"holds LoRA adapters \(rank 4\) but learner.lora is off"):
+        verify_resume_lora(load_config(None, []), str(ck))                  # refused before any actor starts
+    verify_resume_lora(load_config(None, ["learner.lora.rank=4", "learner.lora.alpha=8"]), str(ck))
