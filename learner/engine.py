@@ -300,9 +300,8 @@ class Learner:
                     ref = transition_logprobs(self.reference, tr, cfg.transition, steps,
                                               cfg.prefix_reuse).logprob.float().reshape(-1)
             elif self.has_reference:     # LoRA: the base is the policy with its adapters off
-                with torch.no_grad(), adapters_disabled(self.policy):
-                    ref = transition_logprobs(self.policy, tr, cfg.transition, steps,
-                                              cfg.prefix_reuse).logprob.float().reshape(-1)
+                with torch.no_grad(), adapters_disabled(self.policy):   # through the engine: ZeRO-3 gathers
+                    ref = self.engine(tr, steps)[0].float().reshape(-1)  # lm_head there (an external parameter)
             rl = mask_grpo_row_loss(logp, b_lp, adv, cfg.clip_low, cfg.clip_high, cfg.kl_beta, ref)
             # Every row of a micro-batch has the same weight: 1/(T·M) ("sequence") or 1/(scored terms) ("token").
             loss = rl.loss.sum() * norm(tr)

@@ -103,14 +103,32 @@ def test_zero_stages_train_the_same_adapters(data, stage):
         assert (got[k] - v).abs().max().item() <= 1e-4 * max(v.abs().max().item(), 1e-3), k
 
 
-def test_kl_reference_is_the_base_with_adapters_off(data):
-    learner = _trained(data, 2, kl_beta=0.5)
+@pytest.mark.parametrize("stage", [0, pytest.param(3, marks=pytest.mark.slow)])
+def test_kl_reference_is_the_base_with_adapters_off(data, stage):
+    learner = _trained(data, 2, kl_beta=0.5, zero_stage=stage, extra_deepspeed=Z3_SMALL if stage == 3 else {})
     assert learner.reference is None                                   # no second copy of the model
-    with adapters_disabled(learner.policy):
+    import contextlib
+
+    import deepspeed
+    gathered = deepspeed.zero.GatheredParameters(list(learner.policy.parameters())) if stage == 3 \
+        else contextlib.nullcontext()
+    with gathered, adapters_disabled(learner.policy):
         assert torch.equal(_logits(learner.policy, data[1]), _logits(model_with(data[0]), data[1]))
     assert all(p.requires_grad for _, p in adapter_parameters(learner.policy))   # still trainable afterwards
     stats = learner.train_step(Planner(learner.config).plan(data[1], data[2], data[3]).groups)
     assert stats.has_reference and stats.kl_sum > 0                   # the adapted policy has moved off the base
+
+
+def test_gradient_checkpointing_gives_the_same_adapter_gradients(data):
+    grads = []
+    for checkpointing in (False, True):
+        learner = Learner(model_with(data[0]), _config(gradient_checkpointing=checkpointing))
+        Planner(learner.config).train(learner, data[1], data[2], data[3])     # B != 0: A gets gradients too
+        learner.accumulate_gradients(Planner(learner.config).plan(data[1], data[2], data[3]).groups)
+        grads.append(learner.full_gradients())
+    assert grads[0].keys() == grads[1].keys() and all(is_adapter_name(k) for k in grads[0])
+    for k, g in grads[0].items():
+        assert torch.allclose(grads[1][k], g, rtol=1e-5, atol=1e-7), k
 
 
 # ----- merged export --------------------------------------------------------------------------------------------------
