@@ -276,3 +276,28 @@ def test_resume_with_other_adapters_or_without_lora_fails_naming_the_fix(data, t
     with pytest.raises(ConfigError, match=r"holds LoRA adapters \(rank 4\) but learner.lora is off"):
         verify_resume_lora(load_config(None, []), str(ck))                  # refused before any actor starts
     verify_resume_lora(load_config(None, ["learner.lora.rank=4", "learner.lora.alpha=8"]), str(ck))
+
+
+# ----- through the real actors ----------------------------------------------------------------------------------------
+@pytest.mark.integration
+@pytest.mark.slow
+def test_tiny_run_with_lora_syncs_adapters_and_exports(tmp_path, local_ray):
+    """configs/tiny.yaml with LoRA through Ray (rollout worker, reward actor, learner rank, gloo weight sync): the
+    sync moves only the adapters, the checkpoint is peft's format, and the export opens as a policy."""
+    from cluster.config import load_config, section
+    from cluster.export import export_merged
+    from cluster.metrics import read_metrics
+    from cluster.train import train
+    from policy.factory import PolicyConfig, build_showo
+    out = tmp_path / "run"
+    cfg = load_config("configs/tiny.yaml", [f"output_dir={out}", "max_steps=2", "learner.lora.rank=4",
+                                            "logging.progress=false"])
+    summary = train(cfg)
+    ck = summary["checkpoint"]
+    lines = read_metrics(out)
+    base = build_showo(section(cfg, "policy"))
+    model = add_adapters(base, LoraSettings(rank=4))
+    adapter_bytes = sum(p.numel() * p.element_size() for _, p in adapter_parameters(model))
+    assert lines[-1]["sync_bytes"] == adapter_bytes and lines[-1]["sync_path"] == "collective"
+    merged = build_showo(PolicyConfig(init=str(export_merged(None, ck, tmp_path / "merged"))))
+    assert set(merged.state_dict()) == {released_name(k) for k in model.state_dict() if not is_adapter_name(k)}
