@@ -14,6 +14,8 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
+from learner.config import LoraSettings
+from learner.lora import add_adapters
 from learner.weights_export import WeightBucket, apply_weight_bucket
 from policy.device import resolve_device
 from policy.factory import PolicyConfig, load_policy
@@ -25,13 +27,15 @@ from .weight_sync import IpcBucket, SyncGroupSpec, WeightSyncGroup, device_locat
 
 class RolloutWorker:
     def __init__(self, worker_id: int, policy_cfg: PolicyConfig, sampler_cfg: SamplerConfig,
-                 device: str = "cpu", num_threads: Optional[int] = None):
+                 device: str = "cpu", num_threads: Optional[int] = None, lora: Optional[LoraSettings] = None):
         if num_threads:
             torch.set_num_threads(num_threads)
         self.worker_id = worker_id
         self.device = resolve_device(device)
         # parameters in policy.dtype's compute dtype on this device: the learner computes in the same one
         self.policy = load_policy(policy_cfg, self.device, with_decoder=False)
+        if lora is not None and lora.enabled:    # the learner's adapter layout: syncs then move only the adapters
+            add_adapters(self.policy.model, lora)
         self.model = self.policy.model.eval().requires_grad_(False)
         self.sampler_cfg = sampler_cfg
         self.version = 0             # policy.init's weights: the learner starts from the same ones

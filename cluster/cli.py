@@ -43,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=None, help="port (default: reward_server.port, 8377)")
     s.add_argument("--token-file", default=None, help="file holding the bearer token (else $MASKGRPO_REWARD_TOKEN)")
     s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. reward_server.max_batch=32")
+    s = sub.add_parser("export", help="merge a LoRA checkpoint into Show-o weights (policy.init opens them)",
+                       epilog=EPILOG)
+    s.add_argument("--checkpoint", required=True, help="a LoRA training checkpoint (runs/x/checkpoints/step_N)")
+    s.add_argument("--out", required=True, help="a new directory for pytorch_model.safetensors + config.json")
+    s.add_argument("--config", default=None, help="the run's config (default: config.yaml of the checkpoint's run)")
+    s.add_argument("overrides", nargs="*", help="key=value overrides of that config, e.g. policy.init=runs/x/base")
     s = sub.add_parser("bench", help="benchmarks: maskgrpo bench WHAT [the benchmark's own options]",
                        epilog="each benchmark takes its own options (maskgrpo bench WHAT --help), not --config")
     s.add_argument("what", nargs="?", default="sampler", choices=["sampler", "learner", "rewards", "pipeline", "reward_server"],
@@ -93,6 +99,13 @@ def _run(args: argparse.Namespace) -> int:
                   "than it): run `bash scripts/setup.sh` again, or run from the repository root", file=sys.stderr)
             return 2
         return run_benchmark(args.what, args.bench_args)
+    if args.command == "export":
+        from .export import export_merged, run_config_of
+        from pathlib import Path
+        path = args.config or (str(run_config_of(Path(args.checkpoint))) if args.overrides else None)
+        out = export_merged(load_config(path, args.overrides) if path else None, args.checkpoint, args.out)
+        print(f"wrote {out} (merged LoRA weights in the Show-o layout: policy.init={out} opens them)")
+        return 0
     try:
         cfg = args.cfg = load_config(args.config, args.overrides)
         # read before anything starts: a malformed file (not UTF-8, bad JSON) is one line, exit status 2

@@ -161,6 +161,9 @@ def verify_policy_init(cfg: DictConfig) -> Optional[str]:
         return None
     if not path.is_dir():
         return None
+    from policy.factory import adapters_only
+    if problem := adapters_only(init):
+        raise ConfigError(problem)
     manifest_path = path / MANIFEST
     if manifest_path.is_file():
         try:
@@ -196,6 +199,16 @@ def verify_policy_init(cfg: DictConfig) -> Optional[str]:
             return (f"policy.arch taken from {path / 'config.json'} ({arch.phi.num_hidden_layers} layers, hidden "
                     f"{arch.phi.hidden_size}, {arch.num_vq_tokens} image tokens); config.yaml records it")
     return None
+
+
+def verify_resume_lora(cfg: DictConfig, checkpoint: str) -> None:
+    """A LoRA checkpoint resumes only with its own adapter settings, a full one only without LoRA: refused here,
+    before any actor starts, with the settings to use."""
+    from learner.checkpoint import lora_mismatch, saved_lora
+    from .config import section
+    problem = lora_mismatch(saved_lora(checkpoint), section(cfg, "learner").lora, checkpoint)
+    if problem:
+        raise ConfigError(problem)
 
 
 def unreadable_weights(f: Path) -> Optional[str]:

@@ -56,7 +56,7 @@ def rollout_spec(cfg: DictConfig, worker_id: int) -> ActorSpec:
     c = cfg.cluster
     threads = max(1, int(c.cpus_per_actor)) if c.rollout_gpus == 0 else None
     return ActorSpec(RolloutWorker, (worker_id, section(cfg, "policy"), section(cfg, "sampler"),
-                                     role_device(c.rollout_gpus), threads),
+                                     role_device(c.rollout_gpus), threads, section(cfg, "learner").lora),
                      num_cpus=c.cpus_per_actor, num_gpus=c.rollout_gpus, max_restarts=c.max_restarts)
 
 

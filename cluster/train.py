@@ -25,11 +25,11 @@ from policy.weights import CheckpointError
 from .config import Backend, ConfigError, save_resolved
 from .driver import Trainer
 from .evaluate import format_before_after, format_table, report_path
-from .plots import reward_curve
 from .metrics import truncate_metrics
+from .plots import reward_curve
 from .preflight import (StartupError, check_cluster_resources, check_local_resources, check_prompt_lengths,
                         config_changes, prepare_output_dir, refuse_to_mix_runs, release_output_dir,
-                        verify_policy_init)
+                        verify_policy_init, verify_resume_lora)
 from .pretrain import ensure_base_policy
 from .ray_session import backend_session, cluster_address, in_ray_job
 from .runtime import cpu_deepspeed_env, watch_cluster
@@ -184,6 +184,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         print(f"[maskgrpo] warning: {note}", flush=True)
     resume = _resume_path(cfg)
     if resume is not None:
+        verify_resume_lora(cfg, resume)
+        verify_resume_lora(cfg, resume)
         done = checkpoint_step(resume)
         if done >= cfg.max_steps:
             print(f"[maskgrpo] {resume} is at step {done} >= max_steps={cfg.max_steps}: nothing to train (raise "

@@ -4,6 +4,10 @@
   in the released key layout, written by `policy.showo.write_pretrained` so that both our ``Showo.from_pretrained``
   and showlab/Show-o's open it (gathered from all ranks under ZeRO-3), in the training dtype; a resume under
   ZeRO 0-2 loads the policy's weights from it;
+- with LoRA (`learner.lora.rank` > 0) instead of those: ``adapter_config.json`` + ``adapter_model.safetensors``,
+  the adapters in peft's own format (`learner.lora`; ``PeftModel.from_pretrained`` opens them on the base), the
+  frozen base staying where ``policy.init`` points (``maskgrpo export`` merges them into Show-o weights); a resume
+  under ZeRO 0-2 loads the adapters from them;
 - ``engine/rankNNN.safetensors`` + ``engine/rankNNN.json``: each rank's engine state as data (`learner.state_files`):
   DeepSpeed's optimizer state dict (fp32 master partitions and Adam moments, partitioned per rank under ZeRO; under
   ZeRO-3 the fp32 partitions are also where the weights are restored from), the LR scheduler, DeepSpeed's step
@@ -25,6 +29,7 @@ anything is loaded, and loading never writes to the checkpoint directory.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -40,8 +45,10 @@ from policy.weights import CheckpointError, load_strict
 
 from . import dist
 from .engine_state import load_engine_state, rank_files, save_engine_state
+from .lora import load_adapters, read_adapters, read_settings, same_layout, save_adapters
 
 if TYPE_CHECKING:
+    from .config import LoraSettings
     from .engine import Learner
 
 FORMAT = "maskgrpo-learner-checkpoint/2"
@@ -190,9 +197,13 @@ def _write_checkpoint_files(learner: "Learner", tmp: Path, final: Path, trainer_
     """Everything of a checkpoint into the temporary directory `tmp` (to become `final`; all ranks), the manifest
     last."""
     rank = learner.rank
-    state_dict = learner.gathered_state_dict()          # collective under ZeRO-3
+    lora = learner.lora.enabled
+    state_dict = learner.gathered_adapters() if lora else learner.gathered_state_dict()   # collective under ZeRO-3
     if rank == 0:
-        write_pretrained(tmp, state_dict, learner.policy.config, final_directory=final)
+        if lora:
+            save_adapters(tmp, state_dict, learner.lora)
+        else:
+            write_pretrained(tmp, state_dict, learner.policy.config, final_directory=final)
         atomic_write_json(tmp / "trainer_state.json", trainer_state)
     del state_dict
     try:
@@ -214,7 +225,7 @@ def _write_checkpoint_files(learner: "Learner", tmp: Path, final: Path, trainer_
                     "world_size": learner.world_size, "zero_stage": learner.config.zero_stage,
                     "bf16": learner.bf16, "transition": learner.config.transition,
                     "model_config": learner.policy.config.to_dict(), "param_shapes": _param_shapes(learner),
-                    "files": files}
+                    "lora": dataclasses.asdict(learner.config.lora) if lora else None, "files": files}
         atomic_write_json(tmp / MANIFEST, manifest)
 
 
@@ -268,7 +279,36 @@ def save_checkpoint(learner: "Learner", root: str | Path, keep_last: int = 0, ha
     return final
 
 
+def saved_lora(path: str | Path) -> Optional["LoraSettings"]:
+    """The LoRA settings a checkpoint was trained with (None: it trained every weight)."""
+    path = Path(path)
+    return read_settings(path) if _read_manifest(path).get("lora") else None
+
+
+def lora_mismatch(saved: Optional["LoraSettings"], ours: "LoraSettings", path: str | Path) -> Optional[str]:
+    """Why a checkpoint with adapters `saved` cannot resume with `ours` (one line with the fix), or None: a LoRA
+    checkpoint resumes only with the same adapters, a full one only without."""
+    if saved is None and ours.enabled:
+        return (f"checkpoint {str(path)!r} trained every weight (no LoRA adapters) but learner.lora.rank={ours.rank}: "
+                f"resume it with learner.lora.rank=0, or start a new LoRA run from its weights "
+                f"(policy.init={str(path)!r}, no resume)")
+    if saved is not None and not ours.enabled:
+        return (f"checkpoint {str(path)!r} holds LoRA adapters (rank {saved.rank}) but learner.lora is off: resume "
+                f"with learner.lora.rank={saved.rank} learner.lora.alpha={saved.alpha:g} "
+                f"learner.lora.target_modules=[{','.join(saved.target_modules)}] (the run's settings), or merge it "
+                f"(maskgrpo export --checkpoint {str(path)!r} --out DIR) and start from DIR")
+    if saved is not None and not same_layout(saved, ours):
+        return (f"checkpoint {str(path)!r} holds LoRA adapters of rank {saved.rank} (alpha {saved.alpha:g}, modules "
+                f"{saved.target_modules}), the learner is set to rank {ours.rank} (alpha {ours.alpha:g}, modules "
+                f"{sorted(ours.target_modules)}): resume with the checkpoint's learner.lora settings, or start a new "
+                f"run")
+    return None
+
+
 def _check_compatible(learner: "Learner", manifest: dict[str, Any], path: Path) -> None:
+    problem = lora_mismatch(read_settings(path) if manifest.get("lora") else None, learner.config.lora, path)
+    if problem:
+        raise CheckpointError(problem)
     problems = []
     if manifest["model_config"] != learner.policy.config.to_dict():
         problems.append("the model config differs from the learner's policy")
@@ -289,8 +329,12 @@ def _check_compatible(learner: "Learner", manifest: dict[str, Any], path: Path) 
 
 
 def _load_weights(learner: "Learner", path: Path) -> None:
-    """The policy's weights from the checkpoint's safetensors file, into every rank's full copy (ZeRO 0-2)."""
+    """The policy's weights from the checkpoint's safetensors file, into every rank's full copy (ZeRO 0-2); with
+    LoRA the adapters (the frozen base is the one `policy.init` gave the learner)."""
     from safetensors.torch import load_file
+    if learner.lora.enabled:
+        load_adapters(learner.policy, read_adapters(path)[1], f"checkpoint {str(path)!r}")
+        return
     f = path / WEIGHTS_NAME
     try:
         state = load_file(str(f), device="cpu")

@@ -26,6 +26,50 @@ class Advantage(StrEnum):
     running = "running"
 
 
+# The Show-o (Phi) linear layers LoRA can adapt: attention q/k/v/output and the MLP. Not `lm_head`: Show-o slices
+# its weight for the codebook logits (`Showo.codebook_logits`), past any adapter's forward.
+LORA_MODULES = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
+
+
+@dataclass
+class LoraSettings:
+    """Low-rank adapters (peft LoRA) on the policy's linear layers; ``rank: 0`` (the default) trains every weight.
+
+    With rank r > 0 only the adapters train (AdamW state and weight syncs cover only them), the KL reference is the
+    same model with its adapters switched off, and checkpoints hold the adapters in peft's format (`learner.lora`).
+    The update of a layer is ``(alpha / rank) · B·A`` (B starts at zero: the adapted model starts equal to the base).
+    """
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_MODULES))
+
+    def __post_init__(self) -> None:
+        self.target_modules = [str(m) for m in self.target_modules]
+        problems = []
+        if self.rank < 0:
+            problems.append(f"learner.lora.rank={self.rank} is negative: use 0 (LoRA off, every weight trains) or a "
+                            f"rank >= 1 (e.g. 64)")
+        if self.alpha <= 0:
+            problems.append(f"learner.lora.alpha={self.alpha} must be > 0 (the update is alpha/rank · B·A)")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"learner.lora.dropout={self.dropout} must lie in [0, 1)")
+        if self.rank > 0 and not self.target_modules:
+            problems.append(f"learner.lora.target_modules is empty: name some of {list(LORA_MODULES)}")
+        unknown = [m for m in self.target_modules if m not in LORA_MODULES]
+        if unknown:
+            why = (" (lm_head's weight is read directly for the codebook logits, so an adapter there would be "
+                   "bypassed)" if "lm_head" in unknown else "")
+            problems.append(f"learner.lora.target_modules {unknown} match no Show-o layer{why}: choose from "
+                            f"{list(LORA_MODULES)}")
+        if problems:
+            raise ValueError("\n  - ".join(problems))
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
 class StaleLogprobs(StrEnum):
     """What the importance ratio of a stale trajectory (sampled with older weights, `cluster.max_staleness` > 0)
     is taken against. ``recompute``: the learner's own log-probs at the start of the update (the proximal policy,
@@ -89,9 +133,12 @@ class LearnerConfig:
     max_consecutive_nonfinite: int = 3      # this many skipped (NaN/inf) updates in a row raise an error
     seed: int = 0
     extra_deepspeed: dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed config
+    lora: LoraSettings = field(default_factory=LoraSettings)      # rank 0: full fine-tuning (see LoraSettings)
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)  # type: ignore[assignment]
+        if isinstance(self.lora, dict):
+            self.lora = LoraSettings(**self.lora)
         problems = []
         for name, kind in (("transition", Transition), ("loss_average", LossAverage), ("reduction", Reduction),
                            ("advantage", Advantage), ("stale_logprobs", StaleLogprobs)):

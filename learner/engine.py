@@ -31,8 +31,9 @@ from policy.device import resolve_device
 
 from . import dist
 from .config import LearnerConfig, StaleLogprobs
+from .lora import add_adapters, adapters_disabled, merge_state_dict
 from .loss import mask_grpo_row_loss, scored_terms
-from .memory import FIRST_UPDATE_BYTES_PER_PARAM, MicroBatchPlan, free_bytes, plan_micro_batches
+from .memory import FIRST_UPDATE_BYTES_PER_PARAM, MicroBatchPlan, free_bytes, plan_micro_batches, trainable_numel
 from .update import GroupUpdate, UpdateStats
 from .weights_export import WeightBucket, iter_weight_buckets
 
@@ -57,7 +58,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         if not p.requires_grad:
             continue
         (no_decay if p.dim() < 2 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]     # LoRA: only matrices train (DeepSpeed drops empty groups)
 
 
 class WarmupCosine:
@@ -180,11 +182,17 @@ class Learner:
         if self.bf16 and self.device.type != "cuda":
             raise ValueError("bf16 training needs CUDA; on the CPU use bf16=False (or None for auto)")
         model.gradient_checkpointing = bool(config.gradient_checkpointing)   # re-decided per update when auto
+        self.lora = config.lora
+        if self.lora.enabled:           # only the adapters train: AdamW and ZeRO state cover only them
+            add_adapters(model, self.lora)
         model.to(self.device)
 
-        # A frozen reference exists only for a real KL term (kl_beta == 0: no reference model at all).
+        # A frozen reference exists only for a real KL term (kl_beta == 0: no reference model at all). With LoRA
+        # the reference is the policy itself with its adapters switched off (no second copy).
         self.reference: Optional[Showo] = None
-        if config.kl_beta > 0:
+        if self.lora.enabled and reference is not None:
+            raise ValueError("with learner.lora the KL reference is the base model (adapters off): pass no reference")
+        if config.kl_beta > 0 and not self.lora.enabled:
             ref = reference if reference is not None else copy.deepcopy(model)
             ref.gradient_checkpointing = False
             self.reference = ref.to(self.device, torch.bfloat16 if self.bf16 else torch.float32).eval()
@@ -224,6 +232,11 @@ class Learner:
         return self.step
 
     @property
+    def has_reference(self) -> bool:
+        """A KL term is computed (against a frozen copy, or with LoRA the base with the adapters off)."""
+        return self.config.kl_beta > 0
+
+    @property
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
 
@@ -253,7 +266,7 @@ class Learner:
         chunks = plan_chunks([g.keep for g in groups], [g.steps for g in groups], plan.rows)
         g_kept, g_terms = dist.all_reduce([kept, terms])
         (n_chunks,) = dist.all_reduce([len(chunks)], op="max")
-        stats = UpdateStats(micro_batches=float(n_chunks), has_reference=self.reference is not None,
+        stats = UpdateStats(micro_batches=float(n_chunks), has_reference=self.has_reference,
                             micro_batch_rows=float(plan.rows), checkpointing=plan.checkpointing)
         stats.seconds_forward_backward = -t0     # completed below
         if g_kept == 0:
@@ -292,6 +305,9 @@ class Learner:
                 with torch.no_grad():
                     ref = transition_logprobs(self.reference, tr, cfg.transition, steps,
                                               cfg.prefix_reuse).logprob.float().reshape(-1)
+            elif self.has_reference:     # LoRA: the base is the policy with its adapters off
+                with torch.no_grad(), adapters_disabled(self.policy):   # through the engine: ZeRO-3 gathers
+                    ref = self.engine(tr, steps)[0].float().reshape(-1)  # lm_head there (an external parameter)
             rl = mask_grpo_row_loss(logp, b_lp, adv, cfg.clip_low, cfg.clip_high, cfg.kl_beta, ref)
             # Every row of a micro-batch has the same weight: 1/(T·M) ("sequence") or 1/(scored terms) ("token").
             loss = rl.loss.sum() * norm(tr)
@@ -332,8 +348,7 @@ class Learner:
         auto = cfg.micro_batch_rows == 0 or cfg.gradient_checkpointing is None
         reserved = 0
         if auto and not self._updated and self.device.type == "cuda":
-            n = sum(getattr(p, "ds_numel", p.numel()) for p in self.policy.parameters() if p.requires_grad)
-            reserved = FIRST_UPDATE_BYTES_PER_PARAM * n
+            reserved = FIRST_UPDATE_BYTES_PER_PARAM * trainable_numel(self.policy)   # with LoRA: the adapters
         plan = plan_micro_batches(self.policy.config, cfg.micro_batch_rows, cfg.gradient_checkpointing,
                                   free_bytes(self.device) if auto else None, reserved)
         self._plan_final = self._updated or not auto or self.device.type != "cuda"
@@ -468,19 +483,30 @@ class Learner:
         return out
 
     # ----- weights ------------------------------------------------------------------------------------------------
-    def iter_weight_buckets(self, bucket_bytes: int = 256 << 20,
-                            dtype: Optional[torch.dtype] = None) -> Iterator[WeightBucket]:
-        """The policy's full weights in buckets (rank 0 yields; every rank must exhaust the iterator)."""
+    def iter_weight_buckets(self, bucket_bytes: int = 256 << 20, dtype: Optional[torch.dtype] = None,
+                            adapters_only: Optional[bool] = None) -> Iterator[WeightBucket]:
+        """The weights a rollout worker needs, in buckets (rank 0 yields; every rank must exhaust the iterator):
+        with LoRA only the adapter tensors (`adapters_only` None = whether LoRA is on), else every parameter."""
         self._refuse_if_ruined("syncing the weights")
-        return iter_weight_buckets(self.policy, bucket_bytes, self.version, self.rank, dtype)
+        only = self.lora.enabled if adapters_only is None else adapters_only
+        return iter_weight_buckets(self.policy, bucket_bytes, self.version, self.rank, dtype, adapters_only=only)
 
-    def gathered_state_dict(self) -> dict[str, torch.Tensor]:
-        """The full policy state dict on rank 0 (released key layout, CPU); {} on other ranks. Collective."""
+    def _gathered(self, adapters_only: bool) -> dict[str, torch.Tensor]:
         sd: dict[str, torch.Tensor] = {}
-        for bucket in self.iter_weight_buckets():
+        for bucket in self.iter_weight_buckets(adapters_only=adapters_only):
             for name, t in bucket.to("cpu").tensors():
                 sd[name] = t.clone()
         return sd
+
+    def gathered_adapters(self) -> dict[str, torch.Tensor]:
+        """The LoRA adapter tensors on rank 0 (our parameter names, CPU); {} on other ranks. Collective."""
+        return self._gathered(adapters_only=True)
+
+    def gathered_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full policy state dict on rank 0 in the released key layout (CPU; with LoRA the merged weights,
+        W + (alpha/rank)·B·A, in fp32); {} on other ranks. Collective."""
+        sd = self._gathered(adapters_only=False)
+        return merge_state_dict(sd, self.lora) if self.lora.enabled and sd else sd
 
     # ----- checkpoints ----------------------------------------------------------------------------------------
     def trainer_state(self) -> dict[str, Any]:

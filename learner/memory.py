@@ -35,6 +35,12 @@ def activation_bytes_per_row(cfg: ShowoConfig, checkpointing: bool) -> float:
     return saved + cfg.num_vq_tokens * cfg.codebook_size * (2 + 4 + 4)
 
 
+def trainable_numel(model: torch.nn.Module) -> int:
+    """Parameters that get gradients and optimizer state (with LoRA only the adapters), counted whole under ZeRO-3
+    (``ds_numel``): what the first update allocates `FIRST_UPDATE_BYTES_PER_PARAM` bytes for."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+
+
 def free_bytes(device: torch.device) -> Optional[int]:
     """Memory a micro-batch can use on `device` (None on the CPU: not read there). Device-wide, so what other
     processes on the same GPU hold is already subtracted."""

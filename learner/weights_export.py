@@ -9,6 +9,10 @@ Buckets stay on the parameters' device by default (flat GPU buffers on a GPU lea
 in-process apply then never goes through the host, and the receiving side copies device to device. Only the
 object-store path needs CPU tensors: a bucket moves its buffer to the CPU when it is pickled (``ray.put``), or
 explicitly with ``bucket.to("cpu")``.
+
+A policy with LoRA adapters (`learner.lora`) syncs only its adapter tensors (``adapters_only``; by default whenever
+the module has adapters): the rollout workers hold the same adapter layout on the same frozen base, so the adapters
+are all that changes. Sender and receiver derive the same plan from their own module (`plan_buckets`).
 """
 from __future__ import annotations
 
@@ -73,14 +77,29 @@ def _full_shape(param: nn.Parameter) -> tuple[int, ...]:
     return tuple(param.ds_shape) if hasattr(param, "ds_shape") else tuple(param.shape)
 
 
-def plan_buckets(module: nn.Module, bucket_bytes: int,
-                 dtype: Optional[torch.dtype] = None) -> list[list[tuple[str, nn.Parameter]]]:
-    """Split the parameters, in order, into runs of one dtype whose total size stays within `bucket_bytes`."""
+def synced_parameters(module: nn.Module, adapters_only: Optional[bool] = None) -> list[tuple[str, nn.Parameter]]:
+    """The (name, parameter) pairs a weight sync moves: the LoRA adapters only (`adapters_only`; None: whenever
+    `module` has adapters), else every parameter; in `named_parameters` order."""
+    from .lora import adapter_parameters, has_adapters
+    if adapters_only is None:
+        adapters_only = has_adapters(module)
+    if not adapters_only:
+        return list(module.named_parameters())
+    params = adapter_parameters(module)
+    if not params:
+        raise ValueError("adapters_only=True but the model has no LoRA adapters (learner.lora.rank is 0)")
+    return params
+
+
+def plan_buckets(module: nn.Module, bucket_bytes: int, dtype: Optional[torch.dtype] = None,
+                 adapters_only: Optional[bool] = None) -> list[list[tuple[str, nn.Parameter]]]:
+    """Split the synced parameters (`synced_parameters`), in order, into runs of one dtype whose total size stays
+    within `bucket_bytes`."""
     if bucket_bytes <= 0:
         raise ValueError("bucket_bytes must be > 0")
     plan: list[list[tuple[str, nn.Parameter]]] = []
     size, current_dtype = 0, None
-    for name, param in module.named_parameters():
+    for name, param in synced_parameters(module, adapters_only):
         dt = dtype or param.dtype
         nbytes = math.prod(_full_shape(param)) * torch.empty((), dtype=dt).element_size()
         if not plan or size + nbytes > bucket_bytes or dt != current_dtype:
@@ -93,15 +112,16 @@ def plan_buckets(module: nn.Module, bucket_bytes: int,
 
 
 def iter_weight_buckets(module: nn.Module, bucket_bytes: int, version: int, rank: int = 0,
-                        dtype: Optional[torch.dtype] = None,
-                        device: Optional[torch.device | str] = None) -> Iterator[WeightBucket]:
-    """Yield `module`'s full parameters in buckets of at most `bucket_bytes` (rank 0 yields; see module doc).
+                        dtype: Optional[torch.dtype] = None, device: Optional[torch.device | str] = None,
+                        adapters_only: Optional[bool] = None) -> Iterator[WeightBucket]:
+    """Yield `module`'s synced parameters (every one, or with LoRA the adapters: `synced_parameters`) in buckets of
+    at most `bucket_bytes` (rank 0 yields; see module doc).
 
     `dtype` converts on the way (e.g. bf16 for the rollout engines); default: the training dtype. `device`: where
     the buffers live; default: the parameters' device (no host round trip on a GPU). Every bucket is a fresh
     tensor, so a consumer may keep it (e.g. in an object store) while the next one is built.
     """
-    plan = plan_buckets(module, bucket_bytes, dtype)
+    plan = plan_buckets(module, bucket_bytes, dtype, adapters_only)
     for index, members in enumerate(plan):
         dt = dtype or members[0][1].dtype
         dev = torch.device(device) if device is not None else members[0][1].device
@@ -129,7 +149,8 @@ def apply_weight_bucket(model: nn.Module, bucket: WeightBucket) -> int:
     for name, value in bucket.tensors():
         if name not in params:
             raise KeyError(f"weight bucket {bucket.index} (version {bucket.version}) has parameter {name!r} that "
-                           f"the receiving model does not have: the learner and rollout models differ")
+                           f"the receiving model does not have: the learner and rollout models differ (with LoRA "
+                           f"both must be built with the same learner.lora settings)")
         p = params[name]
         if tuple(p.shape) != tuple(value.shape):
             raise ValueError(f"weight bucket parameter {name!r}: shape {tuple(value.shape)} != receiving model's "

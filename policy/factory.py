@@ -15,7 +15,7 @@ import torch
 from worlds.shapes.codebook import ShapesCodebook
 from worlds.shapes.world import all_prompts, as_world
 
-from .showo import Showo, ShowoConfig
+from .showo import Showo, ShowoConfig, has_pretrained_weights
 from .tokenizer import HFTextTokenizer, TextTokenizer, WordTokenizer
 
 ImageDecoder = Callable[[torch.Tensor], torch.Tensor]   # codes long [B, N] -> uint8 [B, H, W, 3]
@@ -95,11 +95,25 @@ def learner_bf16(cfg: PolicyConfig, device: torch.device | str, requested: Optio
     return bf16
 
 
+def adapters_only(init: str) -> Optional[str]:
+    """The error line when `policy.init` is a LoRA checkpoint (adapters, no model weights), else None."""
+    path = Path(init).expanduser()
+    if path.is_dir() and (path / "adapter_config.json").is_file() and not has_pretrained_weights(path):
+        return (f"policy.init={init!r} holds LoRA adapters, not model weights: merge them into their base with "
+                f"`maskgrpo export --checkpoint {init} --out DIR` and use policy.init=DIR (or continue that run "
+                f"with resume={init})")
+    return None
+
+
 def build_showo(cfg: PolicyConfig) -> Showo:
     if cfg.init == "random":
         torch.manual_seed(cfg.init_seed)
         return Showo(cfg.arch)
     path = Path(cfg.init).expanduser()
+    problem = adapters_only(cfg.init)
+    if problem:
+        from .weights import CheckpointError
+        raise CheckpointError(problem)
     has_config = path.is_dir() and (path / "config.json").is_file()
     return Showo.from_pretrained(path, config=None if has_config else cfg.arch, phi_config=cfg.phi_config,
                                  max_seq_length=cfg.max_seq_length)
