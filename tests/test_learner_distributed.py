@@ -63,6 +63,17 @@ def _worker(out: Path, stage: int) -> None:
     state = learner.gathered_state_dict()          # collective: every rank takes part
     ckpt = learner.save_checkpoint(out / "checkpoints")
     (out / f"stats{rank}.json").write_text(json.dumps(stats))
+    # every rank restores its own engine state (safetensors + JSON), and the next update is the same bit for bit
+    fresh = Learner(_job_data()[0], _config(stage))
+    fresh.resume(ckpt)
+    assert fresh.step == learner.step
+    from updates import Planner
+    plan = Planner(learner.config).plan([trajs[i] for i in STEPS[0]], [rewards[i] for i in STEPS[0]],
+                                        [prompts[i] for i in STEPS[0]])
+    for one in (learner, fresh):
+        one.train_step(plan.for_rank(rank, 2))
+    after, resumed = learner.gathered_state_dict(), fresh.gathered_state_dict()
+    assert all(torch.equal(after[k], resumed[k]) for k in after), "the resumed ranks made another update"
     if rank == 0:
         torch.save(state, out / "state.pt")
         (out / "info.json").write_text(json.dumps({"checkpoint": str(ckpt), "tracker": tracker}))

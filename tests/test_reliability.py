@@ -444,9 +444,9 @@ def test_resume_with_a_changed_config_names_the_keys_and_keeps_the_old_config(tm
     kept = tmp_path / "config.before_step_000003.yaml"
     assert kept.is_file() and "lr: 0.001" in kept.read_text() and not (tmp_path / "config.yaml").exists()
     assert (tmp_path / "timeline.before_step_000003.json").is_file()
-    (tmp_path / "timeline.json").write_text("{}")               # a second resume from the same step keeps both
-    keep_history(tiny(tmp_path, "max_steps=9"), 3)
-    assert (tmp_path / "timeline.before_step_000003.1.json").is_file()
+    (tmp_path / "timeline.json").write_text("{}")               # a second resume from the same step (the first
+    keep_history(tiny(tmp_path, "max_steps=9"), 3)              # failed): its timeline is not piled up
+    assert sorted(p.name for p in tmp_path.glob("timeline*")) == ["timeline.before_step_000003.json"]
 
 
 def test_policy_init_file_that_holds_no_weights_fails_at_load(tmp_path, capsys):
