@@ -67,7 +67,7 @@ def _worker(out: Path, stage: int) -> None:
     fresh = Learner(_job_data()[0], _config(stage))
     fresh.resume(ckpt)
     assert fresh.step == learner.step
-    from updates import Planner
+    from tests.updates import Planner
     plan = Planner(learner.config).plan([trajs[i] for i in STEPS[0]], [rewards[i] for i in STEPS[0]],
                                         [prompts[i] for i in STEPS[0]])
     for one in (learner, fresh):
