@@ -43,13 +43,14 @@ class Backend(StrEnum):
     local = "local"     # every role in the driver's process, Ray not imported (debugging, profilers, pytest)
 
 
-def rollout_range(c: Any) -> tuple[int, int]:
-    """(min, max) rollout workers of a cluster section: num_rollout_workers for both unless
-    min_/max_rollout_workers are set (an unset bound follows the other one and num_rollout_workers)."""
-    hi = c.max_rollout_workers if c.max_rollout_workers is not None else \
-        max(c.num_rollout_workers, c.min_rollout_workers or 0)
-    lo = c.min_rollout_workers if c.min_rollout_workers is not None else min(c.num_rollout_workers, hi)
-    return lo, hi
+def rollout_range(c: Any) -> tuple[int, int, int]:
+    """(min, start, max) rollout workers of a cluster section. The run goes on while `min` are alive
+    (min_rollout_workers, default 1: a fixed fleet that loses a node carries on with the workers left), starts
+    once `start` are ready (num_rollout_workers, within the range) and grows to `max` (max_rollout_workers,
+    default num_rollout_workers) when resources appear."""
+    lo = c.min_rollout_workers if c.min_rollout_workers is not None else 1
+    hi = c.max_rollout_workers if c.max_rollout_workers is not None else max(c.num_rollout_workers, lo)
+    return lo, min(max(c.num_rollout_workers, lo), hi), hi
 
 
 def role_device(gpus: float) -> str:
@@ -82,9 +83,9 @@ class DataConfig:
 class ClusterConfig:
     backend: Backend = Backend.ray        # local: one process, no Ray (one learner rank)
     address: Optional[str] = None         # Ray address; None: start a local Ray instance (single-node mode)
-    num_rollout_workers: int = 1          # the fleet's size; or a range with min_/max_rollout_workers
-    min_rollout_workers: Optional[int] = None   # elastic fleet: the run goes on while at least this many are alive
-    max_rollout_workers: Optional[int] = None   # ... and starts more (up to this) whenever resources appear
+    num_rollout_workers: int = 1          # the fleet's size at the start (and its maximum unless max_ is set)
+    min_rollout_workers: Optional[int] = None   # the run goes on while this many are alive (None: 1)
+    max_rollout_workers: Optional[int] = None   # more workers start (up to this) whenever resources appear
     num_reward_actors: int = 1
     num_learner_ranks: int = 1
     rollout_gpus: float = 0.0             # GPUs per rollout worker (fractions allowed); > 0: the worker runs on CUDA
@@ -124,7 +125,7 @@ class ClusterConfig:
                   (self.resource_wait_s >= 0 and self.cluster_lost_s > 0 and self.actor_start_s > 0,
                    "cluster.resource_wait_s must be >= 0, cluster.cluster_lost_s and actor_start_s > 0"),
                   (self.weight_bucket_mb >= 1, "cluster.weight_bucket_mb must be >= 1"),
-                  (1 <= rollout_range(self)[0] <= rollout_range(self)[1],
+                  (1 <= rollout_range(self)[0] <= rollout_range(self)[2],
                    f"cluster.min_rollout_workers={self.min_rollout_workers} and max_rollout_workers="
                    f"{self.max_rollout_workers} must satisfy 1 <= min <= max (or leave them unset: "
                    f"num_rollout_workers={self.num_rollout_workers} for both)"),

@@ -87,7 +87,7 @@ class Trainer:
 
         def missing() -> bool:      # rollout workers beyond min_rollout_workers may join later
             return any(role != "rollout worker" for role, _, _ in waiting.values()) or \
-                len(self.rollouts.workers) < self.rollouts.min_workers
+                len(self.rollouts.workers) < self.rollouts.start_workers
         while waiting and missing():
             left = limit - (time.monotonic() - t0)
             done, _ = self.backend.wait([f for _, _, f in waiting.values()], timeout=max(0.1, min(30.0, left)))

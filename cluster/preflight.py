@@ -157,7 +157,7 @@ def required_resources(cfg: DictConfig) -> dict[str, Any]:
     evaluation scores with other rewards), learner ranks (kept on one node when they use GPUs)."""
     c = cfg.cluster
     reward_pools = 2 if plain(cfg.eval.rewards) and plain(cfg.eval.rewards) != plain(cfg.rewards) else 1
-    roles = [("rollout workers", rollout_range(c)[0], c.rollout_gpus),      # more join when resources appear
+    roles = [("rollout workers", rollout_range(c)[1], c.rollout_gpus),      # the start; more join when resources appear
              ("reward actors", c.num_reward_actors * reward_pools, c.reward_gpus),
              ("learner ranks", c.num_learner_ranks, c.learner_gpus)]
     return {"roles": roles, "CPU": sum(n for _, n, _ in roles) * c.cpus_per_actor,
@@ -194,7 +194,7 @@ def placement_problems(cfg: DictConfig, nodes: list[dict[str, Any]]) -> list[str
     """What the live `nodes` ([{"labels": {...}, "available": {...}}]) lack for the roles that are placed by
     `cluster.<role>_resources` / `<role>_labels`: for each, how many of its actors fit on the nodes it may use."""
     c, problems = cfg.cluster, []
-    counts = {"rollout": rollout_range(c)[0], "reward": c.num_reward_actors, "learner": c.num_learner_ranks}
+    counts = {"rollout": rollout_range(c)[1], "reward": c.num_reward_actors, "learner": c.num_learner_ranks}
     for role, key in ROLE_KEYS:
         res, labels = plain(c[f"{key}_resources"]) or {}, plain(c[f"{key}_labels"]) or {}
         if not res and not labels:

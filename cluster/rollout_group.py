@@ -92,7 +92,7 @@ class RolloutGroup:
                  watch: Optional[Callable[[], None]] = None):
         self.backend = backend
         self.cfg = cfg
-        self.min_workers, self.max_workers = rollout_range(cfg.cluster)
+        self.min_workers, self.start_workers, self.max_workers = rollout_range(cfg.cluster)
         self.weights = weights
         self.watch = watch or (lambda: None)
         self.version = 0                   # the weight version every worker holds (after a sync)

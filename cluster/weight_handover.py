@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from actors.weight_sync import SyncPath, choose_sync_path
 
-from .errors import LearnerFailure
+from .errors import FleetError, LearnerFailure
 
 if TYPE_CHECKING:
     from .learner_group import LearnerGroup
@@ -139,13 +139,16 @@ class WeightHandover:
                 self.backend.get(f)
             self.learner.check_alive("the weight sync")
             if time.monotonic() - t0 > limit:
-                raise TimeoutError(f"a weight transfer did not finish within cluster.sync_timeout_s={limit:g} s")
+                raise FleetError(f"a weight transfer to the rollout workers did not finish within "
+                                 f"cluster.sync_timeout_s={limit:g} s (a slow network or a stuck worker: `ray "
+                                 f"status`); raise cluster.sync_timeout_s or set cluster.weight_sync=object_store")
 
     def _form_group(self, rollouts: "RolloutGroup") -> None:
         self._group_epoch += 1
         ids = sorted(rollouts.workers)
         learner = self.learner
-        spec = learner.get(learner.call_rank0("open_sync_group", f"wsync{self._group_epoch}", len(ids) + 1,
+        name = f"wsync{self._group_epoch}-{id(self):x}"      # unique also across a rebuilt learner group
+        spec = learner.get(learner.call_rank0("open_sync_group", name, len(ids) + 1,
                                               self.collective_backend), "the weight sync")
         self._get(learner.call("join_sync_group", spec) +
                   [self.backend.call(rollouts.workers[i], "join_sync_group", spec, rank)
