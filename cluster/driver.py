@@ -85,12 +85,15 @@ class Trainer:
         waiting = {id(f): (role, i, f) for role, i, f in roles}
         limit, t0 = self.cfg.cluster.actor_start_s, time.monotonic()
 
-        def missing() -> bool:      # rollout workers beyond min_rollout_workers may join later
+        def missing() -> bool:      # rollout workers beyond num_rollout_workers may join later
             return any(role != "rollout worker" for role, _, _ in waiting.values()) or \
                 len(self.rollouts.workers) < self.rollouts.start_workers
+        said = 0.0
         while waiting and missing():
             left = limit - (time.monotonic() - t0)
-            done, _ = self.backend.wait([f for _, _, f in waiting.values()], timeout=max(0.1, min(30.0, left)))
+            # short waits: rollout workers beyond the start count may stay pending while the rest are ready
+            done, _ = self.backend.wait([f for _, _, f in waiting.values()],
+                                        timeout=max(0.1, min(self.cfg.cluster.poll_s, left)))
             for f in done:
                 role, i, _ = waiting.pop(id(f))
                 try:
@@ -112,8 +115,10 @@ class Trainer:
                                    f"cluster has no free CPUs/GPUs left for them (other jobs hold them: see `ray "
                                    f"status`); free them, lower cluster.cpus_per_actor / *_gpus, or raise "
                                    f"cluster.actor_start_s for a slow model load")
-            print(f"[maskgrpo] still waiting for {names} to start ({elapsed:.0f} s; pending resources or loading the "
-                  f"model; `ray status` shows which)", flush=True)
+            if elapsed - said >= 30.0:
+                said = elapsed
+                print(f"[maskgrpo] still waiting for {names} to start ({elapsed:.0f} s; pending resources or loading "
+                      f"the model; `ray status` shows which)", flush=True)
         self.rollouts.started()
         if self.rollouts.joining:
             print(f"[maskgrpo] {len(self.rollouts.workers)} rollout workers in service; "
