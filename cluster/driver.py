@@ -36,7 +36,7 @@ from .learner_group import LearnerGroup
 from .metrics import MetricsLogger
 from .preflight import StartupError, root_cause
 from .reward_group import RewardGroup
-from .errors import FleetError
+from .errors import FleetError, LearnerFailure
 from .rollout_group import GroupResult, PendingRollout, RolloutGroup, RolloutStats
 from .step_metrics import StepMetrics
 from .timeline import Timeline
@@ -184,7 +184,10 @@ class Trainer:
         self.learner.shutdown()
         self.inflight.clear()              # sampled for a version the new learner may never reach: sampled again
         t0 = time.monotonic()
-        self.learner = LearnerGroup(self.backend, self.cfg, placement_timeout_s=self.cfg.cluster.learner_wait_s)
+        try:
+            self.learner = LearnerGroup(self.backend, self.cfg, placement_timeout_s=self.cfg.cluster.learner_wait_s)
+        except StartupError as e:          # no node came back within cluster.learner_wait_s
+            raise LearnerFailure(f"{failure}; rebuilding it failed: {e}") from None
         self.learner.get(self.learner.ready(), "the restart", timeout=self.cfg.cluster.actor_start_s)
         if checkpoint is not None:
             self.resume(checkpoint)
