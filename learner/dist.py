@@ -6,7 +6,6 @@ The backend is NCCL with CUDA and gloo on the CPU (``DS_ACCELERATOR=cpu``).
 """
 from __future__ import annotations
 
-import importlib
 import os
 import socket
 from typing import Any
@@ -44,10 +43,9 @@ def init_distributed(device: torch.device = torch.device("cpu")) -> None:
     else:
         # DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce kernel at every first start (about a
         # minute, and again whenever the build environment differs, e.g. inside Ray actors). gloo's all-reduce
-        # is all the learner needs on a CPU, so skip the kernel (the backend falls back when it is None). The module
-        # is taken from sys.modules: `import deepspeed.comm.torch as m` binds the *torch* package, because
-        # deepspeed.comm re-exports a name `torch` that shadows its submodule (the patch used to miss).
-        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        # is all the learner needs on a CPU, so skip the kernel (the backend falls back when it is None).
+        import deepspeed.comm.torch as ds_torch_comm
+        ds_torch_comm.build_shm_op = lambda: None
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", auto_mpi_discovery=False)
 
 
