@@ -24,7 +24,8 @@ class ActorSpec:
     max_restarts: int = 0
     out_of_order: bool = False       # run calls as their arguments become ready, not in submission order
     scheduling: Any = None           # a Ray scheduling strategy (e.g. a placement-group bundle)
-    resources: dict[str, float] = field(default_factory=dict)
+    resources: dict[str, float] = field(default_factory=dict)    # custom Ray resources ({name: amount})
+    labels: dict[str, str] = field(default_factory=dict)          # node labels it must land on (label_selector)
 
 
 class Backend(Protocol):
@@ -33,6 +34,8 @@ class Backend(Protocol):
     actor_errors: tuple[type[BaseException], ...]
     #: errors that mean "gone for good" (its restarts used up)
     dead_errors: tuple[type[BaseException], ...]
+    #: errors that mean "a result lived only on a node that is gone" (Ray: ObjectLostError)
+    lost_errors: tuple[type[BaseException], ...]
 
     def start(self, spec: ActorSpec) -> Any: ...
     def call(self, actor: Any, method: str, *args: Any, num_returns: int = 1) -> Any: ...
@@ -42,7 +45,10 @@ class Backend(Protocol):
     def kill(self, actor: Any, restart: bool = False) -> None: ...
     def obj(self, actor: Any) -> Any: ...
     def task(self, fn: Any, *args: Any, scheduling: Any = None) -> Any: ...
-    def reserve(self, bundles: list[dict[str, float]], strategy: str, timeout_s: float) -> "Reservation": ...
+    def reserve(self, bundles: list[dict[str, float]], strategy: str, timeout_s: float,
+                labels: Optional[dict[str, str]] = None) -> "Reservation": ...
+    def alive(self, actor: Any) -> bool: ...
+    def node(self, actor: Any) -> Optional[str]: ...
 
 
 class Reservation:
@@ -77,6 +83,7 @@ class LocalBackend:
     name = "local"
     actor_errors: tuple[type[BaseException], ...] = (_NoError,)
     dead_errors: tuple[type[BaseException], ...] = (_NoError,)
+    lost_errors: tuple[type[BaseException], ...] = (_NoError,)
 
     def start(self, spec: ActorSpec) -> Any:
         return spec.cls(*spec.args)
@@ -114,8 +121,15 @@ class LocalBackend:
     def task(self, fn: Any, *args: Any, scheduling: Any = None) -> LocalFuture:
         return LocalFuture(fn(*args))
 
-    def reserve(self, bundles: list[dict[str, float]], strategy: str, timeout_s: float) -> Reservation:
+    def reserve(self, bundles: list[dict[str, float]], strategy: str, timeout_s: float,
+                labels: Optional[dict[str, str]] = None) -> Reservation:
         return Reservation()
+
+    def alive(self, actor: Any) -> bool:
+        return True
+
+    def node(self, actor: Any) -> Optional[str]:
+        return None
 
 
 # ----- Ray -----------------------------------------------------------------------------------------------------
@@ -127,7 +141,9 @@ class RayBackend:
         import ray
         from ray.exceptions import ActorDiedError, RayActorError
         self._ray = ray
+        from ray.exceptions import ObjectLostError
         self.actor_errors = (RayActorError,)
+        self.lost_errors = (ObjectLostError,)
         self.dead_errors = (ActorDiedError,)
 
     def start(self, spec: ActorSpec) -> Any:
@@ -137,6 +153,8 @@ class RayBackend:
             options["allow_out_of_order_execution"] = True
         if spec.resources:
             options["resources"] = dict(spec.resources)
+        if spec.labels and spec.scheduling is None:      # in a placement group the group's bundles carry them
+            options["label_selector"] = dict(spec.labels)
         cls = self._ray.remote(**options)(spec.cls)
         if spec.scheduling is not None:
             cls = cls.options(scheduling_strategy=spec.scheduling)
@@ -170,11 +188,14 @@ class RayBackend:
         remote = self._ray.remote(num_cpus=0)(fn)
         return (remote.options(scheduling_strategy=scheduling) if scheduling is not None else remote).remote(*args)
 
-    def reserve(self, bundles: list[dict[str, float]], strategy: str, timeout_s: float) -> Reservation:
-        """A placement group; raises TimeoutError when the cluster cannot place it within `timeout_s`."""
+    def reserve(self, bundles: list[dict[str, float]], strategy: str, timeout_s: float,
+                labels: Optional[dict[str, str]] = None) -> Reservation:
+        """A placement group (each bundle on a node with `labels`, if given); raises TimeoutError when the
+        cluster cannot place it within `timeout_s`."""
         from ray.exceptions import GetTimeoutError
         from ray.util.placement_group import placement_group
-        pg = placement_group(bundles, strategy=strategy)
+        pg = placement_group(bundles, strategy=strategy,
+                             bundle_label_selector=[dict(labels)] * len(bundles) if labels else None)
         reservation = _PlacementGroup(pg)
         try:
             self._ray.get(pg.ready(), timeout=timeout_s)
@@ -184,6 +205,24 @@ class RayBackend:
                                f"{timeout_s:.0f} s; the cluster has {self._ray.cluster_resources()} (available: "
                                f"{self._ray.available_resources()})") from None
         return reservation
+
+    def _info(self, actor: Any) -> dict[str, Any]:
+        from ray._private import state      # the GCS actor table (the public state API needs the dashboard)
+        return state.actors(actor_id=actor._actor_id.hex()) or {}
+
+    def alive(self, actor: Any) -> bool:
+        """False once Ray has marked the actor dead (its process or its node is gone and no restart is left)."""
+        try:
+            return self._info(actor).get("State") != "DEAD"
+        except Exception:                    # the GCS is unreachable: the cluster watchdog handles that
+            return True
+
+    def node(self, actor: Any) -> Optional[str]:
+        """The id of the node the actor runs on (None while it is pending)."""
+        try:
+            return (self._info(actor).get("Address") or {}).get("NodeID") or None
+        except Exception:
+            return None
 
 
 class _PlacementGroup(Reservation):

@@ -43,6 +43,16 @@ class Backend(StrEnum):
     local = "local"     # every role in the driver's process, Ray not imported (debugging, profilers, pytest)
 
 
+def rollout_range(c: Any) -> tuple[int, int, int]:
+    """(min, start, max) rollout workers of a cluster section. The run goes on while `min` are alive
+    (min_rollout_workers, default 1: a fixed fleet that loses a node carries on with the workers left), starts
+    once `start` are ready (num_rollout_workers, within the range) and grows to `max` (max_rollout_workers,
+    default num_rollout_workers) when resources appear."""
+    lo = c.min_rollout_workers if c.min_rollout_workers is not None else 1
+    hi = c.max_rollout_workers if c.max_rollout_workers is not None else max(c.num_rollout_workers, lo)
+    return lo, min(max(c.num_rollout_workers, lo), hi), hi
+
+
 def role_device(gpus: float) -> str:
     """Where a role runs: on CUDA iff it is given a GPU share (cluster.rollout_gpus / reward_gpus / learner_gpus;
     `device: cpu|cuda` only checks that these agree, see RunConfig)."""
@@ -73,13 +83,23 @@ class DataConfig:
 class ClusterConfig:
     backend: Backend = Backend.ray        # local: one process, no Ray (one learner rank)
     address: Optional[str] = None         # Ray address; None: start a local Ray instance (single-node mode)
-    num_rollout_workers: int = 1
+    num_rollout_workers: int = 1          # the fleet's size at the start (and its maximum unless max_ is set)
+    min_rollout_workers: Optional[int] = None   # the run goes on while this many are alive (None: 1)
+    max_rollout_workers: Optional[int] = None   # more workers start (up to this) whenever resources appear
     num_reward_actors: int = 1
     num_learner_ranks: int = 1
     rollout_gpus: float = 0.0             # GPUs per rollout worker (fractions allowed); > 0: the worker runs on CUDA
     reward_gpus: float = 0.0              # GPUs per reward actor; > 0: rewards run on CUDA
     learner_gpus: float = 0.0             # GPUs per learner rank (1 on a GPU cluster); > 0: the learner runs on CUDA
     cpus_per_actor: float = 1.0
+    # Placement per role: custom Ray resources each actor asks for ({name: amount}; `ray start
+    # --resources='{"rollout": 8}'`) and node labels it must land on ({key: value}; `ray start --labels=role=rollout`)
+    rollout_resources: dict[str, float] = field(default_factory=dict)
+    reward_resources: dict[str, float] = field(default_factory=dict)
+    learner_resources: dict[str, float] = field(default_factory=dict)
+    rollout_labels: dict[str, str] = field(default_factory=dict)
+    reward_labels: dict[str, str] = field(default_factory=dict)
+    learner_labels: dict[str, str] = field(default_factory=dict)
     max_staleness: int = 0                # 0: synchronous (the paper); n: workers may run n versions ahead
     weight_sync: WeightSync = WeightSync.collective
     weight_bucket_mb: int = 64
@@ -88,6 +108,13 @@ class ClusterConfig:
     resource_wait_s: float = 60.0         # how long to wait for nodes (an autoscaler's) before "cluster too small"
     cluster_lost_s: float = 60.0          # the driver exits once its Ray cluster has been unreachable this long
     actor_start_s: float = 900.0          # every actor must have built its model within this (else: StartupError)
+    learner_restarts: int = 0             # a dead learner rank: rebuild the learner from the last checkpoint n times
+    poll_s: float = 2.0                   # while waiting for anything, the driver checks every poll_s that the
+                                          # learner ranks are alive (a dead rank is noticed within ~poll_s)
+    rollout_wait_s: float = 600.0         # with fewer than min_rollout_workers alive, wait this long for new ones
+    learner_wait_s: float = 600.0         # a learner restart waits this long for its resources (a node back)
+    reward_restart_s: float = 120.0       # a failed reward call waits this long for its actor's restart
+    sync_timeout_s: float = 900.0         # one weight hand-over (a transfer, forming the broadcast group)
 
     def __post_init__(self) -> None:
         _require([(getattr(self, k) >= 1, f"cluster.{k} must be >= 1")
@@ -98,6 +125,19 @@ class ClusterConfig:
                   (self.resource_wait_s >= 0 and self.cluster_lost_s > 0 and self.actor_start_s > 0,
                    "cluster.resource_wait_s must be >= 0, cluster.cluster_lost_s and actor_start_s > 0"),
                   (self.weight_bucket_mb >= 1, "cluster.weight_bucket_mb must be >= 1"),
+                  (1 <= rollout_range(self)[0] <= rollout_range(self)[2],
+                   f"cluster.min_rollout_workers={self.min_rollout_workers} and max_rollout_workers="
+                   f"{self.max_rollout_workers} must satisfy 1 <= min <= max (or leave them unset: "
+                   f"num_rollout_workers={self.num_rollout_workers} for both)"),
+                  (self.learner_restarts >= 0, "cluster.learner_restarts must be >= 0"),
+                  (min(self.poll_s, self.rollout_wait_s, self.learner_wait_s, self.reward_restart_s,
+                       self.sync_timeout_s) > 0,
+                   "cluster.poll_s, rollout_wait_s, learner_wait_s, reward_restart_s and sync_timeout_s must be > 0"),
+                  (all(v > 0 for k in ("rollout", "reward", "learner") for v in getattr(self, f"{k}_resources").values()),
+                   "cluster.*_resources amounts must be > 0 (e.g. cluster.rollout_resources={rollout: 1})"),
+                  (self.backend == Backend.ray or not any(getattr(self, f"{k}_{w}") for k in ("rollout", "reward",
+                   "learner") for w in ("resources", "labels")),
+                   "cluster.*_resources / *_labels place actors on Ray nodes: remove them, or use cluster.backend=ray"),
                   (self.backend == Backend.ray or self.num_learner_ranks == 1,
                    "cluster.backend=local runs one learner rank in the driver's process: set "
                    "cluster.num_learner_ranks=1, or use cluster.backend=ray for a DeepSpeed world of several ranks"),

@@ -36,6 +36,7 @@ from .learner_group import LearnerGroup
 from .metrics import MetricsLogger
 from .preflight import StartupError, root_cause
 from .reward_group import RewardGroup
+from .errors import FleetError, LearnerFailure
 from .rollout_group import GroupResult, PendingRollout, RolloutGroup, RolloutStats
 from .step_metrics import StepMetrics
 from .timeline import Timeline
@@ -52,7 +53,9 @@ class Trainer:
         self.prompts = train_prompts(cfg)
         self.schedule = PromptSchedule(len(self.prompts), cfg.data.prompts_per_step, cfg.seed)
         self.learner = LearnerGroup(self.backend, cfg)
-        self.rollouts = RolloutGroup(self.backend, cfg, weights=self.learner.handover.export)
+        self.rollouts = RolloutGroup(self.backend, cfg, weights=lambda: self.learner.handover.export(),
+                                     watch=lambda: self.learner.check_alive("the wait for rollouts and rewards"))
+        self.learner_restarts = 0
         self.rewards = RewardGroup.from_config(self.backend, cfg)
         self._eval_rewards: Optional[RewardGroup] = None
         self._decoder = None
@@ -81,9 +84,16 @@ class Trainer:
                  [("reward actor", i, f) for i, f in enumerate(self.rewards.ready())])
         waiting = {id(f): (role, i, f) for role, i, f in roles}
         limit, t0 = self.cfg.cluster.actor_start_s, time.monotonic()
-        while waiting:
+
+        def missing() -> bool:      # rollout workers beyond num_rollout_workers may join later
+            return any(role != "rollout worker" for role, _, _ in waiting.values()) or \
+                len(self.rollouts.workers) < self.rollouts.start_workers
+        said = 0.0
+        while waiting and missing():
             left = limit - (time.monotonic() - t0)
-            done, _ = self.backend.wait([f for _, _, f in waiting.values()], timeout=max(0.1, min(30.0, left)))
+            # short waits: rollout workers beyond the start count may stay pending while the rest are ready
+            done, _ = self.backend.wait([f for _, _, f in waiting.values()],
+                                        timeout=max(0.1, min(self.cfg.cluster.poll_s, left)))
             for f in done:
                 role, i, _ = waiting.pop(id(f))
                 try:
@@ -93,7 +103,9 @@ class Trainer:
                     raise StartupError(f"{role} {i} could not start: {root_cause(e)}") from None
                 if role == "reward actor":
                     self.rewards.note_pid(i, value)
-            if not waiting:
+                elif role == "rollout worker":
+                    self.rollouts.admit(i, value)
+            if not (waiting and missing()):
                 break
             names = ", ".join(f"{role} {i}" for role, i, _ in waiting.values())
             elapsed = time.monotonic() - t0
@@ -103,13 +115,27 @@ class Trainer:
                                    f"cluster has no free CPUs/GPUs left for them (other jobs hold them: see `ray "
                                    f"status`); free them, lower cluster.cpus_per_actor / *_gpus, or raise "
                                    f"cluster.actor_start_s for a slow model load")
-            print(f"[maskgrpo] still waiting for {names} to start ({elapsed:.0f} s; pending resources or loading the "
-                  f"model; `ray status` shows which)", flush=True)
+            if elapsed - said >= 30.0:
+                said = elapsed
+                print(f"[maskgrpo] still waiting for {names} to start ({elapsed:.0f} s; pending resources or loading "
+                      f"the model; `ray status` shows which)", flush=True)
+        self.rollouts.started()
+        if self.rollouts.joining:
+            print(f"[maskgrpo] {len(self.rollouts.workers)} rollout workers in service; "
+                  f"{len(self.rollouts.joining)} more join when resources allow (cluster.max_rollout_workers="
+                  f"{self.rollouts.max_workers})", flush=True)
 
     # ----- one training step ---------------------------------------------------------------------------------------
     def train_step(self) -> StepMetrics:
         """Rollouts and rewards of this step (and, with staleness, the next ones' launched), the plan, the update
         and the hand-over. The one training step: `maskgrpo train`, the benchmarks and the GPU check call it."""
+        try:
+            return self._train_step()
+        except FleetError as e:
+            raise FleetError(f"{e}; the run stopped at step {self.step}: resume=auto continues from "
+                             f"{self.last_checkpoint or 'the start (no checkpoint yet)'}") from None
+
+    def _train_step(self) -> StepMetrics:
         step, t_step, stats = self.step, time.perf_counter(), RolloutStats()
         self._launch_ahead()
         t0 = time.perf_counter()
@@ -143,7 +169,39 @@ class Trainer:
             rollout_spans=[(g.meta.started, g.meta.finished) for g in groups],
             reward_spans=[g.scores.span for g in groups], wait_seconds=wait_s, learner_seconds=learner_s,
             sync=sync, reissued=stats.reissued, stale_dropped=stats.stale_dropped,
-            step_seconds=time.perf_counter() - t_step)
+            step_seconds=time.perf_counter() - t_step, rollout_workers=len(self.rollouts.workers))
+
+    # ----- learner loss --------------------------------------------------------------------------------------------
+    def restart_learner(self, failure: BaseException) -> None:
+        """Rebuild the learner group after a rank died (cluster.learner_restarts): new ranks (placed once their
+        resources are back, waiting up to cluster.learner_wait_s), resumed from the last checkpoint (or from the
+        start without one), the steps since then run again and their metric lines are dropped first."""
+        self.learner_restarts += 1
+        checkpoint = self.learner.last_checkpoint
+        print(f"[maskgrpo] {failure}\n[maskgrpo] rebuilding the learner (restart {self.learner_restarts} of "
+              f"cluster.learner_restarts={self.cfg.cluster.learner_restarts}) from "
+              f"{checkpoint or 'the initial weights (no checkpoint yet)'}", flush=True)
+        self.learner.shutdown()
+        self.inflight.clear()              # sampled for a version the new learner may never reach: sampled again
+        t0 = time.monotonic()
+        try:
+            self.learner = LearnerGroup(self.backend, self.cfg, placement_timeout_s=self.cfg.cluster.learner_wait_s)
+        except StartupError as e:          # no node came back within cluster.learner_wait_s
+            raise LearnerFailure(f"{failure}; rebuilding it failed: {e}") from None
+        self.learner.get(self.learner.ready(), "the restart", timeout=self.cfg.cluster.actor_start_s)
+        if checkpoint is not None:
+            self.resume(checkpoint)
+        else:
+            self.step = 0
+            self.counters = {k: 0 for k in self.counters}
+            self.tracker = PromptStatTracker(self.learner_cfg.running_buffer, self.learner_cfg.running_min_count,
+                                             self.learner_cfg.adv_eps, self.learner_cfg.adv_std_unbiased)
+            self.metrics.truncate_after(-1)
+        first = self.step * self.cfg.data.prompts_per_step
+        self.accepted_groups = {g for g in self.accepted_groups if g < first}
+        self.sync_weights()
+        print(f"[maskgrpo] learner rebuilt in {time.monotonic() - t0:.1f} s; continuing at step {self.step}",
+              flush=True)
 
     def _requests(self, step: int) -> list[GroupRequest]:
         g = self.cfg.data.group_size

@@ -22,6 +22,10 @@ class LearnerFailure(RuntimeError):
     """A learner rank died: the run cannot go on (its optimizer state is gone); resume from the last checkpoint."""
 
 
+class FleetError(RuntimeError):
+    """Too few rollout workers (or reward actors) are alive and none could start within the configured wait."""
+
+
 class RewardGroupError(RuntimeError):
     """A scoring call failed twice; ``reward`` names the failing reward (or the group's rewards if unknown)."""
 
@@ -33,7 +37,8 @@ class RewardGroupError(RuntimeError):
         return (type(self), (self.reward, str(self)))
 
 
-RUN_FAILURES: tuple[type[BaseException], ...] = (CheckpointError, DiskFullError, LearnerFailure, MetricsFileError,
+RUN_FAILURES: tuple[type[BaseException], ...] = (CheckpointError, DiskFullError, FleetError, LearnerFailure,
+                                                 MetricsFileError,
                                                  NonFiniteUpdateError, RewardError, RewardGroupError, StartupError)
 
 ERROR_LOG = "errors.log"

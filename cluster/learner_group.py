@@ -3,10 +3,14 @@ together (a placement group on Ray), and what the driver asks of them: an update
 weight hand-over to the rollout group (`cluster.weight_handover`), checkpoints and resume.
 
 Every call goes to all ranks (they take part in collectives together); rank 0's answer is the group's.
-A dead rank stops the run with `LearnerFailure` (its optimizer state is gone), naming the last checkpoint.
+A dead rank raises `LearnerFailure` (its optimizer state is gone), naming the last checkpoint: every wait on the
+ranks polls (cluster.poll_s) and checks that each rank is alive, so a rank whose node died is noticed within
+seconds even while the others block in a collective. The driver then stops, or with cluster.learner_restarts
+builds a new group and resumes it from the last checkpoint.
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Optional
 
 from omegaconf import DictConfig
@@ -17,24 +21,29 @@ from learner.update import UpdateStats
 
 from .advantages import UpdatePlan
 from .backend import ActorSpec, Backend
-from .config import role_device, section
+from .config import plain, role_device, section
 from .errors import LearnerFailure
-from .preflight import root_cause
+from .preflight import StartupError, root_cause
 from .weight_handover import SyncStats, WeightHandover
 
 
 class LearnerGroup:
     def __init__(self, backend: Backend, cfg: DictConfig, placement_timeout_s: float = 600.0):
         self.backend = backend
+        self.cfg = cfg
         c = cfg.cluster
         n = c.num_learner_ranks
-        bundle = {"CPU": c.cpus_per_actor, **({"GPU": c.learner_gpus} if c.learner_gpus > 0 else {})}
+        bundle = {"CPU": c.cpus_per_actor, **({"GPU": c.learner_gpus} if c.learner_gpus > 0 else {}),
+                  **(plain(c.learner_resources) or {})}
+        labels = plain(c.learner_labels) or None
         try:        # on GPUs STRICT_PACK: one node (NCCL within it); on the CPU PACK
             self.reservation = backend.reserve([bundle] * n, "STRICT_PACK" if c.learner_gpus > 0 else "PACK",
-                                               placement_timeout_s)
+                                               placement_timeout_s, labels=labels)
         except TimeoutError as e:
-            raise RuntimeError(f"the learner's placement group: {e}: lower cluster.num_learner_ranks / learner_gpus "
-                               f"/ cpus_per_actor or add nodes") from None
+            where = f" on nodes labelled {labels}" if labels else ""
+            raise StartupError(f"the learner's placement group{where}: {e}: start a node with these resources "
+                               f"(`ray start --resources` / `--labels`), or lower cluster.num_learner_ranks / "
+                               f"learner_gpus / cpus_per_actor / learner_resources") from None
         master_addr, master_port = backend.get(backend.task(LearnerWorker.rendezvous,
                                                             scheduling=self.reservation.scheduling(0)))
         threads = max(1, int(c.cpus_per_actor)) if c.learner_gpus == 0 else None
@@ -56,13 +65,32 @@ class LearnerGroup:
         return self.backend.call(self.ranks[0], method, *args)
 
     def get(self, futures: Any, what: str, timeout: Optional[float] = None) -> Any:
-        """Wait for learner calls; a dead rank stops the run with LearnerFailure."""
+        """Wait for learner calls, checking every cluster.poll_s that every rank is alive; a dead rank raises
+        LearnerFailure."""
+        listed = futures if isinstance(futures, list) else [futures]
+        t0 = time.monotonic()
         try:
-            return self.backend.get(futures, timeout=timeout)
+            while True:
+                left = None if timeout is None else timeout - (time.monotonic() - t0)
+                step = self.cfg.cluster.poll_s if left is None else max(0.0, min(self.cfg.cluster.poll_s, left))
+                done, _ = self.backend.wait(listed, timeout=step)
+                if len(done) == len(listed) or (left is not None and left <= step):
+                    return self.backend.get(futures, timeout=0 if len(done) < len(listed) else None)
+                self.check_alive(what)
         except self.backend.actor_errors as e:
-            raise LearnerFailure(f"a learner rank died during {what} at weight version {self.version} "
-                                 f"({root_cause(e)}); nothing after the last checkpoint was saved: resume with "
-                                 f"resume=auto ({self.last_checkpoint or 'no checkpoint yet'})") from e
+            raise self._failure(what, root_cause(e)) from e
+
+    def _failure(self, what: str, cause: str) -> LearnerFailure:
+        return LearnerFailure(f"a learner rank died during {what} at weight version {self.version} ({cause}); "
+                              f"nothing after the last checkpoint was saved: resume with resume=auto "
+                              f"({self.last_checkpoint or 'no checkpoint yet'}), or set cluster.learner_restarts "
+                              f"to rebuild the learner in the run")
+
+    def check_alive(self, what: str = "a wait") -> None:
+        """Raise LearnerFailure if Ray has marked a rank dead (its process or node is gone)."""
+        dead = [r for r, rank in enumerate(self.ranks) if not self.backend.alive(rank)]
+        if dead:
+            raise self._failure(what, f"rank {dead[0]} is dead: its process or node is gone")
 
     def ready(self) -> list[Any]:
         return self.call("version")

@@ -29,7 +29,7 @@ from policy.files import sha256_file
 from policy.showo import ShowoConfig
 from policy.weights import CheckpointError, find_weight_files
 
-from .config import ConfigError, plain, section
+from .config import ConfigError, plain, rollout_range, section
 
 
 class StartupError(RuntimeError):
@@ -231,7 +231,7 @@ def required_resources(cfg: DictConfig) -> dict[str, Any]:
     evaluation scores with other rewards), learner ranks (kept on one node when they use GPUs)."""
     c = cfg.cluster
     reward_pools = 2 if plain(cfg.eval.rewards) and plain(cfg.eval.rewards) != plain(cfg.rewards) else 1
-    roles = [("rollout workers", c.num_rollout_workers, c.rollout_gpus),
+    roles = [("rollout workers", rollout_range(c)[1], c.rollout_gpus),      # the start; more join when resources appear
              ("reward actors", c.num_reward_actors * reward_pools, c.reward_gpus),
              ("learner ranks", c.num_learner_ranks, c.learner_gpus)]
     return {"roles": roles, "CPU": sum(n for _, n, _ in roles) * c.cpus_per_actor,
@@ -261,17 +261,44 @@ def resource_problems(cfg: DictConfig, total: dict[str, float], node_gpus: list[
     return problems
 
 
-def check_cluster_resources(cfg: DictConfig, wait_s: float,
-                            read: Optional[Callable[[], tuple[dict[str, float], list[float]]]] = None,
+ROLE_KEYS = (("rollout workers", "rollout"), ("reward actors", "reward"), ("learner ranks", "learner"))
+
+
+def placement_problems(cfg: DictConfig, nodes: list[dict[str, Any]]) -> list[str]:
+    """What the live `nodes` ([{"labels": {...}, "available": {...}}]) lack for the roles that are placed by
+    `cluster.<role>_resources` / `<role>_labels`: for each, how many of its actors fit on the nodes it may use."""
+    c, problems = cfg.cluster, []
+    counts = {"rollout": rollout_range(c)[1], "reward": c.num_reward_actors, "learner": c.num_learner_ranks}
+    for role, key in ROLE_KEYS:
+        res, labels = plain(c[f"{key}_resources"]) or {}, plain(c[f"{key}_labels"]) or {}
+        if not res and not labels:
+            continue
+        gpus = c[f"{key}_gpus"]
+        want = {"CPU": c.cpus_per_actor, **({"GPU": gpus} if gpus else {}), **res}
+        match = [n for n in nodes if all(str(n["labels"].get(k)) == str(v) for k, v in labels.items())]
+        fit = sum(min(math.floor(n["available"].get(k, 0.0) / v + 1e-9) for k, v in want.items()) for n in match)
+        if fit < counts[key]:
+            each = ", ".join(f"{v:g} {k}" for k, v in want.items())
+            where = f"{len(match)} nodes labelled {labels}" if labels else f"{len(match)} nodes"
+            start = " ".join(([f"--resources='{json.dumps(res)}'"] if res else []) +
+                             ([f"--labels={','.join(f'{k}={v}' for k, v in labels.items())}"] if labels else []))
+            problems.append(f"{counts[key]} {role} need {each} each (cluster.{key}_resources / {key}_labels) but the "
+                            f"{where} have free room for {fit}: start nodes with `ray start {start}`, or change "
+                            f"cluster.{key}_resources / cluster.{key}_labels")
+    return problems
+
+
+def check_cluster_resources(cfg: DictConfig, wait_s: float, read: Optional[Callable[[], tuple]] = None,
                             poll_s: float = 2.0) -> None:
     """Fail (StartupError) when the cluster's free resources cannot hold the run's actors, instead of leaving them
-    pending forever. Nodes that an autoscaler adds late (or resources other jobs release) are waited for up to
-    `wait_s` seconds."""
+    pending forever: in all (CPUs, GPUs) and, for roles placed by resources or labels, on the nodes they may use.
+    Nodes that an autoscaler adds late (or resources other jobs release) are waited for up to `wait_s` seconds.
+    `read()` returns (free resources, GPUs per node[, nodes as `placement_problems` takes them])."""
     read = read or _ray_resources
     deadline = time.monotonic() + wait_s
     while True:
-        total, node_gpus = read()
-        problems = resource_problems(cfg, total, node_gpus)
+        total, node_gpus, *rest = read()
+        problems = resource_problems(cfg, total, node_gpus) + (placement_problems(cfg, rest[0]) if rest else [])
         if not problems:
             return
         if time.monotonic() >= deadline:
@@ -367,12 +394,16 @@ def check_prompt_lengths(cfg: DictConfig) -> Optional[str]:
     return "; ".join(notes) + ": shorten them, or use a model trained with a longer max_seq_length"
 
 
-def _ray_resources() -> tuple[dict[str, float], list[float]]:
+def _ray_resources() -> tuple[dict[str, float], list[float], list[dict[str, Any]]]:
     """What is free now (other jobs' actors hold the rest; counting the total let a second job start and hang
-    with its actors pending forever), and each live node's GPUs."""
+    with its actors pending forever), each live node's GPUs, and each live node's labels and free resources."""
     import ray
-    node_gpus = [float(n.get("Resources", {}).get("GPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
-    return ray.available_resources(), node_gpus
+    from ray._private import state         # per-node free resources (the public state API needs the dashboard)
+    live = [n for n in ray.nodes() if n.get("Alive")]
+    node_gpus = [float(n.get("Resources", {}).get("GPU", 0.0)) for n in live]
+    free = state.available_resources_per_node()
+    nodes = [{"labels": n.get("Labels") or {}, "available": free.get(n["NodeID"], {})} for n in live]
+    return ray.available_resources(), node_gpus, nodes
 
 
 # ----- errors from actors -------------------------------------------------------------------------------------

@@ -67,13 +67,16 @@ class RewardGroup:
     def create(cls, backend: Backend, rewards: Sequence[Mapping[str, Any]], num_actors: int = 1,
                decoder: Mapping[str, Any] | str | None = None, batch_size: int = 32, num_gpus: float = 0,
                num_cpus: float = 1, max_restarts: int = 1, device: Optional[str] = None,
-               timeout_s: Optional[float] = None) -> "RewardGroup":
-        """Start `num_actors` reward actors with the same rewards and decoder. Calls run in the order their
-        trajectories arrive, not the order they were submitted (out-of-order actors)."""
+               timeout_s: Optional[float] = None, resources: Optional[Mapping[str, float]] = None,
+               node_labels: Optional[Mapping[str, str]] = None, restart_timeout_s: float = 120.0) -> "RewardGroup":
+        """Start `num_actors` reward actors with the same rewards and decoder (on nodes with `resources` /
+        `node_labels`, if given). Calls run in the order their trajectories arrive, not the order they were
+        submitted (out-of-order actors)."""
         spec = ActorSpec(RewardWorker, (list(rewards), decoder, batch_size, device), num_cpus=num_cpus,
-                         num_gpus=num_gpus, max_restarts=max_restarts, out_of_order=True)
+                         num_gpus=num_gpus, max_restarts=max_restarts, out_of_order=True,
+                         resources=dict(resources or {}), labels=dict(node_labels or {}))
         labels = [r.get("label") or r["name"] for r in rewards]
-        return cls(backend, [backend.start(spec) for _ in range(num_actors)], labels, timeout_s)
+        return cls(backend, [backend.start(spec) for _ in range(num_actors)], labels, timeout_s, restart_timeout_s)
 
     @classmethod
     def from_config(cls, backend: Backend, cfg: DictConfig, specs: Any = None) -> "RewardGroup":
@@ -81,7 +84,9 @@ class RewardGroup:
         c = cfg.cluster
         return cls.create(backend, reward_specs(cfg, cfg.rewards if specs is None else specs),
                           num_actors=c.num_reward_actors, decoder=decoder_spec(cfg), num_gpus=c.reward_gpus,
-                          num_cpus=c.cpus_per_actor, max_restarts=c.max_restarts, device=role_device(c.reward_gpus))
+                          num_cpus=c.cpus_per_actor, max_restarts=c.max_restarts, device=role_device(c.reward_gpus),
+                          resources=plain(c.reward_resources), node_labels=plain(c.reward_labels),
+                          restart_timeout_s=c.reward_restart_s)
 
     def _names(self) -> str:
         return ", ".join(self.labels) if self.labels else "the group's rewards"

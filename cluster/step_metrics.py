@@ -36,6 +36,7 @@ class StepMetrics:
     reissued: int
     stale_dropped: int
     step_seconds: float = 0.0
+    rollout_workers: int = 0                       # workers in service at the end of the step (elastic fleet)
     extra: dict[str, Any] = field(default_factory=dict)   # added by the train loop (eval_overall, checkpoint)
 
     def to_json(self) -> dict[str, Any]:
@@ -59,7 +60,7 @@ class StepMetrics:
             "staleness_max": int(stale.max()) if stale.size else 0,
             "staleness_hist": {str(int(k)): int(v) for k, v in zip(values, counts)},
             "groups": groups, "groups_reissued": self.reissued, "groups_stale_dropped": self.stale_dropped,
-            "step_seconds": self.step_seconds,
+            "step_seconds": self.step_seconds, "rollout_workers": self.rollout_workers,
             "images_per_second": groups * self.group_size / max(self.step_seconds, 1e-9),
             **self.extra,
         }

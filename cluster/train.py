@@ -24,6 +24,7 @@ from policy.weights import CheckpointError
 
 from .config import Backend, ConfigError, save_resolved
 from .driver import Trainer
+from .errors import LearnerFailure
 from .evaluate import format_before_after, format_table, report_path
 from .metrics import truncate_metrics
 from .plots import reward_curve
@@ -231,26 +232,26 @@ def _train_loop(cfg: DictConfig, trainer: Trainer, resume: Optional[str]) -> dic
     if cfg.eval.at_start and trainer.step == 0:
         summary["eval_start"] = trainer.evaluate(0)
         print(format_table(summary["eval_start"], "evaluation at step 0"), flush=True)
-    bar = tqdm(range(trainer.step, cfg.max_steps), initial=trainer.step, total=cfg.max_steps, desc="train",
-               disable=not cfg.logging.progress, dynamic_ncols=True)
+    bar = tqdm(initial=trainer.step, total=cfg.max_steps, desc="train", disable=not cfg.logging.progress,
+               dynamic_ncols=True)
     guard = InterruptGuard()
     in_step = False
     try:
-        for _ in bar:
+        while trainer.step < cfg.max_steps:
             with guard.deferred():
                 in_step = True
-                result = trainer.train_step()
-                step = result.step
-                last = step == cfg.max_steps - 1
-                if cfg.logging.sample_every and step % cfg.logging.sample_every == 0 or step == 0 or last:
-                    trainer.save_samples(step, trainer.last_groups)
-                if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and not last:
-                    result.extra["eval_overall"] = trainer.evaluate(step + 1)["overall"]
-                if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
-                    result.extra["checkpoint"] = trainer.save_checkpoint()
-                record = result.to_json()
-                trainer.metrics.log(record)
+                try:
+                    record = _one_step(cfg, trainer)
+                except LearnerFailure as e:      # cluster.learner_restarts: rebuild from the last checkpoint
+                    if trainer.learner_restarts >= cfg.cluster.learner_restarts:
+                        raise
+                    trainer.restart_learner(e)
+                    bar.n = trainer.step
+                    in_step = False
+                    continue
+                step = record["step"]
                 in_step = False
+            bar.update(1)
             bar.set_postfix_str(progress_line(record), refresh=False)
             if not cfg.logging.progress:
                 print(f"[maskgrpo] step {step} {progress_line(record)}", flush=True)
@@ -268,6 +269,22 @@ def _train_loop(cfg: DictConfig, trainer: Trainer, resume: Optional[str]) -> dic
     summary["timeline"] = str(trainer.timeline.write())
     _print_outcome(cfg, summary)
     return summary
+
+
+def _one_step(cfg: DictConfig, trainer: Trainer) -> dict[str, Any]:
+    """A training step with its samples, evaluation and checkpoint when due; returns its metrics line (logged)."""
+    result = trainer.train_step()
+    step = result.step
+    last = step == cfg.max_steps - 1
+    if cfg.logging.sample_every and step % cfg.logging.sample_every == 0 or step == 0 or last:
+        trainer.save_samples(step, trainer.last_groups)
+    if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and not last:
+        result.extra["eval_overall"] = trainer.evaluate(step + 1)["overall"]
+    if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
+        result.extra["checkpoint"] = trainer.save_checkpoint()
+    record = result.to_json()
+    trainer.metrics.log(record)
+    return record
 
 
 def progress_line(record: dict[str, Any]) -> str:

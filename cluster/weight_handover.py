@@ -14,13 +14,11 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from actors.weight_sync import SyncPath, choose_sync_path
 
-from .errors import LearnerFailure
+from .errors import FleetError, LearnerFailure
 
 if TYPE_CHECKING:
     from .learner_group import LearnerGroup
     from .rollout_group import RolloutGroup
-
-TRANSFER_TIMEOUT_S = 900.0
 
 
 @dataclass
@@ -108,7 +106,7 @@ class WeightHandover:
 
     def _transfer(self, mode: SyncPath, rollouts: "RolloutGroup") -> float:
         """Move the weights by `mode`; returns the bytes sent."""
-        get, learner, dtype, size = self.backend.get, self.learner, self.weight_dtype, self.bucket_bytes
+        get, learner, dtype, size = self._get, self.learner, self.weight_dtype, self.bucket_bytes
         if mode == SyncPath.in_process:
             rank0 = self.backend.obj(learner.ranks[0])
             return [self.backend.obj(w).load_weights(rank0.iter_weight_buckets(size, dtype))
@@ -116,7 +114,7 @@ class WeightHandover:
         if mode == SyncPath.cuda_ipc:
             shared = learner.get(learner.call("share_weights_ipc", size, dtype), "the weight sync")[0]
             try:
-                get(list(rollouts.call("receive_weights_ipc", shared["buckets"]).values()), timeout=TRANSFER_TIMEOUT_S)
+                get(list(rollouts.call("receive_weights_ipc", shared["buckets"]).values()))
             finally:
                 learner.get(learner.call_rank0("release_ipc"), "the weight sync")
             return shared["bytes"]
@@ -125,17 +123,34 @@ class WeightHandover:
                 self._form_group(rollouts)
             sent = learner.call("broadcast_weights", size, dtype)
             received = list(rollouts.call("receive_weights", learner.version, size, dtype).values())
-            return get(sent + received, timeout=TRANSFER_TIMEOUT_S)[0]["bytes"]
+            return get(sent + received)[0]["bytes"]
         buckets = learner.export(size, dtype)
-        return get(list(rollouts.call("load_weights", buckets).values()), timeout=TRANSFER_TIMEOUT_S)[0]
+        return get(list(rollouts.call("load_weights", buckets).values()))[0]
+
+    def _get(self, futures: list[Any]) -> list[Any]:
+        """Wait for a transfer's calls (learner and workers) up to cluster.sync_timeout_s, checking every
+        cluster.poll_s that the learner ranks are alive (a dead rank: LearnerFailure, not a fallback)."""
+        t0, limit, poll = time.monotonic(), self.cluster_cfg.sync_timeout_s, self.cluster_cfg.poll_s
+        while True:
+            done, _ = self.backend.wait(futures, timeout=poll)
+            if len(done) == len(futures):
+                return self.backend.get(futures)
+            for f in done:                   # a member that failed fails the transfer now, not at its timeout
+                self.backend.get(f)
+            self.learner.check_alive("the weight sync")
+            if time.monotonic() - t0 > limit:
+                raise FleetError(f"a weight transfer to the rollout workers did not finish within "
+                                 f"cluster.sync_timeout_s={limit:g} s (a slow network or a stuck worker: `ray "
+                                 f"status`); raise cluster.sync_timeout_s or set cluster.weight_sync=object_store")
 
     def _form_group(self, rollouts: "RolloutGroup") -> None:
         self._group_epoch += 1
         ids = sorted(rollouts.workers)
         learner = self.learner
-        spec = learner.get(learner.call_rank0("open_sync_group", f"wsync{self._group_epoch}", len(ids) + 1,
+        name = f"wsync{self._group_epoch}-{id(self):x}"      # unique also across a rebuilt learner group
+        spec = learner.get(learner.call_rank0("open_sync_group", name, len(ids) + 1,
                                               self.collective_backend), "the weight sync")
-        self.backend.get(learner.call("join_sync_group", spec) +
-                         [self.backend.call(rollouts.workers[i], "join_sync_group", spec, rank)
-                          for rank, i in enumerate(ids, start=1)], timeout=300)
+        self._get(learner.call("join_sync_group", spec) +
+                  [self.backend.call(rollouts.workers[i], "join_sync_group", spec, rank)
+                   for rank, i in enumerate(ids, start=1)])
         self._group_ready = True

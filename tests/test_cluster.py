@@ -225,21 +225,27 @@ def test_killed_rollout_worker_loses_and_duplicates_no_group(local_ray, trainer)
     ids: list[int] = []
     victim = tr.rollouts.workers[0]
     old_pid = ray.get(victim.ready.remote())["pid"]
-    # Put the step's rollouts in flight with worker 0's queued behind a sleep, then kill worker 0 (Ray restarts it).
+    # Put the step's rollouts in flight with worker 0's queued behind a sleep, then kill worker 0.
     victim.__ray_call__.remote(lambda self: time.sleep(3))
     tr._launch_ahead()
     assert {p.worker for p in tr.inflight[tr.step]} == {0, 1}
-    ray.kill(victim, no_restart=False)
-    recs = _run_steps(tr, 3, ids)
+    ray.kill(victim, no_restart=False)           # rollout workers are not restarted: the fleet replaces them
+    recs = _run_steps(tr, 1, ids)
     assert recs[0]["groups_reissued"] >= 1 and recs[0]["groups"] == PPS
-    assert ray.get(victim.ready.remote())["pid"] != old_pid                     # restarted, and back in service
+    assert 0 not in tr.rollouts.workers                                         # dropped, its groups re-issued
+    t0 = time.monotonic()
+    while len(tr.rollouts.workers) < 2 and time.monotonic() - t0 < 300:         # the replacement joins
+        recs += _run_steps(tr, 1, ids)
+    newest = tr.rollouts.workers[max(tr.rollouts.workers)]
+    assert len(tr.rollouts.workers) == 2 and ray.get(newest.ready.remote())["pid"] != old_pid
+    recs += _run_steps(tr, 1, ids)
     learner, workers = _digests(ray, tr)
     assert workers == [learner] * 2                                             # with the current weights
     assert recs[-1]["sync_collective"] == 1.0                                   # in a re-formed sync group
-    # A worker dead for good (no restart) leaves the fleet; the run goes on with the other one.
-    ray.kill(tr.rollouts.workers[1], no_restart=True)
+    # Another one dies: the run goes on with the one left (cluster.min_rollout_workers: 1) in the same step.
+    ray.kill(tr.rollouts.workers[min(tr.rollouts.workers)], no_restart=True)
     recs += _run_steps(tr, 2, ids)
-    assert sorted(tr.rollouts.workers) == [0]
+    assert len(tr.rollouts.workers) >= 1
     steps = tr.step - start_step
     assert tr.counters["groups_trained"] - trained0 == steps * PPS == len(ids) == len(set(ids))
     assert all(r["kept_groups"] + r["dropped_groups"] == PPS for r in recs)                      # each group trained once
