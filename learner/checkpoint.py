@@ -45,7 +45,8 @@ from policy.weights import CheckpointError, load_strict
 
 from . import dist
 from .engine_state import load_engine_state, rank_files, save_engine_state
-from .lora import load_adapters, read_adapters, read_settings, same_layout, save_adapters
+from .lora import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapters, read_adapters, read_settings, same_layout,
+                   save_adapters)
 
 if TYPE_CHECKING:
     from .config import LoraSettings
@@ -166,7 +167,8 @@ def check_data_files(path: str | Path, manifest: dict[str, Any]) -> None:
     not tampering, since whoever changes a file can rewrite the manifest too)."""
     from safetensors import safe_open
     path = Path(path)
-    needed = [WEIGHTS_NAME, "trainer_state.json",
+    weights = [ADAPTER_CONFIG, ADAPTER_WEIGHTS] if manifest.get("lora") else [WEIGHTS_NAME]
+    needed = [*weights, "trainer_state.json",
               *(f.relative_to(path).as_posix() for f in rank_files(path, int(manifest.get("world_size", 1))))]
     missing = [rel for rel in needed if rel not in manifest["files"]]
     if missing:
