@@ -18,7 +18,7 @@ from rewards.base import RewardError
 from rewards.worker import RewardResult, RewardWorker
 
 from .backend import ActorSpec, Backend
-from .config import reward_specs, role_device, section
+from .config import plain, reward_specs, role_device, section
 from .errors import RewardGroupError
 
 
