@@ -67,6 +67,10 @@ class WeightHandover:
                 nbytes = self._transfer(mode, rollouts)
                 break
             except Exception as e:
+                if isinstance(e, self.backend.actor_errors):
+                    # a worker's load failing because its input (the learner's export) is gone is the learner's
+                    # death (Ray reports it as the worker's task error): LearnerFailure, which rebuilds the learner
+                    self.learner.check_alive("the weight sync")
                 if isinstance(e, LearnerFailure) or (mode in (SyncPath.object_store, SyncPath.in_process) and (
                         attempt == 2 or not isinstance(e, self.backend.actor_errors))):
                     raise

@@ -162,7 +162,11 @@ def test_magvit_from_pretrained_dtype(tiny_dir, vectors):
     err = (out.float() - vectors["pixels"]).abs()
     assert err.max() < 0.04 and err.mean() < 0.01, (err.max(), err.mean())
     codes = model.encode(vectors["image"])      # float32 input is cast to the model's dtype
-    assert codes.dtype == torch.long and torch.equal(codes, vectors["encoded_codes"])
+    assert codes.dtype == torch.long and codes.shape == vectors["encoded_codes"].shape
+    # a latent whose sign sits within bf16 rounding of zero flips one bit of its lookup-free code, and which ones do
+    # depends on the CPU's bf16 kernels (CI's CPU flipped 1 of 32 where ours flipped none); a wrong cast changes most
+    agree = (codes == vectors["encoded_codes"]).float().mean()
+    assert agree >= 0.9, agree
 
 
 def test_magvit_load_error_missing_path(tmp_path):

@@ -222,3 +222,56 @@ def test_same_seed_same_samples_whatever_the_number_of_workers(tmp_path):
             tr.shutdown()
     assert all(torch.equal(a, b) for a, b in zip(runs[1][0], runs[3][0]))
     assert runs[1][1] == runs[3][1]
+
+
+def test_a_weight_transfer_that_fails_because_the_learner_died_is_a_learner_failure_not_a_retry():
+    """On Ray a dead learner node shows first as the *workers'* load failing (its input, the learner's export, is
+    gone); the hand-over must see the learner's death there (LearnerFailure: the run rebuilds the learner) and
+    retry only while the learner lives (CI once failed here: three object-store retries, then the raw error)."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from actors.weight_sync import SyncPath
+    from cluster.errors import LearnerFailure
+    from cluster.weight_handover import WeightHandover
+
+    class ActorGone(Exception):
+        pass
+
+    class Learner:
+        version = 3
+        backend = SimpleNamespace(name="ray", actor_errors=(ActorGone,))
+        dead = True
+
+        def get(self, future, what):
+            return 3
+
+        def call_rank0(self, method):
+            return None
+
+        def check_alive(self, what):
+            if self.dead:
+                raise LearnerFailure(f"a learner rank died during {what}")
+
+    tries = []
+
+    def transfer(mode, rollouts):
+        tries.append(mode)
+        if len(tries) == 1:
+            raise ActorGone("At least one of the input arguments for this task could not be computed")
+        return 10.0
+
+    rollouts = SimpleNamespace(version=0, wait_ready=lambda: {0: {"dtype": "float32", "pid": 1}})
+    for dead, expected in ((True, [SyncPath.collective]), (False, [SyncPath.collective, SyncPath.object_store])):
+        learner, tries[:] = Learner(), []
+        learner.dead = dead
+        handover = WeightHandover(learner, OmegaConf.create({"weight_bucket_mb": 1}))
+        handover._check_workers = lambda status: None
+        handover.path, handover._transfer = SyncPath.collective, transfer
+        if dead:
+            with pytest.raises(LearnerFailure, match="the weight sync"):
+                handover.sync(rollouts)
+        else:
+            assert handover.sync(rollouts).path == SyncPath.object_store       # a live learner: the fallback
+        assert tries == expected
