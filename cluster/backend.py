@@ -26,6 +26,7 @@ class ActorSpec:
     scheduling: Any = None           # a Ray scheduling strategy (e.g. a placement-group bundle)
     resources: dict[str, float] = field(default_factory=dict)    # custom Ray resources ({name: amount})
     labels: dict[str, str] = field(default_factory=dict)          # node labels it must land on (label_selector)
+    runtime_env: Optional[dict[str, Any]] = None                   # a Ray runtime_env for this actor (pip, env_vars…)
 
 
 class Backend(Protocol):
@@ -153,6 +154,8 @@ class RayBackend:
             options["allow_out_of_order_execution"] = True
         if spec.resources:
             options["resources"] = dict(spec.resources)
+        if spec.runtime_env:
+            options["runtime_env"] = dict(spec.runtime_env)
         if spec.labels and spec.scheduling is None:      # in a placement group the group's bundles carry them
             options["label_selector"] = dict(spec.labels)
         cls = self._ray.remote(**options)(spec.cls)

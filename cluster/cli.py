@@ -161,9 +161,13 @@ def _serve_reward(cfg, args: argparse.Namespace) -> int:
               f"file; clients send it as 'Authorization: Bearer <token>')", file=sys.stderr)
         return 2
     srv = section(cfg, "reward_server")
+    specs = reward_specs(cfg, cfg.rewards)
+    if any(s.pop("runtime_env", None) for s in specs):
+        print("maskgrpo serve-reward: runtime_env in a reward spec is ignored here: a reward server runs in the "
+              "environment it is started in", file=sys.stderr)
     from rewards.server import serve
     try:
-        serve(reward_specs(cfg, cfg.rewards), token, host=args.host or srv.host, port=srv.port if args.port is None else args.port,
+        serve(specs, token, host=args.host or srv.host, port=srv.port if args.port is None else args.port,
               max_batch=srv.max_batch, max_wait_ms=srv.max_wait_ms, max_body_mb=srv.max_body_mb,
               cache_size=srv.cache_size, device=srv.device)
     except ValueError as e:          # a reward spec that cannot be built: before the server listens

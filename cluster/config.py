@@ -263,7 +263,7 @@ class RunConfig:
                                 f"a GenEval .jsonl (data/geneval/evaluation_metadata.jsonl) or another reward")
         problems += _policy_problems(self.policy)
         for key, specs in (("rewards", self.rewards), ("eval.rewards", self.eval.rewards)):
-            problems += _reward_problems(key, specs)
+            problems += _reward_problems(key, specs, self.cluster.backend)
         _require([(False, p) for p in problems])
 
 
@@ -281,10 +281,25 @@ def _policy_problems(p: PolicyConfig) -> list[str]:
     return problems
 
 
-def _reward_problems(key: str, specs: list[dict[str, Any]]) -> list[str]:
+def _reward_problems(key: str, specs: list[dict[str, Any]], backend: "Backend") -> list[str]:
     problems = []
     for i, spec in enumerate(specs):
         name = spec.get("name") if isinstance(spec, dict) else None
+        env = spec.get("runtime_env") if isinstance(spec, dict) else None
+        if env is not None and not isinstance(env, dict):
+            problems.append(f"{key}[{i}].runtime_env must be a mapping (Ray's runtime_env: pip, conda, env_vars, "
+                            f"py_modules, working_dir), not {env!r}")
+        elif env and backend != Backend.ray:
+            problems.append(f"{key}[{i}].runtime_env: only Ray can start a reward in its own environment: set "
+                            f"cluster.backend=ray, or remove runtime_env and install the reward's packages here")
+        elif env:
+            paths = ([env["working_dir"]] if env.get("working_dir") else []) + list(env.get("py_modules") or [])
+            local = [p for p in paths if isinstance(p, str) and "://" not in p]
+            if local:
+                problems.append(f"{key}[{i}].runtime_env: py_modules / working_dir {local} is a local path, which "
+                                f"Ray uploads only for a whole job: give a package URI instead, a zip with one "
+                                f"top-level folder holding the modules (file:///shared/fs/pkg.zip on a shared "
+                                f"filesystem, or s3:// gs:// https://), or install it with pip / conda")
         if not isinstance(name, str):
             problems.append(f"{key}[{i}] needs a 'name' (one of {reward_names()} or 'package.module:Factory')")
         elif name not in reward_names() and ":" not in name and "." not in name:

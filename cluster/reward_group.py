@@ -1,7 +1,8 @@
 """The reward role: reward actors (`rewards.worker.RewardWorker`) that decode and score groups in batches, and
-the driver's side of them, which spreads scoring calls over the actors and retries a failed call once.
+the driver's side of them, which spreads scoring calls over the actors and retries a failed call once. Rewards
+whose spec carries a Ray `runtime_env` get actor pools of their own, started in that environment.
 
-    group = RewardGroup.from_config(backend, cfg)            # cluster.num_reward_actors actors
+    group = RewardGroup.from_config(backend, cfg)            # cluster.num_reward_actors actors per environment
     pending = group.submit(items, trajectory_futures)        # starts when the trajectories exist
     results = group.result(pending)                          # list[RewardResult], one per group
 """
@@ -45,15 +46,146 @@ def decoder_spec(cfg: DictConfig) -> dict[str, Any]:
             "device": role_device(cfg.cluster.reward_gpus)}
 
 
+def split_by_environment(rewards: Sequence[Mapping[str, Any]]) -> list[tuple[Optional[dict], list[dict]]]:
+    """Reward specs grouped by their Ray `runtime_env` (the key is taken off each spec): one actor pool per
+    environment, in the order each environment first appears; specs without one share the run's environment."""
+    pools: list[tuple[Optional[dict], list[dict]]] = []
+    for spec in rewards:
+        spec = dict(spec)
+        env = plain(spec.pop("runtime_env", None)) or None
+        for known, members in pools:
+            if known == env:
+                members.append(spec)
+                break
+        else:
+            pools.append((env, [spec]))
+    return pools
+
+
+@dataclass
+class PendingScores:
+    """One submitted scoring of a list of groups: a call per environment pool."""
+    parts: list[PendingScore]
+
+    @property
+    def futures(self) -> list[Any]:
+        return [p.future for p in self.parts]
+
+
 class RewardGroup:
-    """Round-robins scoring calls over the reward actors; retries a failed call once on the next actor (the same
-    one, once the backend has restarted it, when there is only one), then raises RewardGroupError naming the
-    reward. `timeout_s` bounds each wait for a result (None: no limit)."""
+    """The reward role: one actor pool per reward environment (`runtime_env` in a reward spec; usually one pool).
+    Every pool scores every group with its own rewards; a group's reward is the sum of the pools' weighted sums
+    (the weighted sum over all rewards), its components and details the union of theirs."""
+
+    def __init__(self, pools: Sequence["RewardPool"]):
+        if not pools:
+            raise ValueError("a RewardGroup needs at least one pool")
+        self.pools = list(pools)
+
+    @classmethod
+    def create(cls, backend: Backend, rewards: Sequence[Mapping[str, Any]], num_actors: int = 1,
+               **options: Any) -> "RewardGroup":
+        """`num_actors` actors per environment pool (the options: `RewardPool.create`)."""
+        envs = split_by_environment(rewards)
+        if backend.name == "local" and any(env for env, _ in envs):
+            raise ValueError("a reward spec sets runtime_env, which only Ray can apply (a separate environment "
+                             "per actor pool): set cluster.backend=ray, or drop runtime_env and install the "
+                             "reward's packages in this environment")
+        return cls([RewardPool.create(backend, specs, num_actors, runtime_env=env, **options) for env, specs in envs])
+
+    @classmethod
+    def from_config(cls, backend: Backend, cfg: DictConfig, specs: Any = None) -> "RewardGroup":
+        """The run's reward actors (`cfg.rewards`, or other `specs` such as the evaluation's)."""
+        c = cfg.cluster
+        return cls.create(backend, reward_specs(cfg, cfg.rewards if specs is None else specs),
+                          num_actors=c.num_reward_actors, decoder=decoder_spec(cfg), num_gpus=c.reward_gpus,
+                          num_cpus=c.cpus_per_actor, max_restarts=c.max_restarts, device=role_device(c.reward_gpus),
+                          resources=plain(c.reward_resources), node_labels=plain(c.reward_labels),
+                          restart_timeout_s=c.reward_restart_s)
+
+    # every actor of every pool, numbered across pools (the driver's readiness checks and timeline lanes)
+    @property
+    def actors(self) -> list[Any]:
+        return [a for p in self.pools for a in p.actors]
+
+    def _locate(self, i: int) -> tuple["RewardPool", int]:
+        for pool in self.pools:
+            if i < len(pool.actors):
+                return pool, i
+            i -= len(pool.actors)
+        raise IndexError(i)
+
+    @property
+    def retries(self) -> int:
+        return sum(p.retries for p in self.pools)
+
+    def ready(self) -> list[Any]:
+        return [f for p in self.pools for f in p.ready()]
+
+    def note_pid(self, i: int, pid: int) -> None:
+        pool, j = self._locate(i)
+        pool.note_pid(j, pid)
+
+    @property
+    def pids(self) -> dict[int, int]:
+        """Actor index (across pools) -> process id last seen."""
+        out, offset = {}, 0
+        for pool in self.pools:
+            out.update({offset + j: pid for j, pid in pool.pids.items()})
+            offset += len(pool.actors)
+        return out
+
+    def lane(self, pid: Optional[int]) -> str:
+        """The timeline lane of the reward actor whose process scored a group."""
+        by_pid = {p: i for i, p in self.pids.items()}
+        return f"actor {by_pid[pid]}" if pid in by_pid else f"actor pid {pid}"
+
+    def submit(self, items: Sequence[Mapping[str, Any]], trajectories: Sequence[Any] = (),
+               actor: Optional[int] = None) -> PendingScores:
+        """Start scoring `items` on every pool (`RewardPool.submit`) without waiting."""
+        return PendingScores([p.submit(items, trajectories, actor) for p in self.pools])
+
+    def result(self, pending: PendingScores) -> list[RewardResult]:
+        """Wait for every pool's part; one merged `RewardResult` per group."""
+        parts = [pool.result(part) for pool, part in zip(self.pools, pending.parts)]
+        if len(parts) == 1:
+            return parts[0]
+        return [merge_results(per_pool) for per_pool in zip(*parts)]
+
+    def score_groups(self, items: Sequence[Mapping[str, Any]]) -> list[RewardResult]:
+        """Score groups (blocking, with one retry per pool)."""
+        return self.result(self.submit(items))
+
+    def map(self, batches: Sequence[Sequence[Mapping[str, Any]]]) -> list[list[RewardResult]]:
+        """Score several lists of groups concurrently, one call per list and pool."""
+        pending = [self.submit(b) for b in batches]
+        return [self.result(p) for p in pending]
+
+    def stats(self) -> list[dict[str, Any]]:
+        return [s for p in self.pools for s in p.stats()]
+
+    def shutdown(self) -> None:
+        for p in self.pools:
+            p.shutdown()
+
+
+def merge_results(parts: Sequence[RewardResult]) -> RewardResult:
+    """One group's result from several pools' results: rewards summed, components and details joined."""
+    return RewardResult(rewards=sum((p.rewards for p in parts[1:]), parts[0].rewards.clone()),
+                        components={k: v for p in parts for k, v in p.components.items()},
+                        details={k: v for p in parts for k, v in p.details.items()},
+                        span=(min(p.span[0] for p in parts), max(p.span[1] for p in parts)), pid=parts[0].pid)
+
+
+class RewardPool:
+    """Actors with the same rewards in the same environment. Round-robins scoring calls over them; retries a
+    failed call once on the next actor (the same one, once the backend has restarted it, when there is only one),
+    then raises RewardGroupError naming the reward. `timeout_s` bounds each wait for a result (None: no limit)."""
 
     def __init__(self, backend: Backend, actors: Sequence[Any], labels: Optional[Sequence[str]] = None,
                  timeout_s: Optional[float] = None, restart_timeout_s: float = 120.0):
         if not actors:
-            raise ValueError("a RewardGroup needs at least one actor")
+            raise ValueError("a RewardPool needs at least one actor")
         self.backend = backend
         self.actors = list(actors)
         self.labels = list(labels) if labels is not None else None
@@ -68,25 +200,17 @@ class RewardGroup:
                decoder: Mapping[str, Any] | str | None = None, batch_size: int = 32, num_gpus: float = 0,
                num_cpus: float = 1, max_restarts: int = 1, device: Optional[str] = None,
                timeout_s: Optional[float] = None, resources: Optional[Mapping[str, float]] = None,
-               node_labels: Optional[Mapping[str, str]] = None, restart_timeout_s: float = 120.0) -> "RewardGroup":
+               node_labels: Optional[Mapping[str, str]] = None, restart_timeout_s: float = 120.0,
+               runtime_env: Optional[Mapping[str, Any]] = None) -> "RewardPool":
         """Start `num_actors` reward actors with the same rewards and decoder (on nodes with `resources` /
-        `node_labels`, if given). Calls run in the order their trajectories arrive, not the order they were
-        submitted (out-of-order actors)."""
+        `node_labels`, in `runtime_env`, if given). Calls run in the order their trajectories arrive, not the
+        order they were submitted (out-of-order actors)."""
         spec = ActorSpec(RewardWorker, (list(rewards), decoder, batch_size, device), num_cpus=num_cpus,
                          num_gpus=num_gpus, max_restarts=max_restarts, out_of_order=True,
-                         resources=dict(resources or {}), labels=dict(node_labels or {}))
+                         resources=dict(resources or {}), labels=dict(node_labels or {}),
+                         runtime_env=dict(runtime_env) if runtime_env else None)
         labels = [r.get("label") or r["name"] for r in rewards]
         return cls(backend, [backend.start(spec) for _ in range(num_actors)], labels, timeout_s, restart_timeout_s)
-
-    @classmethod
-    def from_config(cls, backend: Backend, cfg: DictConfig, specs: Any = None) -> "RewardGroup":
-        """The run's reward actors (`cfg.rewards`, or other `specs` such as the evaluation's)."""
-        c = cfg.cluster
-        return cls.create(backend, reward_specs(cfg, cfg.rewards if specs is None else specs),
-                          num_actors=c.num_reward_actors, decoder=decoder_spec(cfg), num_gpus=c.reward_gpus,
-                          num_cpus=c.cpus_per_actor, max_restarts=c.max_restarts, device=role_device(c.reward_gpus),
-                          resources=plain(c.reward_resources), node_labels=plain(c.reward_labels),
-                          restart_timeout_s=c.reward_restart_s)
 
     def _names(self) -> str:
         return ", ".join(self.labels) if self.labels else "the group's rewards"
@@ -142,20 +266,6 @@ class RewardGroup:
         if old is not None and old != pid:
             print(f"[maskgrpo] reward actor {i} was restarted (pid {old} -> {pid})", flush=True)
         self.pids[i] = pid
-
-    def lane(self, pid: Optional[int]) -> str:
-        """The timeline lane of the reward actor whose process scored a group."""
-        by_pid = {p: i for i, p in self.pids.items()}
-        return f"actor {by_pid[pid]}" if pid in by_pid else f"actor pid {pid}"
-
-    def score_groups(self, items: Sequence[Mapping[str, Any]]) -> list[RewardResult]:
-        """Score groups on one actor (blocking, with one retry)."""
-        return self.result(self.submit(items))
-
-    def map(self, batches: Sequence[Sequence[Mapping[str, Any]]]) -> list[list[RewardResult]]:
-        """Score several lists of groups concurrently, one call per list spread round robin over the actors."""
-        pending = [self.submit(b) for b in batches]
-        return [self.result(p) for p in pending]
 
     def stats(self) -> list[dict[str, Any]]:
         return self.backend.get([self.backend.call(a, "stats") for a in self.actors])

@@ -260,7 +260,7 @@ class RolloutGroup:
                 if rewards is not None and p.score is None:        # dispatched without rewards: score now
                     p.score = _submit_score(rewards, p)
                 if p.score is not None:
-                    while not self._wait([p.score.future]):
+                    while len(self._wait(p.score.futures)) < len(p.score.futures):
                         pass
                     try:
                         scores = rewards.result(p.score)

@@ -145,3 +145,49 @@ def test_worker_decodes_shapes_world_codes_for_geneval():
     assert worker.stats()["batch_sizes"] == [8, 4]
     assert all(torch.equal(o.rewards, torch.ones(3)) for o in out)
     assert all(torch.equal(o.details["geneval/strict"], torch.ones(3)) for o in out)
+
+
+@pytest.mark.integration
+def test_rewards_with_their_own_runtime_env_are_scored_by_actors_that_see_it(ray_cluster, tmp_path):
+    """Three rewards, three environments, no network: one sets an environment variable, one imports a module that
+    only its runtime_env's py_modules carries (the driver cannot import it), one runs in the run's environment.
+    Each is scored by its own actor pool; the group's reward is the weighted sum over all three."""
+    import importlib.util
+    import zipfile
+    package = tmp_path / "isolated.zip"       # Ray's remote-package layout: one top-level folder holding the modules
+    with zipfile.ZipFile(package, "w") as z:
+        z.writestr("pkg/isolated_reward_mod/__init__.py",
+                   "import torch\nfrom rewards.base import Reward\n\n"
+                   "class Reward7(Reward):\n    def __init__(self, device=None):\n        pass\n\n"
+                   "    def _score(self, images, prompts, metadata):\n        return torch.full((images.shape[0],), 0.7)\n")
+    assert importlib.util.find_spec("isolated_reward_mod") is None
+    var = "MASKGRPO_TEST_REWARD_ENV"
+    specs = [{"name": "tests.helpers.rewards:EnvVarReward", "label": "env", "var": var, "weight": 2.0,
+              "runtime_env": {"env_vars": {var: "0.25"}}},
+             {"name": "isolated_reward_mod:Reward7", "label": "isolated", "weight": 1.0,
+              "runtime_env": {"py_modules": [package.as_uri()]}},
+             {"name": "tests.helpers.rewards:EnvVarReward", "label": "plain", "var": var, "weight": 0.5}]
+    group = RewardGroup.create(RayBackend(), specs, num_actors=1, num_cpus=0.5)
+    try:
+        assert [p.labels for p in group.pools] == [["env"], ["isolated"], ["plain"]]
+        assert len(set(ray_cluster.get(group.ready()))) == 3                # three processes
+        out = group.score_groups([{"images": torch.zeros(3, 8, 8, 3, dtype=torch.uint8), "prompts": ["a"] * 3}])
+        comps = {k: v.tolist() for k, v in out[0].components.items()}
+        assert comps == {"env": [0.25] * 3, "isolated": [pytest.approx(0.7)] * 3, "plain": [-1.0] * 3}
+        assert torch.allclose(out[0].rewards, torch.full((3,), 2.0 * 0.25 + 0.7 - 0.5))
+    finally:
+        group.shutdown()
+
+
+def test_runtime_env_needs_ray_and_a_mapping(tmp_path):
+    from cluster.config import ConfigError, load_config
+    env = "{env_vars: {A: '1'}}"
+    with pytest.raises(ConfigError, match=r"rewards\[0\].runtime_env: only Ray"):
+        load_config("configs/tiny.yaml", ["cluster.backend=local", f"output_dir={tmp_path}",
+                                          f"rewards=[{{name: geneval, detector: {{name: shapes}}, runtime_env: {env}}}]"])
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config("configs/tiny.yaml", [f"output_dir={tmp_path}",
+                                          "rewards=[{name: geneval, detector: {name: shapes}, runtime_env: pip}]"])
+    with pytest.raises(ConfigError, match=r"py_modules.*a local path.*file://"):   # Ray: local dirs only per job
+        load_config("configs/tiny.yaml", [f"output_dir={tmp_path}", "rewards=[{name: geneval, detector: "
+                                          f"{{name: shapes}}, runtime_env: {{py_modules: [{tmp_path}]}}}}]"])

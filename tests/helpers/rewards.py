@@ -1,4 +1,4 @@
-"""Test-only rewards (constant, pixel mean, flaky via a flag file, failing, NaN) and a toy code decoder.
+"""Test-only rewards (constant, environment variable, pixel mean, flaky via a flag file, failing, NaN) and a toy code decoder.
 
 Nothing here is registered by name: use import paths, e.g. ``{"name": "tests.helpers.rewards:FlakyReward", ...}``
 (reward actors import them: the repository root is on their PYTHONPATH)."""
@@ -21,6 +21,17 @@ class ConstantReward(Reward):
 
     def _score(self, images, prompts, metadata):
         return torch.full((images.shape[0],), self.value)
+
+
+class EnvVarReward(Reward):
+    """Every sample scores float(os.environ[var]), or `missing` where the variable is unset: which environment
+    the scoring process sees (per-reward runtime_env)."""
+
+    def __init__(self, var: str, missing: float = -1.0, device: Optional[str] = None):
+        self.var, self.missing = var, float(missing)
+
+    def _score(self, images, prompts, metadata):
+        return torch.full((images.shape[0],), float(os.environ.get(self.var, self.missing)))
 
 
 class PixelMeanReward(Reward):
