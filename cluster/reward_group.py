@@ -122,6 +122,52 @@ class RewardGroup:
     def ready(self) -> list[Any]:
         return [f for p in self.pools for f in p.ready()]
 
+    # ----- elasticity: an actor whose process or node is gone leaves the rotation at once; it comes back when
+    # Ray has restarted it (on any node with room, e.g. one that joined), or a new actor replaces one whose
+    # restarts are used up. No call waits for that while another actor is in service.
+    def in_service(self) -> list[int]:
+        """Actor indices in the rotation (all of them while none is: calls then wait for a restart)."""
+        self._probe()
+        live = [i for i in range(len(self.actors)) if i not in self.out]
+        return live or list(range(len(self.actors)))
+
+    def _take_out(self, i: int, err: BaseException) -> None:
+        if i in self.out:
+            return
+        print(f"[maskgrpo] reward actor {i} is out of service ({type(err).__name__}); its calls go to the "
+              f"others until it is back", flush=True)
+        if isinstance(err, self.backend.dead_errors) and self.spec is not None:
+            self._replace(i)
+        else:
+            self.out[i] = self.backend.call(self.actors[i], "ping")
+
+    def _replace(self, i: int) -> None:
+        print(f"[maskgrpo] starting a new reward actor {i} in place of one gone for good (it starts when the "
+              f"cluster has room for it)", flush=True)
+        self.actors[i] = self.backend.start(self.spec)
+        self.out[i] = self.backend.call(self.actors[i], "ping")
+
+    def _probe(self) -> None:
+        """Bring back the actors whose ping has answered."""
+        if not self.out:
+            return
+        done, _ = self.backend.wait(list(self.out.values()), timeout=0)
+        answered = {id(f) for f in done}
+        for i, ping in list(self.out.items()):
+            if id(ping) not in answered:
+                continue
+            try:
+                self.note_pid(i, self.backend.get(ping))
+            except self.backend.dead_errors:
+                if self.spec is not None:
+                    self._replace(i)
+                continue
+            except Exception:                   # still coming back: ask again
+                self.out[i] = self.backend.call(self.actors[i], "ping")
+                continue
+            del self.out[i]
+            print(f"[maskgrpo] reward actor {i} is back in service", flush=True)
+
     def note_pid(self, i: int, pid: int) -> None:
         pool, j = self._locate(i)
         pool.note_pid(j, pid)
@@ -183,7 +229,8 @@ class RewardPool:
     then raises RewardGroupError naming the reward. `timeout_s` bounds each wait for a result (None: no limit)."""
 
     def __init__(self, backend: Backend, actors: Sequence[Any], labels: Optional[Sequence[str]] = None,
-                 timeout_s: Optional[float] = None, restart_timeout_s: float = 120.0):
+                 timeout_s: Optional[float] = None, restart_timeout_s: float = 120.0,
+                 spec: Optional[ActorSpec] = None):
         if not actors:
             raise ValueError("a RewardPool needs at least one actor")
         self.backend = backend
@@ -191,9 +238,11 @@ class RewardPool:
         self.labels = list(labels) if labels is not None else None
         self.timeout_s = timeout_s
         self.restart_timeout_s = restart_timeout_s
+        self.spec = spec                   # how to start a replacement for an actor gone for good
         self._next = itertools.count()
         self.retries = 0
         self.pids: dict[int, int] = {}     # actor index -> process id last seen (a restart changes it)
+        self.out: dict[int, Any] = {}      # actors out of service (died; restarting or replaced) -> their ping
 
     @classmethod
     def create(cls, backend: Backend, rewards: Sequence[Mapping[str, Any]], num_actors: int = 1,
@@ -210,7 +259,8 @@ class RewardPool:
                          resources=dict(resources or {}), labels=dict(node_labels or {}),
                          runtime_env=dict(runtime_env) if runtime_env else None)
         labels = [r.get("label") or r["name"] for r in rewards]
-        return cls(backend, [backend.start(spec) for _ in range(num_actors)], labels, timeout_s, restart_timeout_s)
+        return cls(backend, [backend.start(spec) for _ in range(num_actors)], labels, timeout_s, restart_timeout_s,
+                   spec)
 
     def _names(self) -> str:
         return ", ".join(self.labels) if self.labels else "the group's rewards"
@@ -224,7 +274,11 @@ class RewardPool:
         """Start scoring `items` on the next actor (round robin) without waiting. `trajectories`: futures of the
         groups' trajectories (item i is scored on ``trajectories[i].final_codes``): the call starts when they
         exist, so a rollout's groups can be submitted as soon as the rollout is dispatched."""
-        i = next(self._next) % len(self.actors) if actor is None else actor % len(self.actors)
+        if actor is None:
+            live = self.in_service()
+            i = live[next(self._next) % len(live)]
+        else:
+            i = actor % len(self.actors)
         future = self.backend.call(self.actors[i], "score_groups", items, *trajectories)
         return PendingScore(future, i, items, tuple(trajectories))
 
@@ -234,7 +288,10 @@ class RewardPool:
             return self.backend.get(pending.future, timeout=self.timeout_s)
         except Exception as first:  # an exception in a reward, a dead actor, a timeout
             self.retries += 1
-            target = (pending.actor + 1) % len(self.actors)
+            if isinstance(first, self.backend.actor_errors):       # its process or node is gone
+                self._take_out(pending.actor, first)
+            others = [i for i in self.in_service() if i != pending.actor and i not in self.out]
+            target = others[0] if others else (pending.actor + 1) % len(self.actors)
             print(f"[maskgrpo] reward call failed on actor {pending.actor} ({type(first).__name__}: "
                   f"{str(first).splitlines()[0] if str(first) else ''}); retrying once on actor {target}", flush=True)
             self._wait_ready(target)
@@ -248,17 +305,69 @@ class RewardPool:
 
     def _wait_ready(self, i: int) -> None:
         """Wait (up to ``restart_timeout_s``) while actor `i` is restarting after its process died."""
-        deadline = time.monotonic() + self.restart_timeout_s
+        deadline, replaced = time.monotonic() + self.restart_timeout_s, False
         while time.monotonic() < deadline:
             try:
-                pid = self.backend.get(self.backend.call(self.actors[i], "ping"),
+                pid = self.backend.get(self.out.get(i) or self.backend.call(self.actors[i], "ping"),
                                        timeout=max(deadline - time.monotonic(), 0.1))
                 self.note_pid(i, pid)
+                self.out.pop(i, None)
                 return
-            except self.backend.dead_errors:    # dead for good (restarts used up): let the retry report it
-                return
-            except Exception:                   # still restarting, or the wait timed out
+            except self.backend.dead_errors:    # dead for good (restarts used up)
+                if self.spec is None or replaced:
+                    return                      # nothing (more) to start in its place: let the retry report it
+                self._replace(i)
+                replaced = True
+            except Exception:                   # still restarting, or the wait timed out: ask again
+                if i in self.out:
+                    self.out[i] = self.backend.call(self.actors[i], "ping")
                 time.sleep(0.2)
+
+    # ----- elasticity: an actor whose process or node is gone leaves the rotation at once; it comes back when
+    # Ray has restarted it (on any node with room, e.g. one that joined), or a new actor replaces one whose
+    # restarts are used up. No call waits for that while another actor is in service.
+    def in_service(self) -> list[int]:
+        """Actor indices in the rotation (all of them while none is: calls then wait for a restart)."""
+        self._probe()
+        live = [i for i in range(len(self.actors)) if i not in self.out]
+        return live or list(range(len(self.actors)))
+
+    def _take_out(self, i: int, err: BaseException) -> None:
+        if i in self.out:
+            return
+        print(f"[maskgrpo] reward actor {i} is out of service ({type(err).__name__}); its calls go to the "
+              f"others until it is back", flush=True)
+        if isinstance(err, self.backend.dead_errors) and self.spec is not None:
+            self._replace(i)
+        else:
+            self.out[i] = self.backend.call(self.actors[i], "ping")
+
+    def _replace(self, i: int) -> None:
+        print(f"[maskgrpo] starting a new reward actor {i} in place of one gone for good (it starts when the "
+              f"cluster has room for it)", flush=True)
+        self.actors[i] = self.backend.start(self.spec)
+        self.out[i] = self.backend.call(self.actors[i], "ping")
+
+    def _probe(self) -> None:
+        """Bring back the actors whose ping has answered."""
+        if not self.out:
+            return
+        done, _ = self.backend.wait(list(self.out.values()), timeout=0)
+        answered = {id(f) for f in done}
+        for i, ping in list(self.out.items()):
+            if id(ping) not in answered:
+                continue
+            try:
+                self.note_pid(i, self.backend.get(ping))
+            except self.backend.dead_errors:
+                if self.spec is not None:
+                    self._replace(i)
+                continue
+            except Exception:                   # still coming back: ask again
+                self.out[i] = self.backend.call(self.actors[i], "ping")
+                continue
+            del self.out[i]
+            print(f"[maskgrpo] reward actor {i} is back in service", flush=True)
 
     def note_pid(self, i: int, pid: int) -> None:
         """Record actor `i`'s process id (from `ping`); a new one means it was restarted: say so."""

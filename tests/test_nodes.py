@@ -275,3 +275,59 @@ def test_a_weight_transfer_that_fails_because_the_learner_died_is_a_learner_fail
         else:
             assert handover.sync(rollouts).path == SyncPath.object_store       # a live learner: the fallback
         assert tries == expected
+
+
+def test_reward_actors_out_of_service_leave_the_rotation_and_come_back_or_are_replaced(capsys):
+    """The reward pool's elasticity without Ray (a local backend whose actors can 'die'): a call that fails because
+    its actor is gone is retried at once on another; the gone actor gets no calls until it answers again (Ray
+    restarted it); one gone for good is replaced by a new actor from the pool's spec."""
+    import torch
+    from cluster.backend import ActorSpec, LocalBackend
+    from cluster.reward_group import RewardPool
+    from rewards.worker import RewardResult
+
+    class Gone(Exception):
+        pass
+
+    class GoneForGood(Gone):
+        pass
+
+    class Backend(LocalBackend):
+        actor_errors, dead_errors = (Gone,), (GoneForGood,)
+
+    class Scorer:
+        started = 0
+
+        def __init__(self):
+            Scorer.started += 1
+            self.calls, self.down = 0, None
+
+        def ping(self):
+            if self.down:
+                raise self.down("the actor is gone")
+            return id(self)
+
+        def score_groups(self, items, *trajectories):
+            self.ping()
+            self.calls += 1
+            return [RewardResult(torch.ones(2), {}, {}, (0.0, 0.0), id(self)) for _ in items]
+
+    spec = ActorSpec(Scorer)
+    backend = Backend()
+    pool = RewardPool(backend, [backend.start(spec) for _ in range(3)], ["one"], spec=spec)
+    items = [{"images": None, "prompts": ["a", "b"]}]
+    a0, a1, a2 = pool.actors
+    a1.down = Gone
+    results = [pool.result(pool.submit(items)) for _ in range(9)]
+    assert all(r[0].rewards.tolist() == [1.0, 1.0] for r in results)      # every call answered
+    assert a1.calls == 0 and a0.calls + a2.calls == 9 and pool.retries == 1
+    assert 1 in pool.out and "reward actor 1 is out of service" in capsys.readouterr().out
+    a1.down = None                                                          # restarted: back after its ping
+    for _ in range(6):
+        pool.result(pool.submit(items))
+    assert a1.calls > 0 and not pool.out and "reward actor 1 is back in service" in capsys.readouterr().out
+    a2.down = GoneForGood
+    for _ in range(6):
+        pool.result(pool.submit(items))
+    assert pool.actors[2] is not a2 and pool.actors[2].calls > 0 and Scorer.started == 4
+    assert "starting a new reward actor 2" in capsys.readouterr().out
