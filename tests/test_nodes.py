@@ -331,3 +331,28 @@ def test_reward_actors_out_of_service_leave_the_rotation_and_come_back_or_are_re
         pool.result(pool.submit(items))
     assert pool.actors[2] is not a2 and pool.actors[2].calls > 0 and Scorer.started == 4
     assert "starting a new reward actor 2" in capsys.readouterr().out
+
+
+def test_a_group_that_fails_on_three_workers_ends_the_run_with_one_line(tmp_path, monkeypatch, capsys):
+    """Every rollout worker 'loses its node' mid-rollout (a local backend whose actors raise the backend's actor
+    error): each loss drops the worker, starts a replacement and re-issues its groups; the third failure of a group
+    ends the run with FleetError's one line, not a traceback or a hang."""
+    from actors.rollout import RolloutWorker
+    from cluster.backend import LocalBackend
+    from cluster.cli import main
+
+    class NodeGone(Exception):
+        pass
+
+    def rollout(self, *args, **kwargs):
+        raise NodeGone("the worker's node is gone")
+
+    monkeypatch.setattr(LocalBackend, "actor_errors", (NodeGone,))
+    monkeypatch.setattr(RolloutWorker, "rollout", rollout)
+    rc = main(["train", "--config", TINY, f"output_dir={tmp_path}", "cluster.backend=local", "eval.at_start=false",
+               "logging.progress=false"])
+    out = capsys.readouterr()
+    assert rc != 0
+    assert out.out.count("is gone (NodeGone") >= 3
+    last = out.err.strip().splitlines()[-1]
+    assert "failed on three rollout workers in a row" in last and "Traceback" not in out.err, out.err[-2000:]
