@@ -16,7 +16,6 @@ from learner.lora import (adapter_parameters, adapters_disabled, add_adapters, i
                           released_name)
 from learner.memory import trainable_numel
 from tests.helpers.learner import fixed_batch, model_with
-from learner.weights_export import iter_weight_buckets
 from policy.showo import Showo, write_pretrained
 from policy.weights import CheckpointError
 from tests.updates import Planner
