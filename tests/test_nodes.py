@@ -73,16 +73,20 @@ def test_roles_placed_rollout_node_lost_mid_step_and_a_joined_node_used(ray_clus
         assert backend.node(tr.rewards.actors[0]) == ray_cluster.head_node.node_id
         normal = [tr.train_step().step_seconds for _ in range(2)]
 
-        # kill a rollout node while the step's rollouts are in flight (its worker's groups are mid-sampling)
+        # kill a rollout node as the step dispatches its rollouts, before the driver knows: its worker's groups
+        # are sent to a worker Ray has marked dead. (Killing the node just after the dispatch raced the tiny
+        # rollout, which the orphaned worker process could still finish: then nothing was lost to re-issue.)
         victim_id = min(tr.rollouts.workers)
         victim_node = next(n for n in rollout_nodes if _node_id(n) == tr.rollouts.nodes[victim_id])
         real_dispatch = tr.rollouts.dispatch
 
         def dispatch_then_kill(*args, **kwargs):
-            pending = real_dispatch(*args, **kwargs)
             if victim_id in tr.rollouts.workers:
                 ray_cluster.remove_node(victim_node, allow_graceful=False)
-            return pending
+                t0 = time.monotonic()
+                while backend.alive(tr.rollouts.workers[victim_id]) and time.monotonic() - t0 < 60:
+                    time.sleep(0.1)
+            return real_dispatch(*args, **kwargs)
 
         tr.rollouts.dispatch = dispatch_then_kill
         step = tr.step
