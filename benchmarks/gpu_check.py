@@ -293,7 +293,8 @@ def e2e_config(args, arch, device: torch.device, zero_stage: int, output_dir: st
         "sampler": {"steps": args.steps},
         "learner": {"transition": args.transition, "lr": args.lr, "warmup_steps": 1, "total_steps": 100,
                     "zero_stage": zero_stage, "reduction": "random_k", "reduction_k": args.k,
-                    "micro_batch_rows": args.micro_batch_rows, "gradient_checkpointing": None},
+                    "micro_batch_rows": args.micro_batch_rows, "gradient_checkpointing": None,
+                    "lora": {"rank": args.lora_rank, "alpha": 2.0 * max(args.lora_rank, 1)}},
         "data": {"prompts_per_step": 1, "group_size": args.group},
         "cluster": {"backend": "local", "rollout_gpus": gpus, "learner_gpus": gpus, "reward_gpus": gpus,
                     "weight_bucket_mb": max(1, args.bucket_bytes >> 20)},
@@ -542,6 +543,8 @@ def main(argv=None) -> int:
     ap.add_argument("--micro-batch-rows", type=int, default=0,
                     help="default 0: from free GPU memory, as learner.micro_batch_rows=0 (checkpointing: auto)")
     ap.add_argument("--bucket-bytes", type=int, default=256 << 20)
+    ap.add_argument("--lora-rank", type=int, default=0,
+                    help="the end-to-end stage with LoRA adapters of this rank (alpha = 2 x rank; 0: full fine-tuning)")
     ap.add_argument("--peak-flops", type=float, default=None, help="bf16 peak FLOP/s (default by device name)")
     ap.add_argument("--budget-s", type=float, default=240.0, help="skip the extra ZeRO stages after this long")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for --tiny on the CPU)")

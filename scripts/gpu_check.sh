@@ -23,7 +23,8 @@ if [ "${1:-}" = "fetch" ]; then
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
     "pydantic==$(ver pydantic)" "pydantic-core==$(ver pydantic_core)" "annotated-types==$(ver annotated_types)" \
     "typing-inspection==$(ver typing_inspection)" "hjson==$(ver hjson)" \
-    "omegaconf==$(ver omegaconf)" "antlr4-python3-runtime==$(ver antlr4-python3-runtime)" "pillow==$(ver pillow)"
+    "omegaconf==$(ver omegaconf)" "antlr4-python3-runtime==$(ver antlr4-python3-runtime)" "pillow==$(ver pillow)" \
+    "peft==$(ver peft)" "accelerate==$(ver accelerate)"    # LoRA: `bash scripts/gpu_check.sh --lora-rank 64`
   ls -l .whl
   exit 0
 fi

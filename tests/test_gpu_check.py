@@ -49,3 +49,20 @@ def test_gpu_check_tiny_on_cpu_without_ray(tmp_path):
     # 6 trained steps per rollout in runs of 3 rows (the GPU default, 0, sizes them from free memory)
     assert figures["micro_batch_plan"].startswith("4 rows per micro-batch, checkpointing off")
     assert figures["learner_metrics"]["micro_batches"] == 2 * figures["learner_metrics"]["rows"] / 6
+
+
+@pytest.mark.integration
+def test_gpu_check_tiny_with_lora_hands_over_only_the_adapters(tmp_path):
+    """`--lora-rank`: the end-to-end stage (the product's step) trains adapters and hands over only them; on a GPU
+    this is the bf16 / CUDA path of LoRA, on the CPU here the same code in fp32."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+    figures = {}
+    for rank in (0, 4):
+        out = tmp_path / f"rank{rank}.json"
+        proc = subprocess.run([sys.executable, "-c", BLOCKED_RUN, "--tiny", "--device", "cpu", "--json", str(out),
+                               "--lora-rank", str(rank), "--zero", "0"],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0 and "ALL CHECKS PASSED" in proc.stdout, (proc.stdout + proc.stderr)[-6000:]
+        figures[rank] = json.loads(out.read_text())["figures"]["e2e_metrics"]
+    assert 0 < figures[4]["sync_bytes"] < 0.5 * figures[0]["sync_bytes"], (figures[4]["sync_bytes"],
+                                                                           figures[0]["sync_bytes"])
