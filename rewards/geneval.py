@@ -331,24 +331,11 @@ class GenEvalReward(Reward):
         for item, dets, r in zip(items, detections, self.engine.evaluate_batch(items, detections, images)):
             r.asked = sum(int(c.get("count", 1)) for c in item.include)
             r.found = sum(1 for d in dets if d.score > self.threshold)
-            extra = r.found - r.asked - (self._graded_surplus(item, dets) if self.count_credit == CountCredit.graded
-                                         else 0)
-            if self.max_extra_objects is not None and extra > self.max_extra_objects:
-                reason = "; ".join(x for x in (r.reason, f"{extra} extra objects") if x)
+            if self.max_extra_objects is not None and r.found - r.asked > self.max_extra_objects:
+                reason = "; ".join(x for x in (r.reason, f"{r.found - r.asked} extra objects") if x)
                 r = GenEvalResult(False, 0, r.total, reason, r.asked, r.found, credit=0.0)
             out.append(r)
         return out
-
-    def _graded_surplus(self, item: GenEvalItem, dets: Sequence[Detection]) -> int:
-        """Objects beyond an include clause's count of a class that an exclude clause also bounds: with graded
-        credit that clause already scores them (``exclude_count_credit``), so they are not extras as well."""
-        bounded = {c["class"] for c in item.exclude}
-        surplus = 0
-        for c in item.include:
-            if c["class"] in bounded:
-                found = sum(1 for d in dets if d.label == c["class"] and d.score > self.threshold)
-                surplus += max(0, found - int(c.get("count", 1)))
-        return surplus
 
     def _score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]):
         results = self.evaluate(images, prompts, metadata)
