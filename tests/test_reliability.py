@@ -122,6 +122,7 @@ def test_ctrl_c_during_the_update_saves_a_consistent_checkpoint_and_resume_repea
 def test_interrupt_guard_defers_then_raises_and_a_second_ctrl_c_stops_at_once():
     from cluster.train import InterruptGuard
     guard, done = InterruptGuard(), []
+    before = signal.getsignal(signal.SIGINT)     # default_int_handler, or SIG_IGN in a background shell job
     with pytest.raises(KeyboardInterrupt):
         with guard.deferred():
             os.kill(os.getpid(), signal.SIGINT)
@@ -136,7 +137,7 @@ def test_interrupt_guard_defers_then_raises_and_a_second_ctrl_c_stops_at_once():
             time.sleep(5)
             done.append("never")
     assert done == ["the step finished"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
     # SIGTERM (what `ray job stop` sends) is deferred the same way, and the default handler comes back
     term_before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):

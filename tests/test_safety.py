@@ -294,16 +294,22 @@ def test_two_signals_while_the_main_thread_waits_in_c_stop_at_once():
         time.sleep(0.3)
         os.kill(os.getpid(), signal.SIGINT)
     done = []
-    a = torch.randn(3000, 3000)
+    before = signal.getsignal(signal.SIGINT)     # default_int_handler, or SIG_IGN in a background shell job
+    # one C call of >= ~1.5 s, whatever the CPU: size the matmul from a timed small one (n^3 work)
+    b = torch.randn(1000, 1000)
+    t0 = time.monotonic()
+    b @ b
+    n = min(12000, int(1000 * (1.5 / max(time.monotonic() - t0, 1e-4)) ** (1 / 3)) + 1)
+    a = torch.randn(n, n)
     with pytest.raises(KeyboardInterrupt):
         with InterruptGuard().deferred():
             threading.Thread(target=two_ctrl_c).start()
             t0 = time.monotonic()
-            a @ a                                    # one C call of ~1 s+ (one thread): both signals land inside
+            a @ a                                    # both signals land inside this one C call
             assert time.monotonic() - t0 > 0.6, "the C call was too short to hold both signals"
             time.sleep(2)
             done.append("the step finished")
-    assert done == [] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert done == [] and signal.getsignal(signal.SIGINT) is before
 
 
 def test_test_rewards_take_the_reward_actors_device_option():
