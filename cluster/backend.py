@@ -87,6 +87,10 @@ class LocalBackend:
     lost_errors: tuple[type[BaseException], ...] = (_NoError,)
 
     def start(self, spec: ActorSpec) -> Any:
+        if spec.runtime_env:
+            raise ValueError(f"{spec.cls.__name__} asks for a runtime_env, which only Ray can apply (a separate "
+                             f"environment per actor): set cluster.backend=ray, or drop runtime_env and install "
+                             f"its packages in this environment")
         return spec.cls(*spec.args)
 
     def call(self, actor: Any, method: str, *args: Any, num_returns: int = 1) -> Any:

@@ -162,7 +162,7 @@ def _serve_reward(cfg, args: argparse.Namespace) -> int:
         return 2
     srv = section(cfg, "reward_server")
     specs = reward_specs(cfg, cfg.rewards)
-    if any(s.pop("runtime_env", None) for s in specs):
+    if any([s.pop("runtime_env", None) for s in specs]):     # a list: every spec loses the key, not only the first
         print("maskgrpo serve-reward: runtime_env in a reward spec is ignored here: a reward server runs in the "
               "environment it is started in", file=sys.stderr)
     from rewards.server import serve

@@ -86,12 +86,8 @@ class RewardGroup:
     def create(cls, backend: Backend, rewards: Sequence[Mapping[str, Any]], num_actors: int = 1,
                **options: Any) -> "RewardGroup":
         """`num_actors` actors per environment pool (the options: `RewardPool.create`)."""
-        envs = split_by_environment(rewards)
-        if backend.name == "local" and any(env for env, _ in envs):
-            raise ValueError("a reward spec sets runtime_env, which only Ray can apply (a separate environment "
-                             "per actor pool): set cluster.backend=ray, or drop runtime_env and install the "
-                             "reward's packages in this environment")
-        return cls([RewardPool.create(backend, specs, num_actors, runtime_env=env, **options) for env, specs in envs])
+        return cls([RewardPool.create(backend, specs, num_actors, runtime_env=env, **options)
+                    for env, specs in split_by_environment(rewards)])
 
     @classmethod
     def from_config(cls, backend: Backend, cfg: DictConfig, specs: Any = None) -> "RewardGroup":
@@ -121,52 +117,6 @@ class RewardGroup:
 
     def ready(self) -> list[Any]:
         return [f for p in self.pools for f in p.ready()]
-
-    # ----- elasticity: an actor whose process or node is gone leaves the rotation at once; it comes back when
-    # Ray has restarted it (on any node with room, e.g. one that joined), or a new actor replaces one whose
-    # restarts are used up. No call waits for that while another actor is in service.
-    def in_service(self) -> list[int]:
-        """Actor indices in the rotation (all of them while none is: calls then wait for a restart)."""
-        self._probe()
-        live = [i for i in range(len(self.actors)) if i not in self.out]
-        return live or list(range(len(self.actors)))
-
-    def _take_out(self, i: int, err: BaseException) -> None:
-        if i in self.out:
-            return
-        print(f"[maskgrpo] reward actor {i} is out of service ({type(err).__name__}); its calls go to the "
-              f"others until it is back", flush=True)
-        if isinstance(err, self.backend.dead_errors) and self.spec is not None:
-            self._replace(i)
-        else:
-            self.out[i] = self.backend.call(self.actors[i], "ping")
-
-    def _replace(self, i: int) -> None:
-        print(f"[maskgrpo] starting a new reward actor {i} in place of one gone for good (it starts when the "
-              f"cluster has room for it)", flush=True)
-        self.actors[i] = self.backend.start(self.spec)
-        self.out[i] = self.backend.call(self.actors[i], "ping")
-
-    def _probe(self) -> None:
-        """Bring back the actors whose ping has answered."""
-        if not self.out:
-            return
-        done, _ = self.backend.wait(list(self.out.values()), timeout=0)
-        answered = {id(f) for f in done}
-        for i, ping in list(self.out.items()):
-            if id(ping) not in answered:
-                continue
-            try:
-                self.note_pid(i, self.backend.get(ping))
-            except self.backend.dead_errors:
-                if self.spec is not None:
-                    self._replace(i)
-                continue
-            except Exception:                   # still coming back: ask again
-                self.out[i] = self.backend.call(self.actors[i], "ping")
-                continue
-            del self.out[i]
-            print(f"[maskgrpo] reward actor {i} is back in service", flush=True)
 
     def note_pid(self, i: int, pid: int) -> None:
         pool, j = self._locate(i)

@@ -191,3 +191,10 @@ def test_runtime_env_needs_ray_and_a_mapping(tmp_path):
     with pytest.raises(ConfigError, match=r"py_modules.*a local path.*file://"):   # Ray: local dirs only per job
         load_config("configs/tiny.yaml", [f"output_dir={tmp_path}", "rewards=[{name: geneval, detector: "
                                           f"{{name: shapes}}, runtime_env: {{py_modules: [{tmp_path}]}}}}]"])
+
+
+def test_the_local_backend_refuses_a_runtime_env_it_cannot_apply():
+    from cluster.backend import LocalBackend
+    spec = {"name": "tests.helpers.rewards:ConstantReward", "runtime_env": {"env_vars": {"A": "1"}}}
+    with pytest.raises(ValueError, match="only Ray can apply"):
+        RewardGroup.create(LocalBackend(), [spec])
