@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,13 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.net import free_port
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait(what: str, check, timeout: float, every: float = 0.5):
@@ -38,7 +33,7 @@ def ray_head(tmp_path, monkeypatch):
     """A head node of its own (not `ray stop`, which would stop every Ray on the machine): `--block` keeps it in
     the foreground, and SIGTERM to it shuts down what it started. Loopback only, so without Ray's token auth (the
     job client here would need the head's token otherwise)."""
-    port, dash, agent = _free_port(), _free_port(), _free_port()   # (another Ray on the machine holds the defaults)
+    port, dash, agent = free_port(), free_port(), free_port()   # (another Ray on the machine holds the defaults)
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
     head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",

@@ -25,6 +25,7 @@ import torch
 from rewards.base import RewardError, build_rewards
 from rewards.protocol import IDEMPOTENCY_HEADER, ScoreBatch, encode_request
 from rewards.server import RewardService
+from tests.helpers.net import free_port
 from worlds.shapes.render import render_batch
 from worlds.shapes.world import all_prompts
 
@@ -32,12 +33,6 @@ REPO = Path(__file__).resolve().parents[1]
 TOKEN = "test-token-7f3a"
 SPECS = [{"name": "geneval", "weight": 1.0, "detector": {"name": "shapes"}, "count_credit": "graded"},
          {"name": "tests.helpers.rewards:PixelMeanReward", "label": "pix", "weight": 0.5}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(config: Path, port: int, *extra: str, token: str | None = TOKEN) -> subprocess.Popen:
