@@ -64,6 +64,11 @@ class WeightSync(StrEnum):
     object_store = "object_store"   # buckets through Ray's object store
 
 
+class PromptSampling(StrEnum):
+    uniform = "uniform"   # epochs over all training prompts: each tag trained in proportion to its prompts
+    by_tag = "by_tag"     # every GenEval tag equally often (cluster.data.PromptSchedule)
+
+
 @dataclass
 class DataConfig:
     train_prompts: Optional[str] = None   # .txt (one prompt a line), .jsonl (GenEval metadata or {"prompt": ...}),
@@ -72,6 +77,7 @@ class DataConfig:
     prompts_per_step: int = 4             # prompts (GRPO groups) per training step
     group_size: int = 6                   # G samples per prompt
     eval_max_prompts: int = 0             # 0: all evaluation prompts
+    prompt_sampling: PromptSampling = PromptSampling.uniform   # by_tag: every tag equally often (docs/rewards.md)
 
     def __post_init__(self) -> None:
         _require([(self.group_size >= 2, "data.group_size must be >= 2 (GRPO normalises rewards within a group)"),

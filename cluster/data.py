@@ -1,14 +1,14 @@
 """Training and evaluation prompts, and the deterministic order in which training steps draw them."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Sequence
 
 import numpy as np
 from omegaconf import DictConfig
 
 from worlds.shapes.world import make_splits
 
-from .config import plain
+from .config import PromptSampling, plain
 from .prompts import PromptItem, read_prompts
 
 
@@ -24,6 +24,14 @@ def _shapes_split(cfg: DictConfig, which: str) -> list[PromptItem]:
 
 def train_prompts(cfg: DictConfig) -> list[PromptItem]:
     return read_prompts(cfg.data.train_prompts) if cfg.data.train_prompts else _shapes_split(cfg, "train")
+
+
+def prompt_schedule(cfg: DictConfig, prompts: Sequence[PromptItem]) -> PromptSchedule:
+    """The training prompts' schedule as `data.prompt_sampling` asks (by_tag: the GenEval tag of each prompt's
+    metadata; prompts without one form one group)."""
+    tags = ([str(p.metadata.get("tag", "")) for p in prompts]
+            if cfg.data.prompt_sampling == PromptSampling.by_tag else None)
+    return PromptSchedule(len(prompts), cfg.data.prompts_per_step, cfg.seed, tags)
 
 
 def eval_prompts(cfg: DictConfig) -> list[PromptItem]:
@@ -43,19 +51,39 @@ def eval_prompts(cfg: DictConfig) -> list[PromptItem]:
 
 
 class PromptSchedule:
-    """Which prompts step s trains on: epochs of seeded permutations, so a resumed run draws the same prompts."""
+    """Which prompts step s trains on, from the step alone (no state), so a resumed run draws the same prompts.
 
-    def __init__(self, num_prompts: int, per_step: int, seed: int):
+    Without `tags`: epochs of seeded permutations of all prompts (each prompt once per epoch). With `tags` (one per
+    prompt, `data.prompt_sampling: by_tag`): draw k first picks a tag, from epochs of seeded permutations of the
+    tags (each tag once per tag epoch), then that tag's next prompt, from epochs of seeded permutations of its
+    prompts. Every tag is then trained as often as every other, whatever its share of the prompts; GenEval's
+    overall score is the mean of the per-tag accuracies, so this weighs training as the score weighs it.
+    """
+
+    def __init__(self, num_prompts: int, per_step: int, seed: int, tags: Optional[Sequence[str]] = None):
         self.num_prompts, self.per_step, self.seed = num_prompts, per_step, seed
+        self.by_tag: Optional[list[list[int]]] = None
+        if tags is not None:
+            if len(tags) != num_prompts:
+                raise ValueError(f"{len(tags)} tags for {num_prompts} prompts")
+            groups: dict[str, list[int]] = {}
+            for i, t in enumerate(tags):
+                groups.setdefault(str(t), []).append(i)
+            self.by_tag = [groups[t] for t in sorted(groups)]
+
+    def _draw(self, k: int) -> int:
+        if self.by_tag is None:
+            epoch, pos = divmod(k, self.num_prompts)
+            return int(np.random.default_rng([self.seed, epoch]).permutation(self.num_prompts)[pos])
+        tag_epoch, pos = divmod(k, len(self.by_tag))
+        t = int(np.random.default_rng([self.seed, 1, tag_epoch]).permutation(len(self.by_tag))[pos])
+        members = self.by_tag[t]
+        epoch, pos = divmod(tag_epoch, len(members))   # the tag's (tag_epoch)-th draw: once per tag epoch
+        return members[int(np.random.default_rng([self.seed, 2, t, epoch]).permutation(len(members))[pos])]
 
     def indices(self, step: int) -> list[int]:
-        out = []
         start = step * self.per_step
-        for k in range(start, start + self.per_step):
-            epoch, pos = divmod(k, self.num_prompts)
-            perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_prompts)
-            out.append(int(perm[pos]))
-        return out
+        return [self._draw(k) for k in range(start, start + self.per_step)]
 
     def seeds(self, step: int, slot: int, group_size: int) -> list[int]:
         """Per-sample sampler seeds of group `slot` of step `step` (distinct across steps, slots and samples)."""

@@ -30,7 +30,7 @@ from policy.weights import CheckpointError
 from .advantages import PromptStatTracker, plan_update
 from .backend import Backend, make_backend
 from .config import plain, section
-from .data import PromptSchedule, train_prompts
+from .data import prompt_schedule, train_prompts
 from .evaluate import evaluate
 from .learner_group import LearnerGroup
 from .metrics import MetricsLogger
@@ -51,7 +51,7 @@ class Trainer:
                                          self.learner_cfg.adv_eps, self.learner_cfg.adv_std_unbiased)
         self.out = Path(cfg.output_dir).resolve()     # absolute: learner ranks write the checkpoints
         self.prompts = train_prompts(cfg)
-        self.schedule = PromptSchedule(len(self.prompts), cfg.data.prompts_per_step, cfg.seed)
+        self.schedule = prompt_schedule(cfg, self.prompts)
         self.learner = LearnerGroup(self.backend, cfg)
         self.rollouts = RolloutGroup(self.backend, cfg, weights=lambda: self.learner.handover.export(),
                                      watch=lambda: self.learner.check_alive("the wait for rollouts and rewards"))

@@ -36,6 +36,42 @@ def test_schedule_is_deterministic_and_resumable():
     assert a.seeds(5, 2, 8) == b.seeds(5, 2, 8)
 
 
+def test_schedule_by_tag_trains_every_tag_equally():
+    # 3 tags with 1, 2 and 6 prompts: by_tag draws each tag once per tag epoch, and within a tag every prompt
+    # once per epoch of that tag; no state, so a resumed run draws the same
+    tags = ["a"] + ["b"] * 2 + ["c"] * 6
+    sched = PromptSchedule(len(tags), 3, seed=0, tags=tags)
+    drawn = [i for s in range(24) for i in sched.indices(s)]          # 72 draws = 24 tag epochs
+    for e in range(24):
+        assert sorted(tags[i] for i in drawn[3 * e:3 * e + 3]) == ["a", "b", "c"]
+    per_tag = {t: [i for i in drawn if tags[i] == t] for t in "abc"}
+    assert per_tag["a"] == [0] * 24
+    for t, members in (("b", [1, 2]), ("c", list(range(3, 9)))):
+        n = len(members)
+        for k in range(24 // n):                                        # each of its epochs a permutation
+            assert sorted(per_tag[t][k * n:(k + 1) * n]) == members
+    assert [PromptSchedule(9, 3, 0, tags).indices(s) for s in reversed(range(24))][::-1] == \
+        [sched.indices(s) for s in range(24)]
+    assert [PromptSchedule(9, 3, 1, tags).indices(s) for s in range(24)] != [sched.indices(s) for s in range(24)]
+    with pytest.raises(ValueError, match="2 tags for 9 prompts"):
+        PromptSchedule(9, 3, 0, tags=["a", "b"])
+
+
+def test_prompt_sampling_config(tmp_path):
+    from cluster.config import load_config
+    from cluster.data import prompt_schedule, train_prompts
+    cfg = load_config("configs/tiny.yaml", [f"output_dir={tmp_path}", "data.prompt_sampling=by_tag"])
+    prompts = train_prompts(cfg)
+    sched = prompt_schedule(cfg, prompts)
+    n_tags = len({p.metadata["tag"] for p in prompts})
+    drawn = [prompts[i].metadata["tag"] for s in range(n_tags) for i in sched.indices(s)]
+    assert {t: drawn.count(t) for t in set(drawn)} == {t: cfg.data.prompts_per_step for t in set(drawn)}
+    uniform = load_config("configs/tiny.yaml", [f"output_dir={tmp_path}"])
+    assert prompt_schedule(uniform, prompts).by_tag is None
+    with pytest.raises(Exception, match="prompt_sampling"):
+        load_config("configs/tiny.yaml", [f"output_dir={tmp_path}", "data.prompt_sampling=balanced"])
+
+
 def test_schedule_seeds_are_distinct():
     sched = PromptSchedule(94, 8, seed=0)
     seeds = [x for step in range(200) for slot in range(8) for x in sched.seeds(step, slot, 8)]
