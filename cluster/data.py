@@ -26,10 +26,15 @@ def train_prompts(cfg: DictConfig) -> list[PromptItem]:
     return read_prompts(cfg.data.train_prompts) if cfg.data.train_prompts else _shapes_split(cfg, "train")
 
 
+def prompt_tag(item: PromptItem) -> str:
+    """A prompt's GenEval tag from its metadata ("" when it has none)."""
+    return str(item.metadata.get("tag", ""))
+
+
 def prompt_schedule(cfg: DictConfig, prompts: Sequence[PromptItem]) -> PromptSchedule:
     """The training prompts' schedule as `data.prompt_sampling` asks (by_tag: the GenEval tag of each prompt's
     metadata; prompts without one form one group)."""
-    tags = ([str(p.metadata.get("tag", "")) for p in prompts]
+    tags = ([prompt_tag(p) for p in prompts]
             if cfg.data.prompt_sampling == PromptSampling.by_tag else None)
     return PromptSchedule(len(prompts), cfg.data.prompts_per_step, cfg.seed, tags)
 
@@ -40,7 +45,7 @@ def eval_prompts(cfg: DictConfig) -> list[PromptItem]:
         # keep every category represented: take prompts round-robin over tags
         by_tag: dict[str, list[PromptItem]] = {}
         for it in items:
-            by_tag.setdefault(str(it.metadata.get("tag", "")), []).append(it)
+            by_tag.setdefault(prompt_tag(it), []).append(it)
         picked: list[PromptItem] = []
         while len(picked) < min(cfg.data.eval_max_prompts, len(items)):
             for tag in sorted(by_tag):
