@@ -64,6 +64,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def leave_process_group() -> None:
+    """Leave the default process group once every rank has reached this point. A process that exits with its gloo
+    group alive tears the group's threads down during interpreter shutdown, racing a peer that is still closing
+    its side; that race can abort the process ("terminate called without an active exception", SIGABRT)."""
+    if dist.is_available() and dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()
+
+
 def _comm_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 

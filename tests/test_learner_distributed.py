@@ -77,6 +77,8 @@ def _worker(out: Path, stage: int) -> None:
     if rank == 0:
         torch.save(state, out / "state.pt")
         (out / "info.json").write_text(json.dumps({"checkpoint": str(ckpt), "tracker": tracker}))
+    from learner.dist import leave_process_group
+    leave_process_group()      # not at interpreter exit, where gloo's teardown can abort a rank (CI saw SIGABRT)
 
 
 def _launch(out: Path, stage: int) -> None:
