@@ -1,7 +1,7 @@
 """Training and evaluation prompts, and the deterministic order in which training steps draw them."""
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 from omegaconf import DictConfig
@@ -33,10 +33,18 @@ def prompt_tag(item: PromptItem) -> str:
 
 def prompt_schedule(cfg: DictConfig, prompts: Sequence[PromptItem]) -> PromptSchedule:
     """The training prompts' schedule as `data.prompt_sampling` asks (by_tag: the GenEval tag of each prompt's
-    metadata; prompts without one form one group)."""
-    tags = ([prompt_tag(p) for p in prompts]
-            if cfg.data.prompt_sampling == PromptSampling.by_tag else None)
-    return PromptSchedule(len(prompts), cfg.data.prompts_per_step, cfg.seed, tags)
+    metadata, drawn `data.tag_weights[tag]` times per tag epoch (1 when unnamed); prompts without a tag form one
+    group)."""
+    if cfg.data.prompt_sampling != PromptSampling.by_tag:
+        return PromptSchedule(len(prompts), cfg.data.prompts_per_step, cfg.seed)
+    tags = [prompt_tag(p) for p in prompts]
+    named = dict(cfg.data.tag_weights or {})
+    unknown = sorted(set(named) - set(tags))
+    if unknown:
+        raise ValueError(f"data.tag_weights names {unknown}, a tag no training prompt has (tags: {sorted(set(tags))}): "
+                         "fix the name or drop it")
+    return PromptSchedule(len(prompts), cfg.data.prompts_per_step, cfg.seed, tags,
+                          {t: int(named.get(t, 1)) for t in set(tags)})
 
 
 def eval_prompts(cfg: DictConfig) -> list[PromptItem]:
@@ -59,13 +67,15 @@ class PromptSchedule:
     """Which prompts step s trains on, from the step alone (no state), so a resumed run draws the same prompts.
 
     Without `tags`: epochs of seeded permutations of all prompts (each prompt once per epoch). With `tags` (one per
-    prompt, `data.prompt_sampling: by_tag`): draw k first picks a tag, from epochs of seeded permutations of the
-    tags (each tag once per tag epoch), then that tag's next prompt, from epochs of seeded permutations of its
-    prompts. Every tag is then trained as often as every other, whatever its share of the prompts; GenEval's
-    overall score is the mean of the per-tag accuracies, so this weighs training as the score weighs it.
+    prompt, `data.prompt_sampling: by_tag`): the draws come in tag epochs; a tag epoch holds each tag `weights[tag]`
+    times (1 by default), in a seeded order, and each draw of a tag takes that tag's next prompt, from epochs of
+    seeded permutations of its prompts. With equal weights every tag is trained as often as every other, whatever
+    its share of the prompts (GenEval's overall score is the mean of the per-tag accuracies, so this weighs training
+    as the score weighs it); integer weights tilt it, e.g. ``{counting: 2}`` draws counting twice per tag epoch.
     """
 
-    def __init__(self, num_prompts: int, per_step: int, seed: int, tags: Optional[Sequence[str]] = None):
+    def __init__(self, num_prompts: int, per_step: int, seed: int, tags: Optional[Sequence[str]] = None,
+                 weights: Optional[Mapping[str, int]] = None):
         self.num_prompts, self.per_step, self.seed = num_prompts, per_step, seed
         self.by_tag: Optional[list[list[int]]] = None
         if tags is not None:
@@ -74,16 +84,27 @@ class PromptSchedule:
             groups: dict[str, list[int]] = {}
             for i, t in enumerate(tags):
                 groups.setdefault(str(t), []).append(i)
-            self.by_tag = [groups[t] for t in sorted(groups)]
+            names = sorted(groups)
+            self.by_tag = [groups[t] for t in names]
+            counts = [int((weights or {}).get(t, 1)) for t in names]
+            if min(counts) < 0 or sum(counts) == 0:
+                raise ValueError(f"data.tag_weights must be integers >= 0, one at least > 0; got "
+                                 f"{dict(zip(names, counts))}")
+            # one tag epoch before its shuffle: tag t repeated counts[t] times, and each slot's rank among its tag's
+            self.epoch_tags = [t for t, c in enumerate(counts) for _ in range(c)]
+            self.epoch_rank = [r for c in counts for r in range(c)]
+            self.counts = counts
 
     def _draw(self, k: int) -> int:
         if self.by_tag is None:
             epoch, pos = divmod(k, self.num_prompts)
             return int(np.random.default_rng([self.seed, epoch]).permutation(self.num_prompts)[pos])
-        tag_epoch, pos = divmod(k, len(self.by_tag))
-        t = int(np.random.default_rng([self.seed, 1, tag_epoch]).permutation(len(self.by_tag))[pos])
+        tag_epoch, pos = divmod(k, len(self.epoch_tags))
+        slot = int(np.random.default_rng([self.seed, 1, tag_epoch]).permutation(len(self.epoch_tags))[pos])
+        t = self.epoch_tags[slot]
         members = self.by_tag[t]
-        epoch, pos = divmod(tag_epoch, len(members))   # the tag's (tag_epoch)-th draw: once per tag epoch
+        nth = tag_epoch * self.counts[t] + self.epoch_rank[slot]     # how many draws of tag t came before this one
+        epoch, pos = divmod(nth, len(members))
         return members[int(np.random.default_rng([self.seed, 2, t, epoch]).permutation(len(members))[pos])]
 
     def indices(self, step: int) -> list[int]:

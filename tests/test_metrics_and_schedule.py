@@ -57,6 +57,29 @@ def test_schedule_by_tag_trains_every_tag_equally():
         PromptSchedule(9, 3, 0, tags=["a", "b"])
 
 
+def test_schedule_by_tag_with_weights_draws_each_tag_its_weight_per_tag_epoch():
+    # weights 1, 2, 3 over tags with 1, 2 and 6 prompts: a tag epoch is 6 draws (a once, b twice, c three times);
+    # within a tag every prompt still comes once per epoch of that tag; weight 0 leaves a tag out
+    tags = ["a"] + ["b"] * 2 + ["c"] * 6
+    sched = PromptSchedule(len(tags), 3, seed=0, tags=tags, weights={"a": 1, "b": 2, "c": 3})
+    drawn = [i for s in range(24) for i in sched.indices(s)]          # 72 draws = 12 tag epochs
+    for e in range(12):
+        assert sorted(tags[i] for i in drawn[6 * e:6 * e + 6]) == ["a", "b", "b", "c", "c", "c"]
+    per_tag = {t: [i for i in drawn if tags[i] == t] for t in "abc"}
+    for t, members in (("b", [1, 2]), ("c", list(range(3, 9)))):
+        n = len(members)
+        for k in range(len(per_tag[t]) // n):
+            assert sorted(per_tag[t][k * n:(k + 1) * n]) == members
+    assert [sched.indices(s) for s in reversed(range(24))][::-1] == [sched.indices(s) for s in range(24)]
+    # weights all 1 are the unweighted schedule, draw for draw
+    ones = PromptSchedule(len(tags), 3, seed=0, tags=tags, weights={"a": 1, "b": 1, "c": 1})
+    assert [ones.indices(s) for s in range(24)] == [PromptSchedule(9, 3, 0, tags).indices(s) for s in range(24)]
+    no_a = PromptSchedule(len(tags), 3, seed=0, tags=tags, weights={"a": 0})
+    assert not any(tags[i] == "a" for s in range(24) for i in no_a.indices(s))
+    with pytest.raises(ValueError, match="integers >= 0"):
+        PromptSchedule(len(tags), 3, seed=0, tags=tags, weights={"a": 0, "b": 0, "c": 0})
+
+
 def test_prompt_sampling_config(tmp_path):
     from cluster.config import load_config
     from cluster.data import prompt_schedule, train_prompts
@@ -70,6 +93,19 @@ def test_prompt_sampling_config(tmp_path):
     assert prompt_schedule(uniform, prompts).by_tag is None
     with pytest.raises(Exception, match="prompt_sampling"):
         load_config("configs/tiny.yaml", [f"output_dir={tmp_path}", "data.prompt_sampling=balanced"])
+    weighted = load_config("configs/tiny.yaml", [f"output_dir={tmp_path}", "data.prompt_sampling=by_tag",
+                                                 "data.tag_weights={counting: 3}"])
+    sched = prompt_schedule(weighted, prompts)
+    drawn = [prompts[sched._draw(k)].metadata["tag"] for k in range((n_tags + 2) * 10)]    # ten tag epochs
+    assert drawn.count("counting") == 30 and all(drawn.count(t) == 10 for t in set(drawn) - {"counting"})
+    with pytest.raises(ValueError, match="a tag no training prompt has"):       # a misspelt tag, named
+        prompt_schedule(load_config("configs/tiny.yaml", [f"output_dir={tmp_path}", "data.prompt_sampling=by_tag",
+                                                          "data.tag_weights={countin: 3}"]), prompts)
+    with pytest.raises(Exception, match="set that too"):                       # weights without by_tag
+        load_config("configs/tiny.yaml", [f"output_dir={tmp_path}", "data.tag_weights={counting: 3}"])
+    with pytest.raises(Exception, match="integers >= 0"):
+        load_config("configs/tiny.yaml", [f"output_dir={tmp_path}", "data.prompt_sampling=by_tag",
+                                          "data.tag_weights={counting: -1}"])
 
 
 def test_schedule_seeds_are_distinct():
