@@ -11,7 +11,8 @@ It runs `cluster.driver.Trainer.train_step` (`cluster.backend=local`, `cluster.m
 prints one JSON line: the training reward of the first and last 10 steps, the share of clipped rows, the largest
 ratio and the minutes taken. Extra arguments are config overrides of configs/default.yaml. (The advantage
 re-centring variant of docs/experiments.md was measured with this script's own step at commit 4dd8672; the
-script now runs only the product's step.)
+script now runs only the product's step. Those figures used the default run's G=8 of the time: add
+`data.group_size=8` to reproduce them; the default run now samples 16 per prompt.)
 """
 from __future__ import annotations
 

@@ -45,12 +45,15 @@ def evaluate(cfg: DictConfig, rollouts: RolloutGroup, rewards: RewardGroup, step
     overrides = {"guidance_scale": float(cfg.eval.guidance_scale)}
     groups = rollouts.gather(rollouts.dispatch(eval_requests(cfg), overrides, rewards=rewards), RolloutStats(),
                              overrides, rewards=rewards)
-    tags, verdicts, scores = [], [], []
+    tags, verdicts, scores, per_prompt = [], [], [], []
     for g in groups:
         tags += [str(g.meta.metadata.get("tag", "all"))] * k
-        verdicts += g.scores.strict_verdicts().tolist()
+        mine = g.scores.strict_verdicts().tolist()
+        verdicts += mine
         scores += g.scores.rewards.tolist()
+        per_prompt.append({"prompt": g.meta.prompt, "tag": tags[-1], "accuracy": sum(mine) / max(len(mine), 1)})
     report = summarize_geneval(tags, verdicts)
+    report["prompts"] = per_prompt          # which prompts a category's score comes from
     report.update({"step": step, "reward_mean": float(torch.tensor(scores).mean()) if scores else float("nan"),
                    "samples_per_prompt": k, "guidance_scale": float(cfg.eval.guidance_scale)})
     path = atomic_write_json(path or report_path(cfg.output_dir, step), report)

@@ -109,6 +109,11 @@ def test_eval_of_a_saved_checkpoint(tmp_path):
     for tag, acc in cats.items():                                                    # k/n of n = 2 or 4 images
         assert (acc * report["counts"][tag]) == pytest.approx(round(acc * report["counts"][tag]))
     assert report["samples_per_prompt"] == 2 and report["step"] == 7
+    per_prompt = report["prompts"]                                                   # each prompt's own accuracy
+    assert len(per_prompt) == 8 and len({p["prompt"] for p in per_prompt}) == 8
+    for tag, acc in cats.items():                                                    # a category = its prompts' mean
+        assert acc == pytest.approx(sum(p["accuracy"] for p in per_prompt if p["tag"] == tag)
+                                    / sum(p["tag"] == tag for p in per_prompt))
     assert sorted(p.name for p in (out / "eval" / "step_000007.1").iterdir()) == sorted(f"{t}.png" for t in cats)
     # the printed table is the report's, titled with the checkpoint evaluated
     from cluster.evaluate import format_table

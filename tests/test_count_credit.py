@@ -70,3 +70,27 @@ def test_graded_credit_leaves_colour_and_position_rules_alone():
 def test_unknown_count_credit_is_refused():
     with pytest.raises(ValueError, match="count_credit='fuzzy'"):
         _reward(count_credit="fuzzy")
+
+
+@pytest.mark.integration
+def test_counting_breakdown_reproduces_the_runs_own_evaluation(tmp_path, capsys):
+    # benchmarks/counting_breakdown re-evaluates a run's last checkpoint with the run's seed: the held-out overall
+    # equals the run's own last evaluation, the counting category is the mean of its prompts, and the training
+    # split's counting prompts are scored too (docs/rewards.md's table)
+    import json
+    from benchmarks.counting_breakdown import main
+    from cluster.config import load_config
+    from cluster.train import train
+    run = tmp_path / "run"
+    train(load_config("configs/tiny.yaml", [f"output_dir={run}", "cluster.backend=local", "max_steps=2",
+                                            "eval.samples_per_prompt=4"]))
+    own = json.loads((run / "eval" / "step_000002.json").read_text())
+    assert main([str(run)]) == 0
+    again = json.loads((run / "counting_breakdown" / "last" / "heldout" / "eval" / "step_000002.json").read_text())
+    assert again["overall"] == own["overall"] and again["categories"] == own["categories"]
+    counting = [p["accuracy"] for p in again["prompts"] if p["tag"] == "counting"]
+    assert counting and sum(counting) / len(counting) == pytest.approx(own["categories"]["counting"])
+    train_report = json.loads((run / "counting_breakdown" / "last" / "train" / "eval" / "step_000002.json").read_text())
+    assert set(train_report["categories"]) == {"counting"} and len(train_report["prompts"]) >= 2
+    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {run} |")]
+    assert len(row) == 1 and f"{own['overall']:.3f}" in row[0]
