@@ -48,10 +48,11 @@ def evaluate(cfg: DictConfig, rollouts: RolloutGroup, rewards: RewardGroup, step
     tags, verdicts, scores, per_prompt = [], [], [], []
     for g in groups:
         tags += [str(g.meta.metadata.get("tag", "all"))] * k
-        mine = g.scores.strict_verdicts().tolist()
-        verdicts += mine
+        prompt_verdicts = g.scores.strict_verdicts().tolist()
+        verdicts += prompt_verdicts
         scores += g.scores.rewards.tolist()
-        per_prompt.append({"prompt": g.meta.prompt, "tag": tags[-1], "accuracy": sum(mine) / max(len(mine), 1)})
+        per_prompt.append({"prompt": g.meta.prompt, "tag": tags[-1],
+                           "accuracy": sum(prompt_verdicts) / max(len(prompt_verdicts), 1)})
     report = summarize_geneval(tags, verdicts)
     report["prompts"] = per_prompt          # which prompts a category's score comes from
     report.update({"step": step, "reward_mean": float(torch.tensor(scores).mean()) if scores else float("nan"),
