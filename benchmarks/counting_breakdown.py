@@ -51,7 +51,7 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|")
     for r in rows:
         per = ", ".join(f"{p.removeprefix('a photo of ')} {a:.2f}" for p, a in r["heldout_counting"].items())
-        print(f"| {r['run']} | {'base' if args.base else Path(r['policy']).name} | {r['overall']:.3f} | {per} | "
+        print(f"| {r['run']} | {Path(r['policy']).name} | {r['overall']:.3f} | {per} | "
               f"{r['train_counting']:.3f} |")
     return 0
 

@@ -84,9 +84,9 @@ class DataConfig:
         _require([(self.group_size >= 2, "data.group_size must be >= 2 (GRPO normalises rewards within a group)"),
                   (self.prompts_per_step >= 1, "data.prompts_per_step must be >= 1"),
                   (self.eval_max_prompts >= 0, "data.eval_max_prompts must be >= 0"),
-                  (all(w >= 0 for w in self.tag_weights.values()) and (not self.tag_weights
-                                                                       or any(self.tag_weights.values())),
-                   f"data.tag_weights must be integers >= 0 with one at least > 0, got {dict(self.tag_weights)}"),
+                  # the sign here; whether any tag is drawn at all depends on the prompts (PromptSchedule checks it)
+                  (all(w >= 0 for w in self.tag_weights.values()),
+                   f"data.tag_weights must be integers >= 0, got {dict(self.tag_weights)}"),
                   (not self.tag_weights or self.prompt_sampling == PromptSampling.by_tag,
                    "data.tag_weights weighs the tags of data.prompt_sampling=by_tag: set that too, or drop it")])
 

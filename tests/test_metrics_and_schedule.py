@@ -106,6 +106,11 @@ def test_prompt_sampling_config(tmp_path):
     with pytest.raises(Exception, match="integers >= 0"):
         load_config("configs/tiny.yaml", [f"output_dir={tmp_path}", "data.prompt_sampling=by_tag",
                                           "data.tag_weights={counting: -1}"])
+    no_counting = prompt_schedule(load_config("configs/tiny.yaml", [f"output_dir={tmp_path}",
+                                                                    "data.prompt_sampling=by_tag",
+                                                                    "data.tag_weights={counting: 0}"]), prompts)
+    drawn = [prompts[no_counting._draw(k)].metadata["tag"] for k in range((n_tags - 1) * 10)]  # the others stay at 1
+    assert "counting" not in drawn and all(drawn.count(t) == 10 for t in set(drawn)) and len(set(drawn)) == n_tags - 1
 
 
 def test_schedule_seeds_are_distinct():
