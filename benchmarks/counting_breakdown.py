@@ -1,5 +1,6 @@
 """Where a run's counting score comes from: each held-out counting prompt's accuracy, and the accuracy on the
-training split's counting prompts (the prompts RL trained on), for the last checkpoint of each run given.
+training split's counting prompts (the prompts RL trained on), for the last checkpoint of each run given, and for
+each counting prompt how many objects its images show (does the count follow the number word?).
 
     python -m benchmarks.counting_breakdown runs/rewards/exact_counts_g_16/seed0 [more run dirs] [--base]
 
@@ -38,7 +39,9 @@ def breakdown(run: Path, base: bool) -> dict:
     train = evaluate_command(cfg, checkpoint, str(path))
     return {"run": str(run), "policy": "base" if base else checkpoint, "overall": heldout["overall"],
             "heldout_counting": {p["prompt"]: p["accuracy"] for p in heldout["prompts"] if p["tag"] == "counting"},
-            "train_counting": train["categories"]["counting"]}
+            "train_counting": train["categories"]["counting"],
+            "objects": [("held-out", p) for p in heldout["prompts"] if p["tag"] == "counting"]
+                       + [("training", p) for p in train["prompts"]]}
 
 
 def main(argv=None) -> int:
@@ -53,6 +56,14 @@ def main(argv=None) -> int:
         per = ", ".join(f"{p.removeprefix('a photo of ')} {a:.2f}" for p, a in r["heldout_counting"].items())
         print(f"| {r['run']} | {Path(r['policy']).name} | {r['overall']:.3f} | {per} | "
               f"{r['train_counting']:.3f} |")
+    # does the policy's count follow the number word? the objects its images show, per counting prompt
+    print("\n| run | policy | split | prompt | accuracy | images by objects detected |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        for split, p in r["objects"]:
+            drawn = ", ".join(f"{n}: {c}" for n, c in p.get("objects", {}).items())
+            print(f"| {r['run']} | {Path(r['policy']).name} | {split} | {p['prompt'].removeprefix('a photo of ')} | "
+                  f"{p['accuracy']:.2f} | {drawn} |")
     return 0
 
 

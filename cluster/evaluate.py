@@ -5,6 +5,7 @@ Seeds depend only on the prompt and sample index, so evaluations at different st
 """
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
 
@@ -51,8 +52,12 @@ def evaluate(cfg: DictConfig, rollouts: RolloutGroup, rewards: RewardGroup, step
         prompt_verdicts = g.scores.strict_verdicts().tolist()
         verdicts += prompt_verdicts
         scores += g.scores.rewards.tolist()
-        per_prompt.append({"prompt": g.meta.prompt, "tag": tags[-1],
-                           "accuracy": sum(prompt_verdicts) / max(len(prompt_verdicts), 1)})
+        entry = {"prompt": g.meta.prompt, "tag": tags[-1],
+                 "accuracy": sum(prompt_verdicts) / max(len(prompt_verdicts), 1)}
+        objects = g.scores.objects_found()
+        if objects is not None:      # how many objects its images show, e.g. {"2": 9, "3": 7}
+            entry["objects"] = {str(n): c for n, c in sorted(Counter(objects.long().tolist()).items())}
+        per_prompt.append(entry)
     report = summarize_geneval(tags, verdicts)
     report["prompts"] = per_prompt          # which prompts a category's score comes from
     report.update({"step": step, "reward_mean": float(torch.tensor(scores).mean()) if scores else float("nan"),

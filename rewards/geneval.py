@@ -287,7 +287,8 @@ class GenEvalReward(Reward):
     ``detector``: a detector spec (e.g. ``{"name": "mask2former", "path": ...}`` or the shapes world's) or a
     Detector; ``color_classifier``: a spec (e.g. ``{"name": "clip", "path": ...}``) used for detections without an
     exact colour. ``device`` is passed on to the model-based specs ("mask2former", "clip") that set none.
-    Details logged: ``strict`` (0/1) and ``fraction``.
+    Details logged: ``strict`` (0/1), ``fraction`` and ``objects`` (objects detected above the threshold: the
+    evaluation report's per-prompt count histogram comes from it).
     """
 
     def __init__(self, detector: Mapping[str, Any] | Detector, color_classifier: Mapping[str, Any] | None = None,
@@ -345,4 +346,6 @@ class GenEvalReward(Reward):
         if self.precision_weighted:   # min(1, asked / found): a dense penalty for unrequested objects
             frac = frac * torch.tensor([min(1.0, r.asked / r.found) if r.found else 1.0 for r in results],
                                        dtype=torch.float32)
-        return RewardOutput(scores=strict if self.strict else frac, details={"strict": strict, "fraction": frac})
+        objects = torch.tensor([float(r.found) for r in results], dtype=torch.float32)
+        return RewardOutput(scores=strict if self.strict else frac,
+                            details={"strict": strict, "fraction": frac, "objects": objects})

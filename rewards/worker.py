@@ -51,6 +51,11 @@ class RewardResult:
         keys = [k for k in self.details if k == "strict" or k.endswith("/strict")]
         return self.details[keys[0]] if keys else (self.rewards >= 0.5).float()
 
+    def objects_found(self) -> Optional[torch.Tensor]:
+        """Objects detected in each image (the `<label>/objects` detail of a GenEval reward); None without one."""
+        keys = [k for k in self.details if k == "objects" or k.endswith("/objects")]
+        return self.details[keys[0]] if keys else None
+
 
 @dataclass
 class _Sample:

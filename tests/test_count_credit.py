@@ -92,5 +92,13 @@ def test_counting_breakdown_reproduces_the_runs_own_evaluation(tmp_path, capsys)
     assert counting and sum(counting) / len(counting) == pytest.approx(own["categories"]["counting"])
     train_report = json.loads((run / "counting_breakdown" / "last" / "train" / "eval" / "step_000002.json").read_text())
     assert set(train_report["categories"]) == {"counting"} and len(train_report["prompts"]) >= 2
-    row = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {run} |")]
-    assert len(row) == 1 and f"{own['overall']:.3f}" in row[0]
+    out = capsys.readouterr().out.splitlines()
+    row = [line for line in out if line.startswith(f"| {run} | step_000002 | {own['overall']:.3f} |")]
+    assert len(row) == 1
+    # and a row per counting prompt (held-out, then training) with the objects its images show
+    rows = [line for line in out if line.startswith((f"| {run} | step_000002 | held-out |",
+                                                      f"| {run} | step_000002 | training |"))]
+    assert len(rows) == len(counting) + len(train_report["prompts"])
+    for line, p in zip(rows, [p for p in again["prompts"] if p["tag"] == "counting"] + train_report["prompts"]):
+        assert sum(p["objects"].values()) == 4                       # eval.samples_per_prompt images each
+        assert line.endswith(" | " + ", ".join(f"{n}: {c}" for n, c in p["objects"].items()) + " |")

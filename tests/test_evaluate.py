@@ -52,6 +52,7 @@ PROMPTS = [("a photo of a circle", "single_object"), ("a photo of a square", "si
            ("a photo of a blue square", "colors")]
 VERDICTS = {0: [1, 1, 0], 1: [0, 0, 0], 2: [1, 0, 1], 3: [1, 1, 1], 4: [0, 1, 0]}   # per prompt, k = 3
 REWARDS = {i: [0.1 * i + 0.01 * j for j in range(3)] for i in range(5)}
+OBJECTS = {0: [1, 1, 0], 1: [2, 1, 1], 2: [3, 2, 10], 3: [1, 1, 1], 4: [0, 1, 0]}   # objects detected per image
 
 
 class FakeRollouts:
@@ -74,7 +75,8 @@ class FakeRollouts:
             codes = torch.full((len(r.seeds), 4), r.prompt_index, dtype=torch.long)
             meta = GroupMeta(r.group_id, r.step, r.prompt_index, r.prompt, r.metadata, 0, 0, 0.0, 0.0)
             scores = scored(REWARDS[r.prompt_index],
-                            {"geneval/strict": torch.tensor(VERDICTS[r.prompt_index], dtype=torch.float32)})
+                            {"geneval/strict": torch.tensor(VERDICTS[r.prompt_index], dtype=torch.float32),
+                             "geneval/objects": torch.tensor(OBJECTS[r.prompt_index], dtype=torch.float32)})
             out.append(GroupResult(meta, SimpleNamespace(final_codes=codes), scores))
         return out
 
@@ -110,6 +112,12 @@ def test_evaluate_report_numbers_and_captioned_grids(tmp_path, monkeypatch):
     assert report["counts"] == {"single_object": 6, "counting": 3, "colors": 6} and report["images"] == 15
     assert report["reward_mean"] == pytest.approx(np.mean([v for vs in REWARDS.values() for v in vs]))
     assert report["step"] == 7 and report["samples_per_prompt"] == 3 and report["guidance_scale"] == 2.5
+    # each prompt: its accuracy and how many objects its images show (counts in numeric order, as strings for JSON)
+    counting = report["prompts"][2]
+    assert counting == {"prompt": "a photo of two circles", "tag": "counting", "accuracy": pytest.approx(2 / 3),
+                        "objects": {"2": 1, "3": 1, "10": 1}}
+    assert list(counting["objects"]) == ["2", "3", "10"]
+    assert [p["objects"] for p in report["prompts"][:2]] == [{"0": 1, "1": 2}, {"1": 2, "2": 1}]
     on_disk = json.loads((tmp_path / "eval" / "step_000007.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
 

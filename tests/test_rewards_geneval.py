@@ -206,12 +206,13 @@ def test_geneval_reward_fraction_and_strict():
     meta = [{"tag": "single_object", "include": [{"class": "cat", "count": 1}]},
             {"tag": "two_object", "include": [{"class": "cat", "count": 1}, {"class": "dog", "count": 1}]},
             {"geneval": {"tag": "colors", "include": [{"class": "car", "count": 1, "color": "red"}]}}]
-    detections = [[{"label": "cat"}], [{"label": "dog"}], [{"label": "car", "color": "red"}]]
+    detections = [[{"label": "cat"}], [{"label": "dog"}, {"label": "dog"}], [{"label": "car", "color": "red"}]]
     images = torch.zeros(3, 16, 16, 3, dtype=torch.uint8)
     spec = {"name": "geneval", "detector": {"name": f"{__name__}:ListDetector", "detections": detections}}
     out = build_reward(spec).score(images, ["a cat", "a cat and a dog", "a red car"], meta)
     assert torch.equal(out.scores, torch.tensor([1.0, 0.5, 1.0]))
     assert torch.equal(out.details["strict"], torch.tensor([1.0, 0.0, 1.0]))
+    assert torch.equal(out.details["objects"], torch.tensor([1.0, 2.0, 1.0]))     # detected, asked for or not
     strict = build_reward({**spec, "strict": True}).score(images, ["a", "b", "c"], meta)
     assert torch.equal(strict.scores, torch.tensor([1.0, 0.0, 1.0]))
     with pytest.raises(ValueError, match="GenEval line"):
