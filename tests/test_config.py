@@ -58,6 +58,18 @@ def test_malformed_overrides_and_files(tmp_path):
     assert "cluster.num_rollout_worker" in _error([], path=unknown)
 
 
+@pytest.mark.parametrize("name", ["ablations", "lora", "rewards", "staleness"])
+def test_every_variant_of_the_measurement_files_is_a_valid_config(name, tmp_path):
+    # the documented `benchmarks.ablations --config configs/X.yaml` commands must not fail on variant k after
+    # hours of runs 0..k-1: every variant, with the file's common overrides, loads (its files exist)
+    from omegaconf import OmegaConf
+    spec = OmegaConf.load(REPO / "configs" / f"{name}.yaml")
+    assert spec.variants
+    for variant, overrides in spec.variants.items():
+        cfg = load_config(str(REPO / spec.base), list(spec.common) + list(overrides) + [f"output_dir={tmp_path}"])
+        assert cfg.max_steps >= 1, variant
+
+
 def test_missing_paths(tmp_path):
     msg = _error([f"policy.init={tmp_path}/show-o-512x512"])
     assert "policy.init=" in msg and "does not exist" in msg
