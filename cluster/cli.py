@@ -3,6 +3,7 @@ key=value overrides."""
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -19,8 +20,19 @@ EPILOG = ("exit status: 0 done, 1 the run failed (cause and fix in the last line
           "line names the checkpoint and the resume=auto command)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that a usage error never repeats what followed a `--tok...` option (a bearer token typed
+    on the command line by mistake: `--token SECRET`, `--tok=SECRET`)."""
+
+    def error(self, message: str):
+        super().error(_SECRET_OPTION.sub(r"\1\2<not shown>", message))
+
+
+_SECRET_OPTION = re.compile(r"(--tok[\w-]*)(=|\s+)(\S+)")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="maskgrpo", description=__doc__)
+    p = _Parser(prog="maskgrpo", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in [("generate", "sample images for prompts"), ("pretrain", "train the tiny base model"),
                         ("train", "Mask-GRPO training (local or on a Ray cluster)"),
@@ -37,7 +49,9 @@ def _parser() -> argparse.ArgumentParser:
             s.add_argument("--prompts", default=None, help="GenEval metadata .jsonl (default: data.eval_prompts)")
     s = sub.add_parser("serve-reward", help="serve the config's rewards over HTTP (docs/reward_server.md)",
                        epilog="the bearer token comes from $MASKGRPO_REWARD_TOKEN or --token-file, never the command "
-                              "line; clients use {name: remote, url: ..., token_env: ...}")
+                              "line; clients use {name: remote, url: ..., token_env: ...}",
+                       allow_abbrev=False)      # --tok must never be read as --token-file (it takes a secret)
+    s.add_argument("--token", nargs="?", const="", default=None, help=argparse.SUPPRESS)   # refused, see below
     s.add_argument("--config", default=None, help="YAML config whose `rewards` are served")
     s.add_argument("--host", default=None, help="address to bind (default: reward_server.host, 127.0.0.1)")
     s.add_argument("--port", type=int, default=None, help="port (default: reward_server.port, 8377)")
@@ -106,6 +120,9 @@ def _run(args: argparse.Namespace) -> int:
         out = export_merged(load_config(path, args.overrides) if path else None, args.checkpoint, args.out)
         print(f"wrote {out} (merged LoRA weights in the Show-o layout: policy.init={out} opens them)")
         return 0
+    if args.command == "serve-reward" and (refused := _serve_reward_refusal(args)):
+        print(f"maskgrpo serve-reward: {refused}", file=sys.stderr)
+        return 2
     try:
         cfg = args.cfg = load_config(args.config, args.overrides)
         # read before anything starts: a malformed file (not UTF-8, bad JSON) is one line, exit status 2
@@ -143,16 +160,44 @@ def _run(args: argparse.Namespace) -> int:
 TOKEN_ENV = "MASKGRPO_REWARD_TOKEN"
 
 
+def _serve_reward_refusal(args: argparse.Namespace) -> Optional[str]:
+    """Why serve-reward's command line is refused before anything loads, never repeating a value that may be the
+    token; None when it is fine."""
+    if args.token is not None:
+        return (f"--token is refused: a token on the command line is visible to every user of this machine (ps, "
+                f"/proc, shell history); export {TOKEN_ENV} or pass --token-file FILE (the value is not shown)")
+    bare = [o for o in args.overrides if "=" not in o]
+    if bare:
+        return (f"overrides must look like key=value, e.g. reward_server.max_batch=32 ({len(bare)} argument(s) "
+                f"without '=' not shown: one may be a token; export {TOKEN_ENV} or pass --token-file FILE)")
+    return None
+
+
+def _token_problem(token: str) -> Optional[str]:
+    """Why `token` cannot be a bearer token (a character that cannot go in an HTTP header), without showing it."""
+    bad = next((i for i, c in enumerate(token) if not "!" <= c <= "~"), None)
+    if bad is None:
+        return None
+    return (f"the bearer token holds a space, control or non-ASCII character (position {bad} of {len(token)}; "
+            f"the token is not shown), which no client can send in a header: use e.g. `openssl rand -hex 16`")
+
+
 def _serve_reward(cfg, args: argparse.Namespace) -> int:
+    import dataclasses
     import os
     from pathlib import Path
 
     from .config import reward_specs, section
     if args.token_file:
+        path = Path(args.token_file)
         try:
-            token = Path(args.token_file).read_text().strip()
-        except OSError as e:
-            print(f"maskgrpo serve-reward: cannot read --token-file {args.token_file}: {e.strerror}", file=sys.stderr)
+            token = path.read_text().strip()
+        except OSError as e:       # the path is named only if it exists: a mistyped value may be the token itself
+            where = f" {args.token_file}" if path.exists() else " (no such file; the path is not shown)"
+            print(f"maskgrpo serve-reward: cannot read --token-file{where}: {e.strerror}", file=sys.stderr)
+            return 2
+        except UnicodeDecodeError:
+            print("maskgrpo serve-reward: --token-file is not UTF-8 text", file=sys.stderr)
             return 2
     else:
         token = os.environ.get(TOKEN_ENV, "").strip()
@@ -160,16 +205,19 @@ def _serve_reward(cfg, args: argparse.Namespace) -> int:
         print(f"maskgrpo serve-reward: no bearer token: set {TOKEN_ENV} or pass --token-file FILE (a non-empty "
               f"file; clients send it as 'Authorization: Bearer <token>')", file=sys.stderr)
         return 2
+    if problem := _token_problem(token):
+        print(f"maskgrpo serve-reward: {problem}", file=sys.stderr)
+        return 2
     srv = section(cfg, "reward_server")
     specs = reward_specs(cfg, cfg.rewards)
     if any([s.pop("runtime_env", None) for s in specs]):     # a list: every spec loses the key, not only the first
         print("maskgrpo serve-reward: runtime_env in a reward spec is ignored here: a reward server runs in the "
               "environment it is started in", file=sys.stderr)
     from rewards.server import serve
+    options = {**dataclasses.asdict(srv), "host": args.host or srv.host,
+               "port": srv.port if args.port is None else args.port}
     try:
-        serve(specs, token, host=args.host or srv.host, port=srv.port if args.port is None else args.port,
-              max_batch=srv.max_batch, max_wait_ms=srv.max_wait_ms, max_body_mb=srv.max_body_mb,
-              cache_size=srv.cache_size, device=srv.device)
+        serve(specs, token, **options)
     except ValueError as e:          # a reward spec that cannot be built: before the server listens
         print(f"maskgrpo serve-reward: {e}", file=sys.stderr)
         return 2

@@ -195,20 +195,36 @@ class LoggingConfig:
 
 @dataclass
 class RewardServerConfig:
-    """`maskgrpo serve-reward` (rewards/server.py, docs/reward_server.md); the token is never in a config."""
+    """`maskgrpo serve-reward` (rewards/server.py, docs/reward_server.md, "Limits"); the token is never in a config."""
     host: str = "127.0.0.1"               # loopback unless told otherwise (e.g. 0.0.0.0 behind a firewall)
     port: int = 8377
-    max_batch: int = 64                   # images per model batch: concurrent requests are merged up to this
+    max_batch: int = 64                   # images per model batch: concurrent requests merged, larger ones split
     max_wait_ms: float = 5.0              # how long a request waits for others to join its batch
     max_body_mb: float = 256.0            # larger request bodies get 413
+    max_request_images: int = 1024        # more images in one request get 413
     cache_size: int = 1024                # recent answers kept by idempotency key (a retried request is not rescored)
+    cache_mb: float = 64.0                # ... and at most this many MiB of them
+    max_inflight: int = 64                # /score requests at once (reading, decoding, queued, scoring); beyond: 429
+    max_inflight_mb: float = 1024.0       # their bodies' MiB at once; beyond: 429
+    body_timeout_s: float = 60.0          # a body must arrive within this (else 408)
+    header_timeout_s: float = 10.0        # a request's line and headers within this (else the connection is closed)
+    keep_alive_s: float = 5.0             # idle keep-alive connections are closed after this
+    max_connections: int = 256            # open connections at once (uvicorn limit_concurrency); beyond: 503
     device: Optional[str] = None          # given to every reward spec that sets none (None: their defaults)
 
     def __post_init__(self) -> None:
         _require([(0 <= self.port <= 65535, "reward_server.port must be in 0..65535"),
                   (self.max_batch >= 1 and self.cache_size >= 1, "reward_server.max_batch and cache_size must be >= 1"),
                   (self.max_wait_ms >= 0 and self.max_body_mb > 0,
-                   "reward_server.max_wait_ms must be >= 0 and max_body_mb > 0")])
+                   "reward_server.max_wait_ms must be >= 0 and max_body_mb > 0"),
+                  (self.max_request_images >= 1 and self.max_inflight >= 1 and self.cache_mb >= 0,
+                   "reward_server.max_request_images and max_inflight must be >= 1, cache_mb >= 0"),
+                  (self.max_inflight_mb >= self.max_body_mb,
+                   "reward_server.max_inflight_mb must be >= max_body_mb (one largest request must fit)"),
+                  (self.body_timeout_s > 0 and self.header_timeout_s > 0 and self.keep_alive_s > 0,
+                   "reward_server.body_timeout_s, header_timeout_s and keep_alive_s must be > 0"),
+                  (self.max_connections > self.max_inflight,
+                   "reward_server.max_connections must be > max_inflight (room for /health and queued clients)")])
 
 
 def _default_rewards() -> list[dict[str, Any]]:
