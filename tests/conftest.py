@@ -13,7 +13,8 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
-FIXTURES = REPO / "tests" / "fixtures" / "showo"
+FIXTURES_ROOT = REPO / "tests" / "fixtures"
+FIXTURES = FIXTURES_ROOT / "showo"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -26,18 +27,33 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def parity_dir() -> Path:
-    """Reference vectors: $MASKGRPO_PARITY_DIR, default tests/fixtures/showo (in the repository)."""
-    return Path(os.environ.get("MASKGRPO_PARITY_DIR", FIXTURES))
+def parity_dir(family: str = "showo") -> Path:
+    """Reference vectors of a model family: tests/fixtures/<family> (in the repository), or, when
+    $MASKGRPO_PARITY_DIR is set, that directory itself for Show-o (its files at the top, as ever) and
+    $MASKGRPO_PARITY_DIR/<family>/ for the other families (e.g. meissonic/, same file names as ours)."""
+    root = os.environ.get("MASKGRPO_PARITY_DIR")
+    if not root:
+        return FIXTURES_ROOT / family
+    return Path(root) if family == "showo" else Path(root) / family
+
+
+def _existing_parity_dir(family: str) -> Path:
+    d = parity_dir(family)
+    if not d.is_dir():
+        pytest.fail(f"reference vectors not found at {d}: they ship in tests/fixtures/{family}; "
+                    f"MASKGRPO_PARITY_DIR, when set, must name a directory made the same way")
+    return d
 
 
 @pytest.fixture(scope="session")
 def fixture_dir() -> Path:
-    d = parity_dir()
-    if not d.is_dir():
-        pytest.fail(f"reference vectors not found at {d}: they ship in tests/fixtures/showo; "
-                    f"MASKGRPO_PARITY_DIR, when set, must name a directory made the same way")
-    return d
+    return _existing_parity_dir("showo")
+
+
+@pytest.fixture(scope="session")
+def meissonic_fixture_dir() -> Path:
+    """The Meissonic reference vectors (tests/fixtures/meissonic or $MASKGRPO_PARITY_DIR/meissonic)."""
+    return _existing_parity_dir("meissonic")
 
 
 @pytest.fixture(scope="session")
