@@ -361,3 +361,24 @@ def test_parity_meissonic_uint8_rule():
     """clip to [0, 1], x 255, round to nearest (VaeImageProcessor.numpy_to_pil), channels last."""
     x = torch.tensor([0.0, 0.4 / 255, 0.6 / 255, 254.4 / 255, 1.0, 1.7, -0.3]).view(1, 1, 1, 7).expand(1, 3, 1, 7)
     assert to_uint8(x)[0, 0, :, 0].tolist() == [0, 0, 1, 254, 255, 255, 0]
+
+
+@pytest.mark.gpu
+def test_parity_meissonic_forward_has_no_host_sync(models, vectors):
+    """On a GPU, a bf16 forward (inputs already on the device) asks nothing of the host: no .item(), no
+    data-dependent shapes, no copies back (torch's sync debug mode turns any into an error)."""
+    model = models["downsample"]
+    gpu = MeissonicTransformer(model.config)
+    gpu.load_state_dict(model.state_dict())
+    gpu = gpu.to("cuda", torch.bfloat16).eval()
+    args = [_vec(vectors, k).to("cuda") for k in ("downsample/codes", "downsample/micro_conds", "pooled",
+                                                   "encoder_hidden_states", "downsample/timestep")]
+    with torch.no_grad():
+        gpu(*args)                          # the rotary tables are made once per grid and cached
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = gpu(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert out.dtype == torch.bfloat16 and out.shape == _vec(vectors, "downsample/logits").shape
