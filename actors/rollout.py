@@ -59,9 +59,10 @@ class RolloutWorker:
             raise ValueError("all groups of one rollout call must have the same group size")
         group_size = sizes.pop()
         started = time.time()
-        text = self.policy.text_areas([g.prompt for g in groups])
+        condition = self.policy.condition([g.prompt for g in groups])
+        null = self.policy.null_condition(cfg.negative_prompt)      # used only with guidance on
         seeds = [s for g in groups for s in g.seeds]
-        traj = UnmaskingSampler(self.model, cfg).sample(text, seeds, group_size=group_size)
+        traj = UnmaskingSampler(self.model, cfg).sample(condition, seeds, group_size=group_size, null_condition=null)
         finished = time.time()
         metas, parts = [], []
         for i, g in enumerate(groups):

@@ -164,8 +164,8 @@ def bench_broadcast(sizes_mb: list[float], receivers: int, bucket_mb: int, reps:
 def synthetic_trajectory(B: int, T: int, N: int, L: int):
     from policy.trajectory import Trajectory
     g = torch.Generator().manual_seed(0)
-    return Trajectory(text_ids=torch.randint(0, 100, (B, L), generator=g),
-                      uncond_text_ids=torch.randint(0, 100, (B, L), generator=g),
+    return Trajectory(condition={"ids": torch.randint(0, 100, (B, L), generator=g)},
+                      null_condition={"ids": torch.randint(0, 100, (B, L), generator=g)},
                       unmask_step=torch.randint(0, T, (B, N), generator=g),
                       sampled_codes=torch.randint(-1, 8192, (B, T, N), generator=g),
                       token_logprob=-torch.rand(B, T, N, generator=g),

@@ -36,7 +36,7 @@ def _logits_per_step(model: Showo, traj, steps: torch.Tensor) -> torch.Tensor:
     tr = traj.to(device)
     codes = tr.input_codes(steps.to(device)).reshape(-1, tr.num_image_tokens)
     with torch.no_grad():
-        prefix = model.encode_text(tr.text_ids).repeat_interleave(steps.numel())
+        prefix = model.encode_text(tr.condition["ids"]).repeat_interleave(steps.numel())
         return model.image_logits(prefix, codes).float()
 
 
@@ -44,7 +44,7 @@ def measure(size: str, steps: int, group: int, prompts: int, device: torch.devic
     torch.manual_seed(0)
     ref = Showo(SIZES[size]).to(device).eval()
     layout = ref.layout
-    text = layout.text_area([[(7 * i + j) % 90 + 1 for j in range(3 + 2 * i)] for i in range(prompts)])
+    text = {"ids": layout.text_area([[(7 * i + j) % 90 + 1 for j in range(3 + 2 * i)] for i in range(prompts)])}
     seeds = list(range(prompts * group))
     sampler_cfg = SamplerConfig(steps=steps)
     t0 = time.perf_counter()

@@ -43,7 +43,8 @@ def bench(size: str, prompts: int, group: int, steps: int, device: torch.device,
     torch.manual_seed(0)
     model = Showo(SIZES[size]).to(device=device, dtype=dtype).eval()
     layout = model.layout
-    text = layout.text_area([[(7 * i + j) % 90 for j in range(5 + 3 * i)] for i in range(prompts)])
+    ids = layout.text_area([[(7 * i + j) % 90 for j in range(5 + 3 * i)] for i in range(prompts)])
+    text = {"ids": ids}
     seeds = list(range(prompts * group))
     rows = []
     for label, batched, reuse in [("one at a time (reference-style)", False, False),
@@ -54,7 +55,7 @@ def bench(size: str, prompts: int, group: int, steps: int, device: torch.device,
         if batched:
             run = lambda: sampler.sample(text, seeds, group_size=group)
         else:
-            run = lambda: [sampler.sample(text[p: p + 1], [seeds[p * group + g]], 1)
+            run = lambda: [sampler.sample({"ids": ids[p: p + 1]}, [seeds[p * group + g]], 1)
                            for p in range(prompts) for g in range(group)]
         run()  # warm-up
         seconds = _time(run, device)

@@ -385,7 +385,7 @@ def run(args) -> Report:
     report.figures.update(device=name, size=args.size, dtype=str(dtype), peak_flops=peak, matmul_flops=matmul)
 
     rollout = build_model(cfg, device, dtype).eval().requires_grad_(False)
-    text = rollout.layout.text_area([[1, 2, 3, 4, 5, 6, 7, 8]])
+    text = {"ids": rollout.layout.text_area([[1, 2, 3, 4, 5, 6, 7, 8]])}
     n_params = sum(p.numel() for p in rollout.parameters())
     print(f"# {n_params / 1e6:.1f} M parameters; forward FLOPs per (rollout, step) row {fwd_row / 1e9:.1f} G")
 

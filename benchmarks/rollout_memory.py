@@ -19,15 +19,16 @@ def _measure(config: str, group_size: int) -> float:
     import resource
     import torch
     from cluster.config import load_config, section
-    from policy.factory import build_showo
+    from policy.factory import build_model
     from policy.sampler import UnmaskingSampler
     torch.set_num_threads(1)
     cfg = load_config(config)
-    model = build_showo(section(cfg, "policy")).eval()     # its weights do not change the memory
+    model = build_model(section(cfg, "policy")).eval()     # its weights do not change the memory
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     sampler = UnmaskingSampler(model, section(cfg, "sampler"))
     with torch.no_grad():
-        sampler.sample(model.layout.text_area([[1, 2, 3]]), list(range(group_size)), group_size)
+        sampler.sample(model.padding_condition(), list(range(group_size)), group_size,
+                       null_condition=model.padding_condition())
     return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024 / group_size
 
 

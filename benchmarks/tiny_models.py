@@ -49,7 +49,7 @@ def sample_groups(model: Showo, num_groups: int, group_size: int, steps: int, se
     trajs, prompts = [], []
     for g in range(num_groups):
         text = [(7 * g + j) % 90 + 1 for j in range(3 + g % 4)]
-        area = model.layout.text_area([text])
+        area = {"ids": model.layout.text_area([text])}
         tr = sampler.sample(area, [seed * 100_003 + g * 1_000 + i for i in range(group_size)], group_size)
         tr.meta["group_id"] = g
         trajs.append(tr)

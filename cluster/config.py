@@ -20,8 +20,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from learner.config import LearnerConfig
-from policy.factory import DecoderKind, PolicyConfig, TokenizerKind
+from policy.factory import PolicyConfig
+from policy.family import family
 from policy.files import atomic_write_text
+from policy.hub import is_hub_id
 from policy.sampler import SamplerConfig
 from rewards.base import reward_names
 
@@ -289,23 +291,25 @@ class RunConfig:
                 problems.append(f"data.{key}={value!r}: the geneval reward needs GenEval metadata (tag, include) for "
                                 f"every prompt, and {len(bare)} of {len(items)} have none (e.g. line {bare[0] + 1}): use "
                                 f"a GenEval .jsonl (data/geneval/evaluation_metadata.jsonl) or another reward")
-        problems += _policy_problems(self.policy)
+        problems += _policy_problems(self.policy, self.learner.lora)
         for key, specs in (("rewards", self.rewards), ("eval.rewards", self.eval.rewards)):
             problems += _reward_problems(key, specs, self.cluster.backend)
         _require([(False, p) for p in problems])
 
 
-def _policy_problems(p: PolicyConfig) -> list[str]:
+def _policy_problems(p: PolicyConfig, lora: Any) -> list[str]:
+    """The policy section's paths (a local path or a Hub id, resolved when the model loads), the family's own
+    checks, and the LoRA targets against the family's layers."""
     problems = []
-    if p.init not in ("random", "pretrained") and not Path(p.init).expanduser().exists():
+    if p.init not in ("random", "pretrained") and not Path(p.init).expanduser().exists() and not is_hub_id(p.init):
         problems.append(f"policy.init={p.init!r} does not exist: give 'random', 'pretrained' (the shapes-world "
-                        f"base, pretrained on first use) or the local path of a Show-o release / checkpoint")
-    if p.phi_config is not None and not Path(p.phi_config).is_file():
-        problems.append(f"policy.phi_config={p.phi_config!r} does not exist")
-    if p.decoder.kind == DecoderKind.magvit and not (p.decoder.path and Path(p.decoder.path).is_dir()):
-        problems.append(f"policy.decoder.path={p.decoder.path!r} must be a local showlab/magvitv2 directory")
-    if p.tokenizer.kind == TokenizerKind.hf and not (p.tokenizer.path and Path(p.tokenizer.path).is_dir()):
-        problems.append(f"policy.tokenizer.path={p.tokenizer.path!r} must be a local phi-1.5 tokenizer dir")
+                        f"base, pretrained on first use), the local path of a release / checkpoint, or a Hub id "
+                        f"(e.g. showlab/show-o-512x512, MeissonFlow/Meissonic)")
+    fam = family(p.family)
+    problems += fam.config_problems(p)
+    model = fam.model_class
+    if lora.enabled and (problem := lora.target_problem(fam.name, model.lora_targets, model.lora_note)):
+        problems.append(problem)
     return problems
 
 
@@ -344,8 +348,11 @@ def _require(checks: Sequence[tuple[bool, str]]) -> None:
 
 def schema() -> DictConfig:
     base = OmegaConf.structured(RunConfig)
-    for free_form in (base.policy.decoder.shapes, base.learner.extra_deepspeed):  # keyword dicts, not schema
-        OmegaConf.set_struct(free_form, False)
+    # policy.arch is the family's (`policy.family`): a plain mapping here, read into that family's dataclass (and
+    # checked there, keys and types) when the policy section is built; empty = the family's defaults
+    base.policy.arch = {}
+    for free_form in (base.policy.arch, base.policy.decoder.shapes, base.learner.extra_deepspeed):  # not schema:
+        OmegaConf.set_struct(free_form, False)   # the family's arch and keyword dicts, checked where they are read
     return base
 
 
@@ -361,6 +368,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         if overrides:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
         OmegaConf.to_object(cfg)             # runs every section's checks (see the module docstring)
+        _name_lora_targets(cfg)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         what = str(getattr(e, "msg", None) or e).splitlines()[0]     # without OmegaConf's full_key/type lines
@@ -371,6 +379,13 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise
         raise ConfigError(f"invalid config:\n  - {e}") from None
     return cfg
+
+
+def _name_lora_targets(cfg: DictConfig) -> None:
+    """`learner.lora.target_modules` left empty means every layer the policy family adapts: named in the config,
+    so that config.yaml, the checkpoints' adapter settings and a resume all say the same list."""
+    if cfg.learner.lora.rank > 0 and not cfg.learner.lora.target_modules:
+        cfg.learner.lora.target_modules = list(family(cfg.policy.family).model_class.lora_targets)
 
 
 def _config_files(path: str | Path | None, seen: tuple[Path, ...] = ()) -> list[DictConfig]:

@@ -1,9 +1,10 @@
-"""`maskgrpo export`: a LoRA training checkpoint merged into plain Show-o weights (the released layout).
+"""`maskgrpo export`: a LoRA training checkpoint merged into plain weights (the policy family's released layout).
 
 The checkpoint holds only the adapters (peft's files) and the optimizer state; the frozen base is the run's
 ``policy.init``. The export builds that base from the run's config, adds the checkpoint's adapters, and writes each
-adapted layer's W + (alpha/rank)·B·A with `policy.showo.write_pretrained`: ``pytorch_model.safetensors`` +
-``config.json``, which Show-o's loader and our ``policy.init`` (and ``maskgrpo eval --checkpoint``) open.
+adapted layer's W + (alpha/rank)·B·A in the family's layout (`MaskedModel.write_pretrained`; Show-o:
+``pytorch_model.safetensors`` + ``config.json``), which the authors' loader and our ``policy.init`` (and
+``maskgrpo eval --checkpoint``) open.
 """
 from __future__ import annotations
 
@@ -17,8 +18,7 @@ from omegaconf import DictConfig
 
 from learner.checkpoint import verify_checkpoint
 from learner.lora import add_adapters, load_adapters, merged_state_dict, read_adapters
-from policy.factory import build_showo
-from policy.showo import write_pretrained
+from policy.factory import build_model
 from policy.weights import CheckpointError
 
 from .config import ConfigError, load_config, section
@@ -56,8 +56,8 @@ def export_merged(cfg: Optional[DictConfig], checkpoint: str | Path, out: str | 
     if policy.init != "random" and not Path(policy.init).expanduser().exists():   # random: rebuilt from init_seed
         raise ConfigError(f"policy.init={policy.init!r} does not exist: give the run's config (--config "
                           f"runs/x/config.yaml) or policy.init=<the base the adapters were trained on>")
-    model = build_showo(policy).float()
-    if model.config.to_dict() != manifest["model_config"]:
+    model = build_model(policy).float()
+    if model.family != manifest.get("family", "showo") or model.config_dict() != manifest["model_config"]:
         raise CheckpointError(f"the base at policy.init={policy.init!r} is another model than the one {str(ck)!r} "
                               f"was trained on: give the run's own config or policy.init")
     settings, adapters = read_adapters(ck)
@@ -66,7 +66,7 @@ def export_merged(cfg: Optional[DictConfig], checkpoint: str | Path, out: str | 
     merged = merged_state_dict(model, settings)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    write_pretrained(tmp, {k: v.to(torch.float32) for k, v in merged.items()}, model.config, final_directory=out)
+    model.write_pretrained(tmp, {k: v.to(torch.float32) for k, v in merged.items()}, final_directory=out)
     if out.exists():
         out.rmdir()
     os.replace(tmp, out)

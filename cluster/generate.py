@@ -26,8 +26,10 @@ def generate(cfg: DictConfig, prompts: list[str], num_images: int = 1, out_name:
     sampler_cfg = section(cfg, "sampler")
     sampler = UnmaskingSampler(policy.model.eval(), sampler_cfg)
     seeds = [cfg.seed * 1_000_003 + i for i in range(len(prompts) * num_images)]
+    null = policy.null_condition(sampler_cfg.negative_prompt)
     with tqdm(total=sampler_cfg.steps, desc="unmasking", unit="step", disable=not cfg.logging.progress) as bar:
-        traj = sampler.sample(policy.text_areas(prompts), seeds, group_size=num_images, on_step=lambda t: bar.update())
+        traj = sampler.sample(policy.condition(prompts), seeds, group_size=num_images, null_condition=null,
+                              on_step=lambda t: bar.update())
     images = policy.decode(traj.final_codes.to(device))
     out = Path(cfg.output_dir) / out_name
     out.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ import sys
 import time
 import uuid
 import zipfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -25,8 +25,10 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
 
 from learner.checkpoint import MANIFEST
+from policy.factory import adapters_only
+from policy.family import family
 from policy.files import sha256_file
-from policy.showo import ShowoConfig
+from policy.hub import resolve_path
 from policy.weights import CheckpointError, find_weight_files
 
 from .config import ConfigError, plain, rollout_range, section
@@ -144,44 +146,49 @@ def config_changes(saved: dict[str, Any], new: dict[str, Any], prefix: str = "")
 
 # ----- initial weights --------------------------------------------------------------------------------------------
 def verify_policy_init(cfg: DictConfig) -> Optional[str]:
-    """When `policy.init` is one of our checkpoints (a directory with manifest.json, e.g. a training checkpoint or
-    a pretrained base), check its weight files against the sha256 the manifest holds; without a manifest (a
-    release) or for a single file, check that the weight files' headers read. Make `policy.arch` in the run's
-    config what the directory's config.json says (that is the model that trains). Returns a note to print when
-    the arch was replaced."""
+    """When `policy.init` (a path or a Hub id, resolved here: `policy.hub`) is one of our checkpoints (a directory
+    with manifest.json, e.g. a training checkpoint or a pretrained base), check its weight files against the
+    sha256 the manifest holds; without a manifest (a release) or for a single file, check that the weight files'
+    headers read. Make `policy.arch` in the run's config what the directory's config says (that is the model that
+    trains). Returns a note to print when the arch was replaced."""
     init = cfg.policy.init
     if init in ("random", "pretrained"):
         return None
-    path = Path(init).expanduser()
+    try:
+        path = resolve_path(init, "policy.init")
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from None
     if path.is_file():
         problem = unreadable_weights(path)
         if problem:
-            raise ConfigError(f"policy.init={init!r} is not a weights file ({problem}): give a Show-o release or "
-                              f"checkpoint directory, a .safetensors / torch.save file, 'random' or 'pretrained'")
+            raise ConfigError(f"policy.init={init!r} is not a weights file ({problem}): give a release or checkpoint "
+                              f"directory (or Hub id), a .safetensors / torch.save file, 'random' or 'pretrained'")
         return None
     if not path.is_dir():
         return None
-    from policy.factory import adapters_only
-    if problem := adapters_only(init):
-        raise ConfigError(problem)
+    policy = section(cfg, "policy")
+    if problem := adapters_only(replace(policy, init=str(path))):
+        raise ConfigError(problem.replace(repr(str(path)), repr(init)))
     manifest_path = path / MANIFEST
     if manifest_path.is_file():
         try:
-            files = json.loads(manifest_path.read_text())["files"]
+            manifest = json.loads(manifest_path.read_text())
+            files = manifest["files"]
         except (ValueError, KeyError, TypeError) as e:
             raise StartupError(f"policy.init={init!r}: its {MANIFEST} is unreadable ({e}); the checkpoint is "
                                f"damaged: point policy.init at another checkpoint") from None
         for rel, info in files.items():
-            if not re.search(r"(model|config)[^/]*\.(safetensors|bin|json)$", rel) or "/" in rel:
-                continue                      # weights and config only (optimizer state is not needed here)
+            if not re.search(r"(model|config)[^/]*\.(safetensors|bin|json)$", rel) or rel.startswith("engine/"):
+                continue                      # weights and configs only (optimizer state is not needed here)
             f = path / rel
             if not f.is_file() or f.stat().st_size != info["size"] or \
                     (info.get("sha256") and sha256_file(f) != info["sha256"]):
                 raise StartupError(f"policy.init={init!r}: {rel} does not match the sha256 in its {MANIFEST} (the "
                                    f"file is corrupted or was changed): copy it again or use another checkpoint")
     else:                                 # a release directory: no checksums, but a damaged header shows at once
+        weights = [path / rel for rel in family(policy.family).model_class.weight_files if (path / rel).is_file()]
         try:
-            weight_files = find_weight_files(path)
+            weight_files = weights or find_weight_files(path)
         except CheckpointError as e:
             raise ConfigError(f"policy.init={init!r}: {e}") from None
         for f in weight_files:
@@ -189,16 +196,21 @@ def verify_policy_init(cfg: DictConfig) -> Optional[str]:
             if problem:
                 raise StartupError(f"policy.init={init!r}: {f.name} cannot be read ({problem}); the file is "
                                    f"truncated or damaged: copy it again") from None
-    if (path / "config.json").is_file():
-        try:
-            arch = ShowoConfig.from_release(path)
-        except (CheckpointError, ValueError, TypeError) as e:
-            raise StartupError(f"policy.init={init!r}: its config.json cannot be read ({e})") from None
-        if arch != section(cfg, "policy").arch:
+    fam = family(policy.family)
+    try:
+        found = fam.arch_from_directory(path, policy)
+    except (CheckpointError, ValueError, TypeError) as e:
+        raise StartupError(f"policy.init={init!r}: its config cannot be read ({e})") from None
+    notes = []
+    if found is not None:
+        arch, what = found
+        if arch != policy.arch:
             cfg.policy.arch = OmegaConf.merge(cfg.policy.arch, asdict(arch))
-            return (f"policy.arch taken from {path / 'config.json'} ({arch.phi.num_hidden_layers} layers, hidden "
-                    f"{arch.phi.hidden_size}, {arch.num_vq_tokens} image tokens); config.yaml records it")
-    return None
+            notes.append(f"policy.arch taken from {path} ({what})")
+    for key, value in fam.component_paths(policy, path).items():     # e.g. Meissonic's text_encoder/ folder
+        OmegaConf.update(cfg.policy, key, value, merge=False)
+        notes.append(f"policy.{key}={value}")
+    return "; ".join(notes) + "; config.yaml records it" if notes else None
 
 
 def verify_resume_lora(cfg: DictConfig, checkpoint: str) -> None:
@@ -323,17 +335,11 @@ def check_local_resources(cfg: DictConfig) -> None:
 
 def rollout_bytes_per_sample(cfg: DictConfig) -> int:
     """An estimate, from below, of the memory one rollout sample needs while a worker samples it: its trajectory
-    record (codes and log-probs of every step) plus one forward pass over its sequence in float32 (the residual
-    stream, layer norm and q/k/v: six hidden-wide copies; then the widest stage, two copies of the MLP activations
-    or of the attention scores, or four of the codebook logits), twice with guidance on. (configs/tiny.yaml: 0.12 MiB
-    estimated, 0.15 MiB measured by `python -m benchmarks.rollout_memory` at G=2000 and 8000, 2-core CPU.)"""
-    a, s = cfg.policy.arch, cfg.sampler
-    n, seq = int(a.num_vq_tokens), int(a.max_seq_length) + 1 + int(a.num_vq_tokens) + 2
-    trajectory = int(s.steps) * n * (8 + 4 + 4) + n * 8
-    widest = max(4 * n * int(a.codebook_size), 2 * seq * int(a.phi.intermediate_size),
-                 2 * int(a.phi.num_attention_heads) * seq * seq)
-    forward = 4 * (6 * seq * int(a.phi.hidden_size) + widest)
-    return trajectory + forward * (2 if float(s.guidance_scale) != 0.0 else 1)
+    record and one forward pass, twice with guidance on (the family's estimate: `PolicyFamily.rollout_bytes_per_sample`)."""
+    policy, sampler = section(cfg, "policy"), section(cfg, "sampler")
+    fam = family(policy.family)
+    guided = fam.model_class.guidance_weight(sampler.guidance_scale) != 0.0
+    return fam.rollout_bytes_per_sample(policy.arch, int(sampler.steps), guided)
 
 
 def memory_problems(cfg: DictConfig, cpu_bytes: float, gpu_bytes: float) -> list[str]:
@@ -368,30 +374,24 @@ def available_memory_bytes() -> float:
 
 
 def check_prompt_lengths(cfg: DictConfig) -> Optional[str]:
-    """A note naming the prompts longer than the text area (policy.arch.max_seq_length tokens, with <t2i>, <bos>
-    and <eos>), which the layout cuts: the policy never sees their ends. None when every prompt fits."""
-    from policy.factory import build_tokenizer
-    from .config import section
+    """A note naming the prompts longer than the model reads (its text area or text encoder's length), which are
+    cut: the policy never sees their ends. None when every prompt fits."""
     from .data import eval_prompts, train_prompts
     policy = section(cfg, "policy")
-    limit = int(policy.max_seq_length or policy.arch.max_seq_length)
-    tokenizer = build_tokenizer(policy, int(policy.arch.llm_vocab_size))
-    bos = int(policy.arch.bos_id)
+    fam = family(policy.family)
     notes = []
     for which, items in (("training", train_prompts(cfg)), ("evaluation", eval_prompts(cfg))):
-        ids = tokenizer([it.prompt for it in items])
-        # the text area holds <t2i> <bos> ids <eos> in max_seq_length + 1 positions
-        long = [(i, len(t) + (2 if t and t[0] == bos else 3)) for i, t in enumerate(ids)]
-        long = [(i, n) for i, n in long if n > limit + 1]
+        counts, limit = fam.prompt_token_counts(policy, [it.prompt for it in items])
+        long = [(i, n) for i, n in enumerate(counts) if n > limit]
         if long:
             i, n = max(long, key=lambda x: x[1])
             text = items[i].prompt
-            notes.append(f"{len(long)} of {len(items)} {which} prompts are longer than policy.arch.max_seq_length="
-                         f"{limit} tokens and are cut to it (the longest, prompt {i + 1}, "
+            notes.append(f"{len(long)} of {len(items)} {which} prompts are longer than the {limit} tokens the model "
+                         f"reads and are cut to it (the longest, prompt {i + 1}, "
                          f"{text[:60]!r}{'...' if len(text) > 60 else ''}, has {n} tokens)")
     if not notes:
         return None
-    return "; ".join(notes) + ": shorten them, or use a model trained with a longer max_seq_length"
+    return "; ".join(notes) + ": shorten them, or use a model trained with a longer text length"
 
 
 def _ray_resources() -> tuple[dict[str, float], list[float], list[dict[str, Any]]]:

@@ -1,4 +1,5 @@
-"""`maskgrpo pretrain`: a base policy for the shapes world, trained with Show-o's masked-token objective.
+"""`maskgrpo pretrain`: a base policy for the shapes world (any family), trained with the masked-token objective
+of Show-o and Meissonic.
 
 Each example is a train-split prompt and a scene rendered for it (tokenized exactly by the world's codebook); a
 random fraction of the image tokens (cosine-schedule mask ratio, as Show-o) is replaced by the mask token and
@@ -19,6 +20,7 @@ from omegaconf import DictConfig
 
 from learner.engine import WarmupCosine
 from policy.factory import load_policy
+from policy.family import select_rows, where_rows
 from policy.files import atomic_write_json, file_manifest
 from rewards.geneval import item_from_metadata
 from worlds.shapes.render import ShapesRenderer
@@ -49,15 +51,17 @@ def pretrain(cfg: DictConfig) -> Path:
     policy_cfg = section(cfg, "policy")
     policy_cfg.init = "random"
     policy = load_policy(policy_cfg, "cpu", with_decoder=False)
-    model, layout = policy.model.train(), policy.model.layout
+    model = policy.model.train()
     renderer = ShapesRenderer(**shapes_world_kwargs(cfg))
-    if renderer.codebook.codebook_size > layout.codebook_size:
+    if renderer.codebook.codebook_size > model.codebook_size:
         raise ValueError(f"the shapes world needs {renderer.codebook.codebook_size} codes but the policy's "
-                         f"codebook has {layout.codebook_size}")
+                         f"codebook has {model.codebook_size}")
     items = train_prompts(cfg)
     geneval_items = [item_from_metadata(it.prompt, it.metadata) for it in items]
-    text = policy.text_areas([it.prompt for it in items])
-    empty = layout.empty_text_area(1)
+    with torch.no_grad():
+        text = policy.condition([it.prompt for it in items])
+        empty = policy.null_condition()
+    num_steps = cfg.sampler.steps
     by_tag: dict[str, list[int]] = {}
     for i, it in enumerate(geneval_items):
         by_tag.setdefault(it.tag, []).append(i)
@@ -72,13 +76,16 @@ def pretrain(cfg: DictConfig) -> Path:
         for j in np.nonzero(noisy)[0]:
             scene_idx[j] = rng.choice(by_tag[geneval_items[idx[j]].tag])
         codes = torch.from_numpy(renderer.sample_codes([geneval_items[i] for i in scene_idx], rng))
-        ratio = torch.cos(torch.from_numpy(rng.random(p.batch_size)).float() * math.pi / 2).clamp(min=1.0 / codes.shape[1])
+        # the share of the schedule done, u: mask ratio cos(u·π/2) as at the start of sampler step u·T
+        u = torch.from_numpy(rng.random(p.batch_size)).float()
+        ratio = torch.cos(u * math.pi / 2).clamp(min=1.0 / codes.shape[1])
         masked = torch.from_numpy(rng.random(codes.shape)).float() < ratio[:, None]
         masked[torch.arange(p.batch_size), torch.from_numpy(rng.integers(0, codes.shape[1], p.batch_size))] = True
-        cond = text[torch.from_numpy(idx)]
+        cond = select_rows(text, torch.from_numpy(idx))
         drop = torch.from_numpy(rng.random(p.batch_size) < 0.1)
-        cond = torch.where(drop[:, None], empty.expand_as(cond), cond)
-        logits = model.image_logits_full(cond, torch.where(masked, -1, codes))
+        cond = where_rows(drop, empty, cond)
+        context = model.context([(cond, 1)], inference=False, reuse=False)
+        logits = model.logits(context, torch.where(masked, -1, codes), u * num_steps, num_steps)
         loss = F.cross_entropy(logits[masked], codes[masked])
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -91,6 +98,7 @@ def pretrain(cfg: DictConfig) -> Path:
                   flush=True)
     out = base_dir(cfg)
     model.eval().save_pretrained(out)
+    policy.conditioner.save_pretrained(out)      # Meissonic: its (random) text encoder, beside the transformer
     atomic_write_json(out / "pretrain.json", {"steps": p.steps, "final_loss": float(np.mean(losses[-20:])),
                                               "seconds": time.perf_counter() - t0, "seed": cfg.seed})
     # written last: sizes and sha256 of every file, so that a damaged copy used as policy.init fails at start-up

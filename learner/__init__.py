@@ -5,7 +5,7 @@ a learner rank only computes.
 On every learner rank (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT set by the launcher; none needed for
 one process)::
 
-    learner = Learner(Showo.from_pretrained(path), LearnerConfig(zero_stage=2), device="cuda")
+    learner = Learner(build_model(policy_cfg), LearnerConfig(zero_stage=2), device="cuda")   # policy.factory
     if (ck := latest_checkpoint(root)) is not None:
         learner.resume(ck)
     stats = learner.train_step(groups)                         # this rank's GroupUpdates; all ranks together

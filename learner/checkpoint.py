@@ -1,12 +1,13 @@
 """Learner checkpoints: ``<root>/step_NNNNNN/`` holds
 
-- ``pytorch_model.safetensors`` + ``config.json`` (+ ``llm/config.json`` for a Phi other than phi-1.5): the policy
-  in the released key layout, written by `policy.showo.write_pretrained` so that both our ``Showo.from_pretrained``
-  and showlab/Show-o's open it (gathered from all ranks under ZeRO-3), in the training dtype; a resume under
-  ZeRO 0-2 loads the policy's weights from it;
+- the policy in its family's released layout (`MaskedModel.write_pretrained`; the manifest's ``weights`` lists
+  its weight files), which both our loader and the authors' open: Show-o's ``pytorch_model.safetensors`` +
+  ``config.json`` (+ ``llm/config.json`` for a Phi other than phi-1.5); Meissonic's ``transformer/config.json`` +
+  ``transformer/diffusion_pytorch_model.safetensors``; gathered from all ranks under ZeRO-3, in the training dtype;
+  a resume under ZeRO 0-2 loads the policy's weights from it;
 - with LoRA (`learner.lora.rank` > 0) instead of those: ``adapter_config.json`` + ``adapter_model.safetensors``,
   the adapters in peft's own format (`learner.lora`; ``PeftModel.from_pretrained`` opens them on the base), the
-  frozen base staying where ``policy.init`` points (``maskgrpo export`` merges them into Show-o weights); a resume
+  frozen base staying where ``policy.init`` points (``maskgrpo export`` merges them into full weights); a resume
   under ZeRO 0-2 loads the adapters from them;
 - ``engine/rankNNN.safetensors`` + ``engine/rankNNN.json``: each rank's engine state as data (`learner.state_files`):
   DeepSpeed's optimizer state dict (fp32 master partitions and Adam moments, partitioned per rank under ZeRO; under
@@ -15,8 +16,8 @@
   pickle, and their loader unpickles with ``weights_only=False``;
 - ``trainer_state.json``: step / weight version / non-finite counters / the driver's state (incl. its advantage
   tracker);
-- ``manifest.json`` (written last): format, step, world size, ZeRO stage, model config, parameter shapes,
-  and the size (and sha256) of every file.
+- ``manifest.json`` (written last): format, step, world size, ZeRO stage, policy family, model config, the
+  weight files, parameter shapes, and the size (and sha256) of every file.
 
 Nothing in a checkpoint is a pickle, and loading one reads only safetensors and JSON, so a checkpoint is data:
 a tampered one can hold wrong numbers, never code (see README, "What a checkpoint can do"). Checkpoints of format
@@ -40,7 +41,6 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from policy.files import atomic_write_json, disk_full_error, is_disk_full, remove_path, sha256_file, unused_path
-from policy.showo import WEIGHTS_NAME, write_pretrained
 from policy.weights import CheckpointError, load_strict
 
 from . import dist
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 
 FORMAT = "maskgrpo-learner-checkpoint/2"
 OLD_FORMATS = ("maskgrpo-learner-checkpoint/1",)
+LEGACY_WEIGHTS = ("pytorch_model.safetensors",)   # the weight files of a manifest that lists none (Show-o's)
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"^step_(\d+)$")
 
@@ -167,7 +168,7 @@ def check_data_files(path: str | Path, manifest: dict[str, Any]) -> None:
     not tampering, since whoever changes a file can rewrite the manifest too)."""
     from safetensors import safe_open
     path = Path(path)
-    weights = [ADAPTER_CONFIG, ADAPTER_WEIGHTS] if manifest.get("lora") else [WEIGHTS_NAME]
+    weights = [ADAPTER_CONFIG, ADAPTER_WEIGHTS] if manifest.get("lora") else list(weight_files(manifest))
     needed = [*weights, "trainer_state.json",
               *(f.relative_to(path).as_posix() for f in rank_files(path, int(manifest.get("world_size", 1))))]
     missing = [rel for rel in needed if rel not in manifest["files"]]
@@ -190,6 +191,11 @@ def check_data_files(path: str | Path, manifest: dict[str, Any]) -> None:
                                   f"you wrote, or start again from weights you trust") from None
 
 
+def weight_files(manifest: dict[str, Any]) -> tuple[str, ...]:
+    """The policy's weight files a checkpoint holds (relative paths in its family's released layout)."""
+    return tuple(manifest.get("weights") or LEGACY_WEIGHTS)
+
+
 def _param_shapes(learner: "Learner") -> dict[str, list[int]]:
     return {n: list(getattr(p, "ds_shape", p.shape)) for n, p in learner.policy.named_parameters()}
 
@@ -205,7 +211,7 @@ def _write_checkpoint_files(learner: "Learner", tmp: Path, final: Path, trainer_
         if lora:
             save_adapters(tmp, state_dict, learner.lora)
         else:
-            write_pretrained(tmp, state_dict, learner.policy.config, final_directory=final)
+            learner.policy.write_pretrained(tmp, state_dict, final_directory=final)
         atomic_write_json(tmp / "trainer_state.json", trainer_state)
     del state_dict
     try:
@@ -226,7 +232,8 @@ def _write_checkpoint_files(learner: "Learner", tmp: Path, final: Path, trainer_
         manifest = {"format": FORMAT, "step": learner.step, "version": learner.version,
                     "world_size": learner.world_size, "zero_stage": learner.config.zero_stage,
                     "bf16": learner.bf16, "transition": learner.config.transition,
-                    "model_config": learner.policy.config.to_dict(), "param_shapes": _param_shapes(learner),
+                    "family": learner.policy.family, "weights": list(learner.policy.weight_files),
+                    "model_config": learner.policy.config_dict(), "param_shapes": _param_shapes(learner),
                     "lora": dataclasses.asdict(learner.config.lora) if lora else None, "files": files}
         atomic_write_json(tmp / MANIFEST, manifest)
 
@@ -312,7 +319,10 @@ def _check_compatible(learner: "Learner", manifest: dict[str, Any], path: Path) 
     if problem:
         raise CheckpointError(problem)
     problems = []
-    if manifest["model_config"] != learner.policy.config.to_dict():
+    if manifest.get("family", "showo") != learner.policy.family:
+        problems.append(f"it holds a {manifest.get('family', 'showo')} policy, the learner a {learner.policy.family} "
+                        f"one (policy.family)")
+    elif manifest["model_config"] != learner.policy.config_dict():
         problems.append("the model config differs from the learner's policy")
     shapes = _param_shapes(learner)
     if manifest["param_shapes"] != shapes:
@@ -337,7 +347,7 @@ def _load_weights(learner: "Learner", path: Path) -> None:
     if learner.lora.enabled:
         load_adapters(learner.policy, read_adapters(path)[1], f"checkpoint {str(path)!r}")
         return
-    f = path / WEIGHTS_NAME
+    f = path / learner.policy.weight_files[0]
     try:
         state = load_file(str(f), device="cpu")
     except Exception as e:                  # safetensors raises its own error types for a bad header

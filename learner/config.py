@@ -26,11 +26,6 @@ class Advantage(StrEnum):
     running = "running"
 
 
-# The Show-o (Phi) linear layers LoRA can adapt: attention q/k/v/output and the MLP. Not `lm_head`: Show-o slices
-# its weight for the codebook logits (`Showo.codebook_logits`), past any adapter's forward.
-LORA_MODULES = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
-
-
 @dataclass
 class LoraSettings:
     """Low-rank adapters (peft LoRA) on the policy's linear layers; ``rank: 0`` (the default) trains every weight.
@@ -38,11 +33,14 @@ class LoraSettings:
     With rank r > 0 only the adapters train (AdamW state and weight syncs cover only them), the KL reference is the
     same model with its adapters switched off, and checkpoints hold the adapters in peft's format (`learner.lora`).
     The update of a layer is ``(alpha / rank) · B·A`` (B starts at zero: the adapted model starts equal to the base).
+    ``target_modules``: the linear layers adapted, by module name; empty = every layer the policy family names
+    (`MaskedModel.lora_targets`, e.g. Show-o's Phi projections); names are checked against the family when the run
+    config loads and when adapters are added (`learner.lora.resolve_targets`).
     """
     rank: int = 0
     alpha: float = 16.0
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: list(LORA_MODULES))
+    target_modules: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.target_modules = [str(m) for m in self.target_modules]
@@ -54,20 +52,21 @@ class LoraSettings:
             problems.append(f"learner.lora.alpha={self.alpha} must be > 0 (the update is alpha/rank · B·A)")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"learner.lora.dropout={self.dropout} must lie in [0, 1)")
-        if self.rank > 0 and not self.target_modules:
-            problems.append(f"learner.lora.target_modules is empty: name some of {list(LORA_MODULES)}")
-        unknown = [m for m in self.target_modules if m not in LORA_MODULES]
-        if unknown:
-            why = (" (lm_head's weight is read directly for the codebook logits, so an adapter there would be "
-                   "bypassed)" if "lm_head" in unknown else "")
-            problems.append(f"learner.lora.target_modules {unknown} match no Show-o layer{why}: choose from "
-                            f"{list(LORA_MODULES)}")
         if problems:
             raise ValueError("\n  - ".join(problems))
 
     @property
     def enabled(self) -> bool:
         return self.rank > 0
+
+    def target_problem(self, family: str, targets: tuple[str, ...], note: str = "") -> str | None:
+        """Why `target_modules` does not fit a family whose adaptable layers are `targets` (None when it does)."""
+        unknown = [m for m in self.target_modules if m not in targets]
+        if not unknown:
+            return None
+        return (f"learner.lora.target_modules {unknown} match no layer {family} adapts"
+                f"{f' ({note})' if note and not set(unknown) - {'lm_head'} else ''}: choose from {list(targets)}, or "
+                f"leave it empty for all of them")
 
 
 class StaleLogprobs(StrEnum):

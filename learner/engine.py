@@ -1,4 +1,5 @@
-"""The Mask-GRPO learner: a DeepSpeed engine around the Show-o policy, one optimizer step per `train_step`.
+"""The Mask-GRPO learner: a DeepSpeed engine around the policy model (any `policy.family`), one optimizer step per
+`train_step`.
 
 One `Learner` per data-parallel rank. Each rank receives its own groups as `GroupUpdate`s — the G rollouts of
 one prompt as one `Trajectory`, with the advantages, kept samples and trained steps the driver decided
@@ -16,22 +17,22 @@ import copy
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
 
+from policy.family import MaskedModel
 from policy.logprob import transition_logprobs
-from policy.showo import Showo
 from policy.trajectory import Trajectory
 
 from policy.device import resolve_device
 
 from . import dist
 from .config import LearnerConfig, StaleLogprobs
-from .lora import add_adapters, adapters_disabled, merge_state_dict
+from .lora import add_adapters, adapters_disabled, merge_state_dict, resolve_targets
 from .loss import mask_grpo_row_loss, scored_terms
 from .memory import FIRST_UPDATE_BYTES_PER_PARAM, MicroBatchPlan, free_bytes, plan_micro_batches, trainable_numel
 from .update import GroupUpdate, UpdateStats
@@ -117,7 +118,7 @@ def deepspeed_config(config: LearnerConfig, bf16: bool) -> dict[str, Any]:
 class PolicyObjective(nn.Module):
     """The module DeepSpeed wraps: the policy, and a forward that scores (trajectory, step) rows."""
 
-    def __init__(self, policy: Showo, transition: str, prefix_reuse: bool = True):
+    def __init__(self, policy: MaskedModel, transition: str, prefix_reuse: bool = True):
         super().__init__()
         self.policy = policy
         self.transition = transition
@@ -168,7 +169,7 @@ class Learner:
     (DeepSpeed may cast and, under ZeRO-3, partition it); its trained weights are in ``learner.policy``.
     `device`: "auto" (CUDA when this process sees a GPU), "cpu" or "cuda"."""
 
-    def __init__(self, model: Showo, config: LearnerConfig, reference: Optional[Showo] = None,
+    def __init__(self, model: MaskedModel, config: LearnerConfig, reference: Optional[MaskedModel] = None,
                  device: str | torch.device = "auto"):
         self.device = resolve_device(device)
         dist.init_distributed(self.device)
@@ -182,14 +183,16 @@ class Learner:
         if self.bf16 and self.device.type != "cuda":
             raise ValueError("bf16 training needs CUDA; on the CPU use bf16=False (or None for auto)")
         model.gradient_checkpointing = bool(config.gradient_checkpointing)   # re-decided per update when auto
+        if config.lora.enabled:         # only the adapters train: AdamW and ZeRO state cover only them
+            config = replace(config, lora=resolve_targets(config.lora, model))   # the family's layers, named
+            self.config = config
+            add_adapters(model, config.lora)
         self.lora = config.lora
-        if self.lora.enabled:           # only the adapters train: AdamW and ZeRO state cover only them
-            add_adapters(model, self.lora)
         model.to(self.device)
 
         # A frozen reference exists only for a real KL term (kl_beta == 0: no reference model at all). With LoRA
         # the reference is the policy itself with its adapters switched off (no second copy).
-        self.reference: Optional[Showo] = None
+        self.reference: Optional[MaskedModel] = None
         if self.lora.enabled and reference is not None:
             raise ValueError("with learner.lora the KL reference is the base model (adapters off): pass no reference")
         if config.kl_beta > 0 and not self.lora.enabled:
@@ -202,10 +205,9 @@ class Learner:
 
         self.objective = PolicyObjective(model, config.transition, config.prefix_reuse)
         if config.zero_stage == 3:
-            # Show-o reads lm_head.weight/bias directly (codebook slice), outside lm_head.forward.
-            head = model.showo.lm_head
-            deepspeed.zero.register_external_parameter(self.objective, head.weight)
-            deepspeed.zero.register_external_parameter(self.objective, head.bias)
+            # parameters the model reads outside their module's forward (Show-o: lm_head's codebook slice)
+            for p in model.zero3_external_parameters():
+                deepspeed.zero.register_external_parameter(self.objective, p)
         self._torch_optimizer = torch.optim.AdamW(param_groups(model, config.weight_decay), lr=config.lr,
                                                   betas=config.betas, eps=config.adam_eps)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -214,7 +216,7 @@ class Learner:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.objective, optimizer=self._torch_optimizer, lr_scheduler=scheduler, config=self.ds_config)
         self.engine.train()
-        self.policy: Showo = self.engine.module.policy
+        self.policy: MaskedModel = self.engine.module.policy
         self.step = 0                   # optimizer updates applied == weight version
         self.nonfinite_total = 0
         self.consecutive_nonfinite = 0
@@ -349,8 +351,8 @@ class Learner:
         reserved = 0
         if auto and not self._updated and self.device.type == "cuda":
             reserved = FIRST_UPDATE_BYTES_PER_PARAM * trainable_numel(self.policy)   # with LoRA: the adapters
-        plan = plan_micro_batches(self.policy.config, cfg.micro_batch_rows, cfg.gradient_checkpointing,
-                                  free_bytes(self.device) if auto else None, reserved)
+        plan = plan_micro_batches(self.policy.activation_bytes_per_row, cfg.micro_batch_rows,
+                                  cfg.gradient_checkpointing, free_bytes(self.device) if auto else None, reserved)
         self._plan_final = self._updated or not auto or self.device.type != "cuda"
         if self.micro_batch_plan is None or (plan.rows, plan.checkpointing) != (self.micro_batch_plan.rows,
                                                                                self.micro_batch_plan.checkpointing):
@@ -382,10 +384,9 @@ class Learner:
         return out
 
     def _dummy_trajectory(self) -> Trajectory:
-        """A one-step, one-rollout trajectory with the policy's layout, for zero-weight padding passes."""
-        layout = self.policy.layout
-        n = layout.num_vq_tokens
-        return Trajectory(text_ids=layout.empty_text_area(1), uncond_text_ids=layout.empty_text_area(1),
+        """A one-step, one-rollout trajectory of the policy's shapes, for zero-weight padding passes."""
+        n = self.policy.num_tokens
+        return Trajectory(condition=self.policy.padding_condition(), null_condition={},
                           unmask_step=torch.zeros(1, n, dtype=torch.long),
                           sampled_codes=torch.zeros(1, 1, n, dtype=torch.long),
                           token_logprob=torch.zeros(1, 1, n), remask_logprob=torch.zeros(1, 1, n),

@@ -1,23 +1,25 @@
-"""LoRA adapters (peft) on the Show-o policy: adding them, switching them off, their names, their files, merging.
+"""LoRA adapters (peft) on the policy model: adding them, switching them off, their names, their files, merging.
 
-`add_adapters` injects peft's LoRA layers into the Show-o module itself (`peft.inject_adapter_in_model`, no
-`PeftModel` wrapper), so the policy keeps its class and methods (`image_logits`, `layout`, ...) and DeepSpeed wraps
-it as before; only the adapter tensors require gradients. The one change peft makes to the key layout is that an
+`add_adapters` injects peft's LoRA layers into the policy module itself (`peft.inject_adapter_in_model`, no
+`PeftModel` wrapper), so the policy keeps its class and methods (`context`, `logits`, ...) and DeepSpeed wraps
+it as before; only the adapter tensors require gradients. Which layers: the family's (`MaskedModel.lora_targets`),
+or the subset `learner.lora.target_modules` names. The one change peft makes to the key layout is that an
 adapted layer's own weights move under ``.base_layer`` (``...q_proj.weight`` -> ``...q_proj.base_layer.weight``,
 next to ``...q_proj.lora_A.default.weight``); `released_name` undoes it, so every export of base or merged weights
-(`base_state_dict`, `merged_state_dict`) is in Show-o's released layout again.
+(`base_state_dict`, `merged_state_dict`) is in the family's released layout again.
 
 Every process builds the same layout from the same `LoraSettings` (the learner, each rollout worker), with the
 adapters' A matrices drawn from a fixed seed, so learner and rollout copies are equal from the start (B = 0: the
 adapted model equals the base) and a weight sync only needs to move the adapter tensors.
 
 On disk the adapters are peft's own format: ``adapter_config.json`` + ``adapter_model.safetensors`` with peft's
-keys (``base_model.model.<module>.lora_A.weight``), so ``PeftModel.from_pretrained(Showo(config), directory)``
+keys (``base_model.model.<module>.lora_A.weight``), so ``PeftModel.from_pretrained(<the model>, directory)``
 opens them.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -63,8 +65,21 @@ def adapter_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def released_name(name: str) -> str:
-    """The released Show-o key of a base tensor of an adapted model (``.base_layer.`` removed)."""
+    """The released key of a base tensor of an adapted model (``.base_layer.`` removed)."""
     return name.replace(".base_layer.", ".")
+
+
+def resolve_targets(settings: LoraSettings, model: nn.Module) -> LoraSettings:
+    """`settings` with its target modules explicit: the model family's when none are named; names the family does
+    not adapt are refused (a `policy.family.MaskedModel` says which it adapts; another module: any linear layer)."""
+    targets = getattr(model, "lora_targets", None)
+    if targets is None:
+        return settings
+    problem = settings.target_problem(getattr(model, "family", type(model).__name__), tuple(targets),
+                                      getattr(model, "lora_note", ""))
+    if problem:
+        raise ValueError(problem)
+    return settings if settings.target_modules else dataclasses.replace(settings, target_modules=list(targets))
 
 
 def add_adapters(model: nn.Module, settings: LoraSettings) -> nn.Module:
@@ -73,11 +88,16 @@ def add_adapters(model: nn.Module, settings: LoraSettings) -> nn.Module:
         raise ValueError("add_adapters needs learner.lora.rank >= 1")
     if has_adapters(model):
         raise ValueError("the model already has LoRA adapters")
-    present = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    missing = [t for t in settings.target_modules if t not in present]
+    settings = resolve_targets(settings, model)
+    if not settings.target_modules:
+        raise ValueError("learner.lora.target_modules is empty and the model names no layers to adapt")
+    linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    # peft's rule: a target names a module by its full name or a suffix of whole components ("to_out.0")
+    missing = [t for t in settings.target_modules if not any(n == t or n.endswith("." + t) for n in linear)]
+    present = sorted({n.rsplit(".", 1)[-1] for n in linear})
     if missing:
         raise ValueError(f"learner.lora.target_modules {missing} match no linear layer of this model (it has "
-                         f"{sorted(present)}): remove them or pick from those")
+                         f"{present}): remove them or pick from those")
     from peft import inject_adapter_in_model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(INIT_SEED)
@@ -173,13 +193,13 @@ def load_adapters(model: nn.Module, adapters: Mapping[str, torch.Tensor], what: 
 
 
 def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The base weights (adapters left out) in Show-o's released layout."""
+    """The base weights (adapters left out) in the released layout."""
     return {released_name(k): v for k, v in model.state_dict().items() if not is_adapter_name(k)}
 
 
 def merge_state_dict(state: Mapping[str, torch.Tensor], settings: LoraSettings) -> dict[str, torch.Tensor]:
-    """An adapted model's full state dict (our parameter names, e.g. gathered from all ranks) as plain Show-o
-    weights in the released layout: each adapted layer's W + (alpha/rank)·B·A, computed in fp32 (fp32 CPU out)."""
+    """An adapted model's full state dict (our parameter names, e.g. gathered from all ranks) as plain weights in
+    the released layout: each adapted layer's W + (alpha/rank)·B·A, computed in fp32 (fp32 CPU out)."""
     out = {released_name(k): v.detach().float().cpu().clone() for k, v in state.items() if not is_adapter_name(k)}
     suffix = f".lora_A.{ADAPTER_NAME}.weight"
     scale = settings.alpha / settings.rank

@@ -21,8 +21,8 @@ from typing import Optional
 
 import torch
 
+from policy.family import MaskedModel
 from policy.logprob import transition_logprobs
-from policy.showo import Showo
 from policy.trajectory import Trajectory
 
 MAX_LOG_RATIO = 20.0
@@ -73,7 +73,7 @@ def mask_grpo_row_loss(logp: torch.Tensor, behaviour_logp: torch.Tensor, advanta
 
 
 @torch.no_grad()
-def policy_step_logprobs(model: Showo, traj: Trajectory, transition: str,
+def policy_step_logprobs(model: MaskedModel, traj: Trajectory, transition: str,
                          steps: Optional[torch.Tensor] = None, prefix_reuse: bool = True) -> torch.Tensor:
     """The model's per-step transition log-probabilities [B, S] without gradients (e.g. to fill in the behaviour
     log-probs of trajectories recorded without them, or to score with a reference policy)."""

@@ -1,24 +1,23 @@
-"""Building the policy a process needs (Show-o, text tokenizer, image decoder) from the `policy` config section.
+"""Building the policy a process needs (the model, its conditioner, the image decoder) from the `policy` config
+section, through the family that `policy.family` names (`policy.family`).
 
 Every process (driver, rollout workers, reward actors, learner ranks) builds its policy through `load_policy`,
-so they all agree on architecture, token layout and decoder.
+so they all agree on architecture, conditioning and decoder.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 
 from worlds.shapes.codebook import ShapesCodebook
 from worlds.shapes.world import all_prompts, as_world
 
-from .showo import Showo, ShowoConfig, has_pretrained_weights
+from .family import ImageDecoder, MaskedModel, Policy, family
 from .tokenizer import HFTextTokenizer, TextTokenizer, WordTokenizer
-
-ImageDecoder = Callable[[torch.Tensor], torch.Tensor]   # codes long [B, N] -> uint8 [B, H, W, 3]
 
 
 class PolicyDtype(StrEnum):
@@ -35,14 +34,20 @@ class AttentionPrecision(StrEnum):
 DTYPES = tuple(d.value for d in PolicyDtype)
 
 
+class FamilyName(StrEnum):
+    showo = "showo"             # Show-o (Phi + MAGVIT-v2), policy/showo.py
+    meissonic = "meissonic"     # Meissonic (MMDiT + CLIP text encoder + VQ), policy/meissonic/
+
+
 class TokenizerKind(StrEnum):
-    hf = "hf"           # the phi-1.5 tokenizer from a local directory
+    hf = "hf"           # the family's tokenizer from a directory or Hub id (Show-o: phi-1.5's; Meissonic: CLIP's)
     words = "words"     # an in-process word list (tests, the shapes world)
 
 
 class DecoderKind(StrEnum):
-    magvit = "magvit"   # MAGVIT-v2 from a local showlab/magvitv2 directory
-    shapes = "shapes"   # the shapes world's exact decoder
+    magvit = "magvit"   # Show-o: MAGVIT-v2 from a showlab/magvitv2 directory or Hub id
+    vqvae = "vqvae"     # Meissonic: diffusers' VQModel from a `vqvae/` directory or Hub id
+    shapes = "shapes"   # the shapes world's exact decoder (any family)
 
 
 @dataclass
@@ -61,10 +66,14 @@ class DecoderConfig:
 
 @dataclass
 class PolicyConfig:
-    init: str = "random"                # "random", a Show-o release dir, one of our checkpoints, or a .pth state dict
-    arch: ShowoConfig = field(default_factory=ShowoConfig)   # used for "random" and plain state-dict files
-    phi_config: Optional[str] = None    # phi-1.5 config.json for a release dir (default: phi-1.5's values)
+    family: FamilyName = FamilyName.showo
+    init: str = "random"                # "random", a release dir or Hub id, one of our checkpoints, a .pth state dict
+    # the family's architecture (Show-o: `ShowoConfig`; Meissonic: `MeissonicArch`), used for "random" and plain
+    # state-dict files; a release or checkpoint directory brings its own (the run's config.yaml records it)
+    arch: Any = field(default_factory=dict)
+    phi_config: Optional[str] = None    # Show-o: phi-1.5 config.json for a release dir (default: phi-1.5's values)
     max_seq_length: Optional[int] = None
+    text_encoder: Optional[str] = None  # Meissonic: the CLIP text encoder's dir or Hub id (None: policy.init's)
     init_seed: int = 0
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
@@ -72,6 +81,10 @@ class PolicyConfig:
     # bf16 follows it, see `learner_bf16`), so that recorded and recomputed log-probs agree by construction:
     dtype: PolicyDtype = PolicyDtype.auto
     attention_precision: AttentionPrecision = AttentionPrecision.model
+
+    def __post_init__(self) -> None:
+        self.family = FamilyName(self.family)
+        self.arch = family(self.family).parse_arch(self.arch)
 
 
 def compute_dtype(dtype: str, device: torch.device | str) -> torch.dtype:
@@ -95,56 +108,56 @@ def learner_bf16(cfg: PolicyConfig, device: torch.device | str, requested: Optio
     return bf16
 
 
-def adapters_only(init: str) -> Optional[str]:
+def adapters_only(cfg: PolicyConfig) -> Optional[str]:
     """The error line when `policy.init` is a LoRA checkpoint (adapters, no model weights), else None."""
+    init = cfg.init
     path = Path(init).expanduser()
-    if path.is_dir() and (path / "adapter_config.json").is_file() and not has_pretrained_weights(path):
+    if path.is_dir() and (path / "adapter_config.json").is_file() and not family(cfg.family).has_weights(path):
         return (f"policy.init={init!r} holds LoRA adapters, not model weights: merge them into their base with "
                 f"`maskgrpo export --checkpoint {init} --out DIR` and use policy.init=DIR (or continue that run "
                 f"with resume={init})")
     return None
 
 
-def build_showo(cfg: PolicyConfig) -> Showo:
-    if cfg.init == "random":
-        torch.manual_seed(cfg.init_seed)
-        return Showo(cfg.arch)
-    path = Path(cfg.init).expanduser()
-    problem = adapters_only(cfg.init)
+def build_model(cfg: PolicyConfig) -> MaskedModel:
+    """The trained network of `cfg` (fp32, on the CPU)."""
+    problem = adapters_only(cfg)
     if problem:
         from .weights import CheckpointError
         raise CheckpointError(problem)
-    has_config = path.is_dir() and (path / "config.json").is_file()
-    return Showo.from_pretrained(path, config=None if has_config else cfg.arch, phi_config=cfg.phi_config,
-                                 max_seq_length=cfg.max_seq_length)
+    return family(cfg.family).build_model(cfg)
 
 
-def build_tokenizer(cfg: PolicyConfig, llm_vocab_size: int) -> TextTokenizer:
+def shapes_world_prompts(cfg: PolicyConfig) -> list[str]:
+    return [item.prompt for item in all_prompts(as_world(**cfg.decoder.shapes))]
+
+
+def build_word_tokenizer(cfg: PolicyConfig, vocab_size: int) -> WordTokenizer:
+    """The word-level tokenizer of `policy.tokenizer.words`, or of every word of the shapes world's prompts."""
+    words = list(cfg.tokenizer.words)
+    if not words:
+        words = sorted({w for prompt in shapes_world_prompts(cfg) for w in prompt.lower().split()})
+    return WordTokenizer(words, vocab_size)
+
+
+def build_tokenizer(cfg: PolicyConfig, vocab_size: int, hf_what: str) -> TextTokenizer:
+    """`policy.tokenizer`: a transformers tokenizer (`hf_what` names what the family expects there) or words."""
     tok = cfg.tokenizer
     if tok.kind == TokenizerKind.hf:
         if not tok.path:
-            raise ValueError("policy.tokenizer.path is required for kind 'hf' (a local microsoft/phi-1_5 copy)")
-        return HFTextTokenizer(tok.path)
+            raise ValueError(f"policy.tokenizer.path is required for kind 'hf' ({hf_what})")
+        from .hub import resolve_path
+        return HFTextTokenizer(resolve_path(tok.path, "policy.tokenizer.path"), hf_what)
     if tok.kind == TokenizerKind.words:
-        words = list(tok.words)
-        if not words:
-            items = all_prompts(as_world(**cfg.decoder.shapes))
-            words = sorted({w for item in items for w in item.prompt.lower().split()})
-        return WordTokenizer(words, llm_vocab_size)
+        return build_word_tokenizer(cfg, vocab_size)
     raise ValueError(f"policy.tokenizer.kind must be 'hf' or 'words', not {tok.kind!r}")
 
 
 def build_decoder(cfg: PolicyConfig, device: torch.device | str = "cpu") -> ImageDecoder:
-    dec = cfg.decoder
-    if dec.kind == DecoderKind.magvit:
-        from .magvit import MagvitV2
-        if not dec.path:
-            raise ValueError("policy.decoder.path is required for kind 'magvit' (a local showlab/magvitv2 copy)")
-        vq = MagvitV2.from_pretrained(dec.path, device=device)
-        return vq.decode_uint8
-    if dec.kind == DecoderKind.shapes:
-        return ShapesImageDecoder(ShapesCodebook(**dec.shapes))
-    raise ValueError(f"policy.decoder.kind must be 'magvit' or 'shapes', not {dec.kind!r}")
+    """The image decoder `policy.decoder` names: the shapes world's (any family) or the family's own."""
+    if cfg.decoder.kind == DecoderKind.shapes:
+        return ShapesImageDecoder(ShapesCodebook(**cfg.decoder.shapes))
+    return family(cfg.family).build_decoder(cfg, device)
 
 
 class ShapesImageDecoder:
@@ -159,25 +172,16 @@ class ShapesImageDecoder:
         return self.codebook.decode(torch.where(codes < self.codebook.codebook_size, codes, 0))
 
 
-@dataclass
-class Policy:
-    model: Showo
-    tokenizer: TextTokenizer
-    decode: ImageDecoder
-
-    def text_areas(self, prompts: list[str]) -> torch.Tensor:
-        return self.model.layout.text_area(self.tokenizer(prompts))
-
-
 def load_policy(cfg: PolicyConfig, device: torch.device | str = "cpu", with_decoder: bool = True,
                 dtype: Optional[torch.dtype] = None) -> Policy:
     """The policy on `device`, its parameters in `policy.dtype`'s compute dtype there (or `dtype`: a learner keeps
     fp32 master weights and lets its engine cast, see `learner_bf16`)."""
-    model = build_showo(cfg).to(device=device, dtype=dtype or compute_dtype(cfg.dtype, device))
+    compute = compute_dtype(cfg.dtype, device)
+    model = build_model(cfg).to(device=device, dtype=dtype or compute)
     model.attention_precision = cfg.attention_precision
-    tokenizer = build_tokenizer(cfg, model.layout.llm_vocab_size)
+    conditioner = family(cfg.family).build_conditioner(cfg, model, device, compute)
     decode = build_decoder(cfg, device) if with_decoder else _no_decoder
-    return Policy(model, tokenizer, decode)
+    return Policy(model, conditioner, decode)
 
 
 def _no_decoder(codes: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """Mask-GRPO transition log-probabilities of recorded trajectories under the current policy.
 
 Batched across trajectories and steps: the (trajectory, step) pairs to score become rows of one forward pass,
-each row fed the image exactly as the sampler saw it at the start of that step. The text prefix is encoded once
-per trajectory and shared by its rows (gradients flow through it). The per-position terms come from
-`policy.transition`, the same functions the sampler records the behaviour log-probs with.
+each row fed the image exactly as the sampler saw it at the start of that step. The model's context is built once
+per trajectory and shared by its rows (Show-o: the text prefix, with gradients flowing through it). The
+per-position terms come from `policy.transition`, the same functions the sampler records the behaviour log-probs
+with.
 
 Device use: the trajectory may arrive on the CPU (as it does from the object store); it is moved to the model's
 device once, every mask and index is built there, and nothing is read back to the host (no GPU sync): `steps`
@@ -16,7 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .showo import Showo
+from .family import MaskedModel
 from .trajectory import TRANSITIONS, Trajectory
 from .transition import code_logprob, codebook_logprobs, remask_log_mass
 
@@ -44,7 +45,7 @@ def checked_steps(steps: Optional[torch.Tensor | Sequence[int]], num_steps: int,
     return steps.to(device=device, dtype=torch.long)
 
 
-def all_transition_logprobs(model: Showo, traj: Trajectory, steps: Optional[torch.Tensor] = None,
+def all_transition_logprobs(model: MaskedModel, traj: Trajectory, steps: Optional[torch.Tensor] = None,
                             prefix_reuse: bool = True,
                             transitions: Sequence[str] = TRANSITIONS) -> dict[str, StepLogprobs]:
     """Per-step log-probabilities of `traj`'s transitions under `model` for several transition definitions at
@@ -57,18 +58,16 @@ def all_transition_logprobs(model: Showo, traj: Trajectory, steps: Optional[torc
     traj = traj.to(device)
     b, s, n = traj.batch_size, steps.numel(), traj.num_image_tokens
     codes = traj.input_codes(steps).reshape(b * s, n)
-    scale = float(traj.guidance_scale)
+    scale = float(traj.guidance_weight)
     cfg_on = scale != 0.0
+    row_steps = steps.repeat(b)                                          # row b·S + j is step steps[j]
 
-    def logits_for(text: torch.Tensor) -> torch.Tensor:
-        if prefix_reuse:
-            prefix = model.encode_text(text)
-            # one trajectory (the usual micro-batch at large T): its batch-1 prefix is expanded, not copied S times
-            return model.image_logits(prefix if b == 1 else prefix.repeat_interleave(s), codes)
-        return model.image_logits_full(text.repeat_interleave(s, 0), codes)
+    def logits_for(condition) -> torch.Tensor:
+        context = model.context([(condition, s)], inference=False, reuse=prefix_reuse)
+        return model.logits(context, codes, row_steps, traj.num_steps)
 
-    logits = logits_for(traj.text_ids)
-    uncond = logits_for(traj.uncond_text_ids) if cfg_on else None
+    logits = logits_for(traj.condition)
+    uncond = logits_for(traj.null_condition) if cfg_on else None
     logprobs = codebook_logprobs(logits, uncond, scale)                   # fp32 [B*S, N, C], the only one
     del logits, uncond
 
@@ -92,12 +91,12 @@ def all_transition_logprobs(model: Showo, traj: Trajectory, steps: Optional[torc
     return out
 
 
-def transition_logprobs(model: Showo, traj: Trajectory, transition: str = "candidate1",
+def transition_logprobs(model: MaskedModel, traj: Trajectory, transition: str = "candidate1",
                         steps: Optional[torch.Tensor] = None, prefix_reuse: bool = True) -> StepLogprobs:
     """Per-step log-probability of `traj`'s transitions under `model` for `steps` (long [S]; default all T).
 
     Runs with or without autograd, as the caller chooses. Classifier-free guidance follows the trajectory's
-    recorded `guidance_scale`.
+    recorded `guidance_weight`.
     """
     if transition not in TRANSITIONS:
         raise ValueError(f"unknown transition {transition!r}; expected one of {TRANSITIONS}")

@@ -23,8 +23,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 
-from .layout import TokenLayout, omni_attention_mask
+from .family import Condition, MaskedModel
 from .files import atomic_write_json
+from .layout import TokenLayout, omni_attention_mask
 from .weights import CheckpointError, load_strict, read_state_dict, save_state_dict
 
 # File names of a checkpoint directory. showlab/Show-o's `Showo.from_pretrained` (its own diffusers-style
@@ -128,6 +129,18 @@ class ShowoConfig:
         side = math.isqrt(self.num_vq_tokens)
         if side * side != self.num_vq_tokens:
             raise ValueError(f"num_vq_tokens {self.num_vq_tokens} is not a square grid")
+
+    def activation_bytes_per_row(self, checkpointing: bool) -> float:
+        """An estimate of one trained row's activation memory in bf16 (`learner.memory`). Without checkpointing,
+        per layer and token ~(16·hidden + 3·intermediate) saved values (layer-norm inputs, q/k/v before and after
+        their norms and the rotary, attention in/out, MLP in/out); with it, each layer's input plus one layer's
+        activations while it is recomputed. Both add the [N, C] logits, fp32 log-probs and their gradient.
+        (Show-o-512: about 2.7 GiB without, 0.28 GiB with checkpointing.)"""
+        h, i, layers = self.phi.hidden_size, self.phi.intermediate_size, self.phi.num_hidden_layers
+        tokens = self.num_vq_tokens + 2
+        one_layer = tokens * (16 * h + 3 * i) * 2.0
+        saved = layers * tokens * h * 2.0 + one_layer if checkpointing else layers * one_layer
+        return saved + self.num_vq_tokens * self.codebook_size * (2 + 4 + 4)
 
     @property
     def layout(self) -> TokenLayout:
@@ -423,6 +436,13 @@ class TextPrefix:
     def text_len(self) -> int:
         return int(self.not_pad.shape[1])
 
+    @staticmethod
+    def cat(prefixes: Sequence["TextPrefix"]) -> "TextPrefix":
+        """Prefixes of several batches stacked along the batch."""
+        kv = [(torch.cat([p.kv[i][0] for p in prefixes]), torch.cat([p.kv[i][1] for p in prefixes]))
+              for i in range(len(prefixes[0].kv))]
+        return TextPrefix(kv, torch.cat([p.not_pad for p in prefixes]))
+
 
 class PrefixCache:
     """Text prefixes in preallocated per-layer key/value buffers, for an image block of `image_len` tokens (see
@@ -458,8 +478,26 @@ class PrefixCache:
                               dim=1).view(self.batch, 1, 1, -1)
 
 
-class Showo(nn.Module):
-    """Show-o for text-to-image: full-sequence logits, and image-block logits with a reusable text prefix."""
+@dataclass
+class FullText:
+    """The context without prefix reuse: each row's text area, run with the image block in one full pass."""
+    text: torch.Tensor           # long [R, text_len]
+
+
+class Showo(MaskedModel):
+    """Show-o for text-to-image: full-sequence logits, and image-block logits with a reusable text prefix.
+
+    As a `policy.family.MaskedModel`: the condition is the t2i text area ``{"ids": long [B, text_len]}``, the
+    context the text prefix's keys/values (a preallocated `PrefixCache` while sampling, a `TextPrefix` in the
+    autograd graph while training, or the text itself without prefix reuse); the step does not enter the logits."""
+
+    family = "showo"
+    weight_files = (WEIGHTS_NAME,)
+    # Phi's linear layers. Not `lm_head`: its weight is sliced for the codebook logits (`codebook_logits`), past
+    # any adapter's forward.
+    lora_targets = ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2")
+    lora_note = ("lm_head's weight is read directly for the codebook logits, so an adapter there would be "
+                 "bypassed")
 
     def __init__(self, config: ShowoConfig):
         super().__init__()
@@ -467,6 +505,61 @@ class Showo(nn.Module):
         self.layout = config.layout
         self.showo = PhiForCausalLM(config.phi, config.vocab_size)
         self.gradient_checkpointing = False
+
+    # ----- the policy interface (policy.family.MaskedModel) ------------------------------------------------------------
+    @property
+    def num_tokens(self) -> int:
+        return self.layout.num_vq_tokens
+
+    @property
+    def codebook_size(self) -> int:
+        return self.layout.codebook_size
+
+    def context(self, parts: Sequence[tuple[Condition, int]], inference: bool, reuse: bool = True):
+        if not reuse:
+            return FullText(torch.cat([c["ids"].repeat_interleave(r, 0) for c, r in parts]))
+        if inference:
+            return self.prefix_cache(*[(self.encode_text(c["ids"]), r) for c, r in parts])
+        prefixes = []
+        for c, r in parts:
+            prefix = self.encode_text(c["ids"])
+            # one row (the usual learner micro-batch at large T): the batch-1 prefix is expanded in
+            # `image_logits`, not copied r times
+            prefixes.append(prefix if len(parts) == 1 and c["ids"].shape[0] == 1 else prefix.repeat_interleave(r))
+        return prefixes[0] if len(prefixes) == 1 else TextPrefix.cat(prefixes)
+
+    def logits(self, context, codes: torch.Tensor, steps: torch.Tensor | int, num_steps: int) -> torch.Tensor:
+        if isinstance(context, FullText):
+            return self.image_logits_full(context.text, codes)
+        return self.image_logits(context, codes)
+
+    @staticmethod
+    def guidance_weight(scale: float) -> float:
+        return float(scale)             # Show-o's (1 + s)·cond − s·uncond
+
+    @staticmethod
+    def remask_temperature(temperature: float, step: int, num_steps: int) -> float:
+        # annealed linearly, temperature·(1 − (t+1)/T) (the reference compounds the factor step by step; MaskGIT
+        # and this sampler do not)
+        return temperature * (1.0 - (step + 1) / num_steps)
+
+    def zero3_external_parameters(self) -> list[nn.Parameter]:
+        head = self.showo.lm_head       # read directly (codebook slice), outside lm_head.forward
+        return [head.weight, head.bias]
+
+    def activation_bytes_per_row(self, checkpointing: bool) -> float:
+        return self.config.activation_bytes_per_row(checkpointing)
+
+    def padding_condition(self) -> Condition:
+        return {"ids": self.layout.empty_text_area(1)}
+
+    def config_dict(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
+    def write_pretrained(self, directory: str | Path, state_dict: Optional[dict[str, torch.Tensor]] = None,
+                         final_directory: str | Path | None = None) -> list[Path]:
+        return write_pretrained(directory, self.state_dict() if state_dict is None else state_dict, self.config,
+                                final_directory)
 
     # ----- precision -----------------------------------------------------------------------------------------
     @property
@@ -590,4 +683,4 @@ class Showo(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> None:
         """A directory Show-o's own `Showo.from_pretrained` and ours both open (see `write_pretrained`)."""
-        write_pretrained(directory, self.state_dict(), self.config)
+        self.write_pretrained(directory)

@@ -1,7 +1,8 @@
-"""Text tokenizers: phi-1.5's from a local directory, or a word-level one built in-process.
+"""Text tokenizers: a family's own from a directory (Show-o: phi-1.5's; Meissonic: CLIP's), or a word-level one
+built in-process.
 
-Show-o's text ids are the tokenizer's ids without special tokens (``<bos>``/``<eos>`` are placed by the
-prompt layout). The word-level tokenizer serves tests and the synthetic shapes world, where no files exist.
+The ids are the tokenizer's ids without special tokens (the family's prompt layout places ``<bos>``/``<eos>``).
+The word-level tokenizer serves tests and the synthetic shapes world, where no files exist.
 """
 from __future__ import annotations
 
@@ -14,13 +15,12 @@ class TextTokenizer(Protocol):
 
 
 class HFTextTokenizer:
-    """A `transformers` tokenizer loaded from a local path (phi-1.5's for the released Show-o)."""
+    """A `transformers` tokenizer loaded from a local path (`what` names the one the family expects there)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, what: str = "a transformers tokenizer directory"):
         p = Path(path).expanduser()
         if not p.is_dir():
-            raise FileNotFoundError(f"text tokenizer directory {str(p)!r} does not exist: give the local copy of "
-                                    f"microsoft/phi-1_5 (tokenizer.json / vocab.json + merges.txt)")
+            raise FileNotFoundError(f"text tokenizer directory {str(p)!r} does not exist: give {what}")
         from transformers import AutoTokenizer
         self.tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
 

@@ -3,7 +3,8 @@
 Everything is a dense, contiguous CPU tensor so that a trajectory pickles into the Ray object store as a
 handful of buffers (zero-copy reads), never as Python lists of tensors.
 
-Shapes: B rollouts (e.g. the G samples of one GRPO group), T unmasking steps, N image tokens, L text-area tokens.
+Shapes: B rollouts (e.g. the G samples of one GRPO group), T unmasking steps, N image tokens. The condition is the
+family's (`policy.family`): a dict of tensors with B rows (Show-o: its text area; Meissonic: text embeddings).
 A position is *masked at the start of step t* iff ``unmask_step >= t``; it is *kept* (committed) at step t iff
 ``unmask_step == t`` and *re-masked* at step t iff ``unmask_step > t``. ``unmask_step == T`` marks a position that
 was never committed by a keep (the reference sampler re-masks one token at its last step and still emits the
@@ -25,12 +26,13 @@ class Transition(StrEnum):
 
 
 TRANSITIONS: tuple[Transition, ...] = tuple(Transition)
+_CONDITIONS = ("condition", "null_condition")
 
 
 @dataclass
 class Trajectory:
-    text_ids: torch.Tensor          # long [B, L]   the t2i text area `[pad…] <t2i> <bos> text <eos>`
-    uncond_text_ids: torch.Tensor   # long [B, L]   the empty prompt's text area (classifier-free guidance)
+    condition: dict[str, torch.Tensor]       # per rollout, the prompt's condition (`policy.family.Condition`)
+    null_condition: dict[str, torch.Tensor]  # per rollout, the null/negative prompt's condition ({} without guidance)
     unmask_step: torch.Tensor       # long [B, N]   step at which each position was committed (T = never)
     sampled_codes: torch.Tensor     # long [B, T, N] code drawn at each still-masked position at each step (else -1)
     token_logprob: torch.Tensor     # float [B, T, N] behaviour log p(sampled code) where masked at step start (else 0)
@@ -40,7 +42,7 @@ class Trajectory:
     # float [B, T]: per step, the mean over the positions masked at its start of Σ_c p_c log p_c of the
     # distribution the codes were drawn from (the guided one under classifier-free guidance); None if not recorded
     self_certainty: Optional[torch.Tensor] = None
-    guidance_scale: float = 0.0
+    guidance_weight: float = 0.0    # w of (1 + w)·cond − w·uncond the codes were drawn with (`policy.family`)
     policy_version: int = 0
     meta: dict[str, Any] = field(default_factory=dict)  # prompt id, group id, timings: small values only
 
@@ -89,21 +91,36 @@ class Trajectory:
             return (self.token_logprob * kept).sum(-1) + (self.remask_logprob * remasked).sum(-1)
         raise ValueError(f"unknown transition {transition!r}; expected one of {TRANSITIONS}")
 
+    def _per_row(self, fn) -> dict[str, Any]:
+        """`fn` applied to every per-rollout tensor (also inside the condition dicts), as replace() arguments."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                out[f.name] = fn(v)
+            elif f.name in _CONDITIONS:
+                out[f.name] = {k: fn(t) for k, t in v.items()}
+        return out
+
     def to(self, device: torch.device | str) -> "Trajectory":
-        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
-                                if isinstance(getattr(self, f.name), torch.Tensor)})
+        return replace(self, **self._per_row(lambda t: t.to(device)))
 
     def select(self, index: torch.Tensor | slice) -> "Trajectory":
         """A sub-batch of rollouts."""
-        return replace(self, **{f.name: getattr(self, f.name)[index].contiguous() for f in fields(self)
-                                if isinstance(getattr(self, f.name), torch.Tensor)})
+        return replace(self, **self._per_row(lambda t: t[index].contiguous()))
 
     @staticmethod
     def concat(parts: list["Trajectory"]) -> "Trajectory":
-        """Stack rollouts of the same shape (same T, N, L) into one batch; metadata of the first part is kept."""
+        """Stack rollouts of the same shape (same T, N, condition) into one batch; metadata of the first part is
+        kept."""
         if not parts:
             raise ValueError("nothing to concatenate")
         first = parts[0]
-        return replace(first, **{f.name: torch.cat([getattr(p, f.name) for p in parts]) for f in fields(first)
-                                 if isinstance(getattr(first, f.name), torch.Tensor)},
-                       policy_version=min(p.policy_version for p in parts))
+        out: dict[str, Any] = {}
+        for f in fields(first):
+            v = getattr(first, f.name)
+            if isinstance(v, torch.Tensor):
+                out[f.name] = torch.cat([getattr(p, f.name) for p in parts])
+            elif f.name in _CONDITIONS:
+                out[f.name] = {k: torch.cat([getattr(p, f.name)[k] for p in parts]) for k in v}
+        return replace(first, **out, policy_version=min(p.policy_version for p in parts))

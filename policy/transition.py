@@ -29,19 +29,13 @@ CHUNK_ELEMENTS = 1 << 25          # elements of the [R·N, C] log-probs handled 
 
 
 def codebook_logprobs(logits: torch.Tensor, uncond_logits: torch.Tensor | None = None,
-                      guidance_scale: float = 0.0) -> torch.Tensor:
+                      guidance_weight: float = 0.0) -> torch.Tensor:
     """Float32 log-probabilities over the codebook [..., C], with classifier-free guidance
-    ``(1+s)·cond − s·uncond`` on the logits (in fp32)."""
-    if uncond_logits is not None and guidance_scale != 0.0:
-        logits = (1.0 + guidance_scale) * logits.float() - guidance_scale * uncond_logits.float()
+    ``(1+w)·cond − w·uncond`` on the logits (in fp32; w from the family's `guidance_weight`)."""
+    if uncond_logits is not None and guidance_weight != 0.0:
+        logits = (1.0 + guidance_weight) * logits.float() - guidance_weight * uncond_logits.float()
         return logits.log_softmax(dim=-1)
     return F.log_softmax(logits, dim=-1, dtype=torch.float32)
-
-
-def codebook_probs(logits: torch.Tensor, uncond_logits: torch.Tensor | None = None,
-                   guidance_scale: float = 0.0) -> torch.Tensor:
-    """Float32 probabilities over the codebook (``codebook_logprobs(...).exp()``)."""
-    return codebook_logprobs(logits, uncond_logits, guidance_scale).exp()
 
 
 def code_logprob(logprobs: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:

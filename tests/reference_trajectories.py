@@ -25,7 +25,7 @@ def load_reference_trajectories(fixture_dir: Path, layout: TokenLayout) -> dict[
                 if pos not in remasked:
                     unmask_step[0, pos] = t
         out[name] = Trajectory(
-            text_ids=text, uncond_text_ids=layout.empty_text_area(1), unmask_step=unmask_step,
+            condition={"ids": text}, null_condition={"ids": layout.empty_text_area(1)}, unmask_step=unmask_step,
             sampled_codes=sampled, token_logprob=torch.zeros(1, steps, n), remask_logprob=torch.zeros(1, steps, n),
             threshold=torch.tensor([tr["min_confidence_prob"]], dtype=torch.float32),
             final_codes=torch.tensor([tr["final_codes"]], dtype=torch.long),

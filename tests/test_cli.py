@@ -74,8 +74,8 @@ def test_generate_needs_a_prompt(tmp_path, capsys):
 def test_generate_from_a_saved_checkpoint_matches_the_random_policy(tmp_path):
     """policy.init=<checkpoint dir>: the weights saved from the tiny random policy give the same images."""
     from cluster.config import load_config, section
-    from policy.factory import build_showo
-    model = build_showo(section(load_config(TINY, []), "policy"))
+    from policy.factory import build_model
+    model = build_model(section(load_config(TINY, []), "policy"))
     model.save_pretrained(tmp_path / "ckpt")
     assert torch.equal(_generate(tmp_path / "from_ckpt", f"policy.init={tmp_path / 'ckpt'}")["codes"],
                        _generate(tmp_path / "random")["codes"])
@@ -89,10 +89,10 @@ def test_eval_of_a_saved_checkpoint(tmp_path):
     """`maskgrpo eval --checkpoint DIR` (a subprocess: it starts and leaves its own Ray instance). The report is
     named by the checkpoint's step and never replaces one the run already has."""
     from cluster.config import load_config, section
-    from policy.factory import build_showo
+    from policy.factory import build_model
     from rewards.types import GENEVAL_TAGS
     ckpt = tmp_path / "checkpoints" / "step_000007"
-    build_showo(section(load_config(TINY, []), "policy")).save_pretrained(ckpt)
+    build_model(section(load_config(TINY, []), "policy")).save_pretrained(ckpt)
     out = tmp_path / "run"
     (out / "eval").mkdir(parents=True)
     (out / "eval" / "step_000007.json").write_text('{"overall": 0.5}')        # the run's own evaluation

@@ -60,9 +60,9 @@ def test_sampler_and_transition_logprobs_on_fake_cuda(mode, dtype, guidance):
     model = _fake_cuda_model(mode, dtype)
     assert _is_fake_on(next(model.parameters()), "cuda")
     with mode:
-        text = model.layout.text_area(PROMPTS)                 # built on the CPU, as a worker does
+        text = {"ids": model.layout.text_area(PROMPTS)}        # built on the CPU, as a worker does
         traj = UnmaskingSampler(model, SamplerConfig(steps=4, guidance_scale=guidance)).sample(
-            text, list(range(6)), group_size=3)
+            text, list(range(6)), group_size=3, null_condition=model.padding_condition())
         # the record crosses to the rewards and the learner as CPU tensors
         assert all(_is_fake_on(t, "cpu") for t in (traj.final_codes, traj.token_logprob, traj.threshold))
         for transition in TRANSITIONS:
@@ -90,7 +90,7 @@ def test_objective_loss_and_kl_on_fake_cuda(mode, transition):
     model = _fake_cuda_model(mode).train()
     reference = _fake_cuda_model(mode).eval().requires_grad_(False)
     with mode:
-        traj = UnmaskingSampler(model, SamplerConfig(steps=4)).sample(model.layout.text_area(PROMPTS),
+        traj = UnmaskingSampler(model, SamplerConfig(steps=4)).sample({"ids": model.layout.text_area(PROMPTS)},
                                                                       list(range(4)), group_size=2)
         logp, terms = PolicyObjective(model, transition)(traj, STEP_SUBSET)
         assert _is_fake_on(logp, "cuda") and logp.requires_grad and terms.shape == (4, 3)
@@ -160,10 +160,10 @@ def test_gpu_recorded_logprobs_equal_recomputed(dtype):
     torch.manual_seed(0)
     model = random_showo(seed=3, config=tiny_showo_config(hidden=128, layers=3, num_vq_tokens=64,
                                                           codebook_size=256)).to("cuda", dtype)
-    text = model.layout.text_area(PROMPTS)
+    text = {"ids": model.layout.text_area(PROMPTS)}
     for guidance in (0.0, 2.0):
         traj = UnmaskingSampler(model, SamplerConfig(steps=8, guidance_scale=guidance)).sample(
-            text, list(range(8)), group_size=4)
+            text, list(range(8)), group_size=4, null_condition=model.padding_condition())
         with torch.no_grad():
             recomputed = all_transition_logprobs(model, traj)
             sub = all_transition_logprobs(model, traj, STEP_SUBSET)

@@ -7,8 +7,7 @@ import torch
 
 import learner.engine as engine
 from learner import Learner, LearnerConfig
-from learner.memory import (CPU_ROWS, MAX_AUTO_ROWS, MEMORY_SHARE, MicroBatchPlan, activation_bytes_per_row,
-                            plan_micro_batches)
+from learner.memory import CPU_ROWS, MAX_AUTO_ROWS, MEMORY_SHARE, MicroBatchPlan, plan_micro_batches
 from benchmarks.tiny_models import tiny_showo_config
 from tests.helpers.learner import fixed_batch, model_with
 from policy.showo import ShowoConfig
@@ -18,40 +17,41 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 GIB = 2 ** 30
 SHOWO_512 = ShowoConfig(num_vq_tokens=1024)         # Show-o-512's shapes: phi-1.5, 1024 image tokens
+PER_ROW = SHOWO_512.activation_bytes_per_row        # the family's estimate the planner is given
 
 
 def test_estimate_grows_with_the_sequence_and_checkpointing_saves_most_of_it():
     small, large = ShowoConfig(num_vq_tokens=256), SHOWO_512
     for ckpt in (False, True):
-        assert activation_bytes_per_row(large, ckpt) > 3.5 * activation_bytes_per_row(small, ckpt)
+        assert large.activation_bytes_per_row(ckpt) > 3.5 * small.activation_bytes_per_row(ckpt)
     # phi-1.5 keeps ~57k values per token and layer without recomputation, ~2k (the layer input) with it
-    assert 2.5 * GIB < activation_bytes_per_row(large, False) < 3 * GIB
-    assert activation_bytes_per_row(large, True) < 0.15 * activation_bytes_per_row(large, False)
+    assert 2.5 * GIB < large.activation_bytes_per_row(False) < 3 * GIB
+    assert large.activation_bytes_per_row(True) < 0.15 * large.activation_bytes_per_row(False)
 
 
 def test_plan_rules():
-    configured = plan_micro_batches(SHOWO_512, 50, True, free=80 * GIB)
+    configured = plan_micro_batches(PER_ROW, 50, True, free=80 * GIB)
     assert configured == MicroBatchPlan(50, True, "as configured")
-    cpu = plan_micro_batches(SHOWO_512, 0, None, free=None)
+    cpu = plan_micro_batches(PER_ROW, 0, None, free=None)
     assert (cpu.rows, cpu.checkpointing) == (CPU_ROWS, False)
-    assert plan_micro_batches(SHOWO_512, 12, None, free=None).rows == 12
+    assert plan_micro_batches(PER_ROW, 12, None, free=None).rows == 12
 
-    roomy = plan_micro_batches(SHOWO_512, 0, None, free=130 * GIB)     # an idle H200: no recomputation needed
+    roomy = plan_micro_batches(PER_ROW, 0, None, free=130 * GIB)     # an idle H200: no recomputation needed
     assert not roomy.checkpointing
-    assert roomy.rows == int(MEMORY_SHARE * 130 * GIB // activation_bytes_per_row(SHOWO_512, False)) == 28
-    tight = plan_micro_batches(SHOWO_512, 0, None, free=40 * GIB)      # fewer than 16 rows fit: recompute
-    assert tight.checkpointing and tight.rows == int(MEMORY_SHARE * 40 * GIB // activation_bytes_per_row(SHOWO_512, True))
+    assert roomy.rows == int(MEMORY_SHARE * 130 * GIB // SHOWO_512.activation_bytes_per_row(False)) == 28
+    tight = plan_micro_batches(PER_ROW, 0, None, free=40 * GIB)      # fewer than 16 rows fit: recompute
+    assert tight.checkpointing and tight.rows == int(MEMORY_SHARE * 40 * GIB // SHOWO_512.activation_bytes_per_row(True))
     assert "40.0 GiB free" in tight.why and f"{tight.rows} fit" in tight.why
-    capped = plan_micro_batches(ShowoConfig(num_vq_tokens=16), 0, None, free=130 * GIB)
+    capped = plan_micro_batches(ShowoConfig(num_vq_tokens=16).activation_bytes_per_row, 0, None, free=130 * GIB)
     assert capped.rows == MAX_AUTO_ROWS
     # fixed rows, automatic checkpointing: on exactly when those rows do not fit without it
-    assert not plan_micro_batches(SHOWO_512, 20, None, free=130 * GIB).checkpointing
-    assert plan_micro_batches(SHOWO_512, 30, None, free=130 * GIB).checkpointing
+    assert not plan_micro_batches(PER_ROW, 20, None, free=130 * GIB).checkpointing
+    assert plan_micro_batches(PER_ROW, 30, None, free=130 * GIB).checkpointing
     # before the first update the optimizer state's bytes are kept free
-    first = plan_micro_batches(SHOWO_512, 0, False, free=130 * GIB, reserved=20 * GIB)
+    first = plan_micro_batches(PER_ROW, 0, False, free=130 * GIB, reserved=20 * GIB)
     assert first.rows < roomy.rows and "kept for the first update" in first.why
     # nothing fits: one row, and the line says what will happen
-    starved = plan_micro_batches(SHOWO_512, 0, None, free=GIB // 10)
+    starved = plan_micro_batches(PER_ROW, 0, None, free=GIB // 10)
     assert starved.rows == 1 and "out-of-memory" in starved.why
 
 
@@ -79,7 +79,7 @@ def test_learner_follows_the_plan_from_free_memory(batch, monkeypatch, capsys):
     kw = dict(transition="candidate1", reduction="all", advantage="group", seed=11)
     fixed, fixed_grads, fixed_chunks = _gradients(batch, LearnerConfig(micro_batch_rows=2, gradient_checkpointing=True, **kw))
     cfg = tiny_showo_config()                            # the fixed batch's model
-    free = int(3.5 * activation_bytes_per_row(cfg, True) / MEMORY_SHARE)
+    free = int(3.5 * cfg.activation_bytes_per_row(True) / MEMORY_SHARE)
     monkeypatch.setattr(engine, "free_bytes", lambda device: free)
     auto, auto_grads, auto_chunks = _gradients(batch, LearnerConfig(micro_batch_rows=0, gradient_checkpointing=None, **kw))
     assert (auto.micro_batch_plan.rows, auto.micro_batch_plan.checkpointing) == (3, True)

@@ -15,6 +15,7 @@ from learner.config import LoraSettings
 from learner.lora import (adapter_parameters, adapters_disabled, add_adapters, is_adapter_name, merged_state_dict,
                           released_name)
 from learner.memory import trainable_numel
+from benchmarks.tiny_models import random_showo
 from tests.helpers.learner import fixed_batch, model_with
 from policy.showo import Showo, write_pretrained
 from policy.weights import CheckpointError
@@ -41,7 +42,7 @@ def _config(lora: LoraSettings = LORA, **kw) -> LearnerConfig:
 def _logits(model: Showo, trajs) -> torch.Tensor:
     """Codebook logits of every trajectory's rollouts at their final codes (the whole sequence, one pass)."""
     with torch.no_grad():
-        return torch.cat([model.image_logits_full(tr.text_ids, tr.final_codes) for tr in trajs]).float()
+        return torch.cat([model.image_logits_full(tr.condition["ids"], tr.final_codes) for tr in trajs]).float()
 
 
 def _trained(data, steps: int = 1, **kw) -> Learner:
@@ -56,14 +57,21 @@ def _trained(data, steps: int = 1, **kw) -> Learner:
 def test_settings_are_checked_with_the_fix_named():
     with pytest.raises(ValueError, match=r"rank=-1 is negative: use 0"):
         LoraSettings(rank=-1)
-    with pytest.raises(ValueError, match=r"\['lm_head'\] match no Show-o layer \(lm_head's weight is read"):
-        LoraSettings(rank=4, target_modules=["q_proj", "lm_head"])
-    with pytest.raises(ValueError, match=r"\['qproj'\] match no Show-o layer: choose from \['q_proj'"):
-        LoraSettings(rank=4, target_modules=["qproj"])
     assert LearnerConfig(lora={"rank": 8}).lora == LoraSettings(rank=8)     # a plain dict (checkpoints, YAML)
     from cluster.config import ConfigError, load_config, section
+    # the target names are the policy family's (Show-o's Phi projections), checked when the config loads ...
+    with pytest.raises(ConfigError, match=r"\['lm_head'\] match no layer showo adapts \(lm_head's weight is read"):
+        load_config(None, ["learner.lora.rank=4", "learner.lora.target_modules=[q_proj,lm_head]"])
+    with pytest.raises(ConfigError, match=r"\['qproj'\] match no layer showo adapts: choose from \['q_proj'"):
+        load_config(None, ["learner.lora.rank=4", "learner.lora.target_modules=[qproj]"])
+    # ... and when the adapters are added to a model of the family
+    with pytest.raises(ValueError, match=r"\['qproj'\] match no layer showo adapts"):
+        add_adapters(random_showo(0), LoraSettings(rank=4, target_modules=["qproj"]))
     cfg = load_config(None, ["learner.lora.rank=16", "learner.lora.target_modules=[q_proj,v_proj]"])
     assert section(cfg, "learner").lora == LoraSettings(rank=16, target_modules=["q_proj", "v_proj"])
+    # none named: every layer the family adapts, written into the config (config.yaml and resumes say the list)
+    assert section(load_config(None, ["learner.lora.rank=16"]), "learner").lora.target_modules == \
+        ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
     with pytest.raises(ConfigError, match="learner.lora.rank=-2 is negative"):
         load_config(None, ["learner.lora.rank=-2"])
     plain = torch.nn.Sequential(torch.nn.Linear(4, 4))                        # names matching no layer of the model
@@ -151,7 +159,7 @@ def test_checkpoint_is_peft_format_and_export_opens_as_show_o(data, tmp_path):
 
     from cluster.config import load_config
     from cluster.export import export_merged
-    from policy.factory import PolicyConfig, build_showo
+    from policy.factory import PolicyConfig, build_model
     learner = _trained(data, 2)
     ck = learner.save_checkpoint(tmp_path / "run" / "checkpoints")
     names = {p.name for p in ck.iterdir()}
@@ -160,14 +168,14 @@ def test_checkpoint_is_peft_format_and_export_opens_as_show_o(data, tmp_path):
     full_bytes = sum(v.numel() * 4 for v in data[0].values())
     assert engine_bytes < full_bytes / 2                               # no frozen base in the engine state
     peft_model = PeftModel.from_pretrained(model_with(data[0]), str(ck))   # a peft user opens it on the base
-    ids = learner.policy.layout.sequence(data[1][0].text_ids, data[1][0].final_codes)
+    ids = learner.policy.layout.sequence(data[1][0].condition["ids"], data[1][0].final_codes)
     with torch.no_grad():
         assert torch.equal(peft_model(ids), learner.policy(ids))
     base = _base_dir(data, tmp_path)
     with pytest.raises(CheckpointError, match="holds LoRA adapters, not model weights: merge them"):
-        build_showo(PolicyConfig(init=str(ck)))
+        build_model(PolicyConfig(init=str(ck)))
     out = export_merged(load_config(None, [f"policy.init={base}"]), ck, tmp_path / "merged")
-    exported = build_showo(PolicyConfig(init=str(out)))               # policy.init opens it; Show-o's layout
+    exported = build_model(PolicyConfig(init=str(out)))               # policy.init opens it; Show-o's layout
     assert set(exported.state_dict()) == set(data[0])
     got, want = _logits(exported, data[1]), _logits(learner.policy, data[1])
     assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()
@@ -287,16 +295,16 @@ def test_tiny_run_with_lora_syncs_adapters_and_exports(tmp_path, local_ray):
     from cluster.export import export_merged
     from cluster.metrics import read_metrics
     from cluster.train import train
-    from policy.factory import PolicyConfig, build_showo
+    from policy.factory import PolicyConfig, build_model
     out = tmp_path / "run"
     cfg = load_config("configs/tiny.yaml", [f"output_dir={out}", "max_steps=2", "learner.lora.rank=4",
                                             "logging.progress=false"])
     summary = train(cfg)
     ck = summary["checkpoint"]
     lines = read_metrics(out)
-    base = build_showo(section(cfg, "policy"))
+    base = build_model(section(cfg, "policy"))
     model = add_adapters(base, LoraSettings(rank=4))
     adapter_bytes = sum(p.numel() * p.element_size() for _, p in adapter_parameters(model))
     assert lines[-1]["sync_bytes"] == adapter_bytes and lines[-1]["sync_path"] == "collective"
-    merged = build_showo(PolicyConfig(init=str(export_merged(None, ck, tmp_path / "merged"))))
+    merged = build_model(PolicyConfig(init=str(export_merged(None, ck, tmp_path / "merged"))))
     assert set(merged.state_dict()) == {released_name(k) for k in model.state_dict() if not is_adapter_name(k)}

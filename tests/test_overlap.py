@@ -91,7 +91,7 @@ def test_reward_calls_run_as_their_trajectories_arrive(local_ray):
         time.sleep(delay)
         from policy.trajectory import Trajectory
         n = 16
-        return Trajectory(text_ids=torch.zeros(2, 4, dtype=torch.long), uncond_text_ids=torch.zeros(2, 4, dtype=torch.long),
+        return Trajectory(condition={"ids": torch.zeros(2, 4, dtype=torch.long)}, null_condition={},
                           unmask_step=torch.zeros(2, n, dtype=torch.long), sampled_codes=torch.zeros(2, 1, n, dtype=torch.long),
                           token_logprob=torch.zeros(2, 1, n), remask_logprob=torch.zeros(2, 1, n),
                           threshold=torch.zeros(2, 1), final_codes=torch.zeros(2, n, dtype=torch.long))

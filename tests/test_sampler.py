@@ -14,9 +14,9 @@ PROMPTS = [[1, 2, 3], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 5
 def _sample(model, steps=6, group=3, guidance=0.0, reuse=True, seeds=None, prompts=PROMPTS, schedule="cosine"):
     sampler = UnmaskingSampler(model, SamplerConfig(steps=steps, guidance_scale=guidance, prefix_reuse=reuse,
                                                     schedule=schedule))
-    text = model.layout.text_area(prompts)
+    text = {"ids": model.layout.text_area(prompts)}
     seeds = seeds if seeds is not None else list(range(100, 100 + len(prompts) * group))
-    return sampler.sample(text, seeds, group_size=group)
+    return sampler.sample(text, seeds, group_size=group, null_condition=model.padding_condition())
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear"])

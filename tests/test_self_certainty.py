@@ -15,23 +15,24 @@ PROMPTS = [[1, 2, 3], [40, 41, 42, 43, 44], []]
 def _sample(model, guidance: float, steps: int = 5, group: int = 2):
     sampler = UnmaskingSampler(model, SamplerConfig(steps=steps, guidance_scale=guidance))
     seeds = list(range(7, 7 + len(PROMPTS) * group))
-    return sampler.sample(model.layout.text_area(PROMPTS), seeds, group_size=group)
+    return sampler.sample({"ids": model.layout.text_area(PROMPTS)}, seeds, group_size=group,
+                          null_condition=model.padding_condition())
 
 
 def _direct(model, traj) -> torch.Tensor:
     """Per step: replay the step's input codes, softmax the (guided) logits, mean over masked positions of p log p."""
-    s = traj.guidance_scale
+    s = traj.guidance_weight
     out = torch.zeros(traj.batch_size, traj.num_steps, dtype=torch.float64)
     with torch.no_grad():
         for t in range(traj.num_steps):
             codes = traj.input_codes(torch.tensor([t]))[:, 0]
             if s:
-                both = model.image_logits_full(torch.cat([traj.text_ids, traj.uncond_text_ids]),
+                both = model.image_logits_full(torch.cat([traj.condition["ids"], traj.null_condition["ids"]]),
                                                torch.cat([codes, codes])).double()
                 cond, uncond = both.chunk(2)
                 logits = (1 + s) * cond - s * uncond
             else:
-                logits = model.image_logits_full(traj.text_ids, codes).double()
+                logits = model.image_logits_full(traj.condition["ids"], codes).double()
             p = torch.softmax(logits, -1)
             plogp = (p * torch.log(p)).nan_to_num(0.0).sum(-1)            # [B, N]
             masked = (codes < 0).double()
