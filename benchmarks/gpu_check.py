@@ -1,9 +1,11 @@
-"""The GPU check: one process, one command, Show-o's real shapes with random weights, every stage of a training
-step, correctness asserted and throughput printed.
+"""The GPU check: one process, one command, a policy family's real shapes with random weights, every stage of a
+training step, correctness asserted and throughput printed.
 
     python -m benchmarks.gpu_check                       # Show-o-512 shapes on the GPU (about 3 min on an H100/H200)
+    python -m benchmarks.gpu_check --family meissonic    # Meissonic-1024's shapes (the ~1 B transformer)
     python -m benchmarks.gpu_check --tiny                # the same checks on a tiny model (CI runs it on the CPU)
-    bash scripts/gpu_check.sh                            # with the carried wheels installed first (see the README)
+    python -m benchmarks.gpu_check --tiny --family meissonic
+    bash scripts/gpu_check.sh [ARGS]                     # with the carried wheels installed first (see the README)
 
 Stages (no Ray: it is never imported; the product's step runs on the local backend):
   1. sampler: the rollout copy of the policy (``policy.dtype``: bf16 on CUDA) samples G=16 images, T=50 steps;
@@ -35,6 +37,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -87,25 +90,59 @@ class Report:
 
 
 # ----- sizes and FLOPs -------------------------------------------------------------------------------------------
-def model_config(size: str):
+SIZES = {"showo": ("showo512", "showo256", "tiny"), "meissonic": ("meissonic1024", "tiny")}
+
+
+def model_config(size: str, family: str = "showo"):
+    """The check's `PolicyConfig` (random weights) for a family and size."""
+    from policy.factory import PolicyConfig
+    if family == "meissonic":
+        if size == "tiny":       # the reference vectors' tiny model (configs/tiny_meissonic.yaml)
+            from cluster.config import load_config, section
+            return section(load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny_meissonic.yaml"),
+                           "policy")
+        if size == "meissonic1024":     # the release: 14 dual + 28 single blocks of 1024, 64x64 codes -> 32x32
+            return PolicyConfig(family="meissonic")
+        raise ValueError(f"unknown Meissonic size {size!r}")
     from benchmarks.tiny_models import tiny_showo_config
     from policy.showo import ShowoConfig
     if size == "tiny":
-        return tiny_showo_config(hidden=64, layers=2, heads=4, num_vq_tokens=16, codebook_size=64)
-    if size == "showo256":
-        return ShowoConfig(num_vq_tokens=256, max_seq_length=128)
-    if size == "showo512":
-        return ShowoConfig(num_vq_tokens=1024, max_seq_length=128)      # phi-1.5: hidden 2048, 24 layers, 32 heads
-    raise ValueError(f"unknown size {size!r}")
+        arch = tiny_showo_config(hidden=64, layers=2, heads=4, num_vq_tokens=16, codebook_size=64)
+    elif size == "showo256":
+        arch = ShowoConfig(num_vq_tokens=256, max_seq_length=128)
+    elif size == "showo512":
+        arch = ShowoConfig(num_vq_tokens=1024, max_seq_length=128)      # phi-1.5: hidden 2048, 24 layers, 32 heads
+    else:
+        raise ValueError(f"unknown size {size!r}")
+    return PolicyConfig(family="showo", arch=arch)
 
 
-def forward_flops_per_row(cfg) -> tuple[float, float]:
-    """(image-block forward FLOPs of one (rollout, step) row, text-prefix forward FLOPs of one prompt):
-    2 · matmul parameters · tokens (the codebook head only at the N image positions)."""
-    h, i, layers = cfg.phi.hidden_size, cfg.phi.intermediate_size, cfg.phi.num_hidden_layers
+def describe(pcfg) -> str:
+    a = pcfg.arch
+    if pcfg.family == "meissonic":
+        t = a.transformer
+        return (f"{t.num_layers} dual + {t.num_single_layers} single blocks of {t.inner_dim}, {a.num_tokens} codes"
+                f"{' (halved grid)' if t.downsample else ''}, codebook {t.codebook_size}")
+    return (f"hidden {a.phi.hidden_size}, {a.phi.num_hidden_layers} layers, {a.num_vq_tokens} image tokens, "
+            f"vocab {a.vocab_size}")
+
+
+def forward_flops_per_row(pcfg) -> tuple[float, float]:
+    """(forward FLOPs of one (rollout, step) row, of what a prompt adds once per rollout call): 2 · matmul
+    parameters · tokens. Show-o: the image block (the text prefix is computed once per prompt); Meissonic: the
+    whole [text, image] sequence through every block at every step (no prefix reuse), the MLM head at every
+    code."""
+    a = pcfg.arch
+    if pcfg.family == "meissonic":
+        t = a.transformer
+        d = t.inner_dim
+        tokens = a.num_tokens // (4 if t.downsample else 1) + a.text_length
+        per_token = t.num_layers * (4 * d * d + 8 * d * d) + t.num_single_layers * (3 * d * d + 4 * d * d + 5 * d * d)
+        return 2.0 * (per_token * tokens + (d * d + d * t.codebook_size) * a.num_tokens), 0.0
+    h, i, layers = a.phi.hidden_size, a.phi.intermediate_size, a.phi.num_hidden_layers
     per_token = layers * (4 * h * h + 2 * h * i)
-    n = cfg.num_vq_tokens
-    return 2.0 * (per_token * (n + 2) + cfg.codebook_size * h * n), 2.0 * per_token * (cfg.max_seq_length + 1)
+    n = a.num_vq_tokens
+    return 2.0 * (per_token * (n + 2) + a.codebook_size * h * n), 2.0 * per_token * (a.max_seq_length + 1)
 
 
 def peak_flops(device: torch.device, override: Optional[float]) -> tuple[Optional[float], str]:
@@ -154,14 +191,23 @@ def code_reward(traj, codebook_size: int) -> torch.Tensor:
     return traj.final_codes.float().mean(1) / codebook_size
 
 
-def build_model(cfg, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """Show-o with default-initialised random weights, built on `device` (fast at full size); the same seed on
-    the same device gives the same weights."""
-    from policy.showo import Showo
-    torch.manual_seed(seed)
+def build_model(pcfg, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """The family's model with default-initialised random weights, built on `device` (fast at full size); the same
+    seed on the same device gives the same weights."""
+    from dataclasses import replace
+    from policy.factory import build_model as build
     with torch.device(device):
-        model = Showo(cfg)
+        model = build(replace(pcfg, init="random", init_seed=seed))
     return model.to(dtype)
+
+
+def condition(pcfg, model, device: torch.device, dtype: torch.dtype, prompts: list[str]):
+    """The prompts' condition and the null condition, by the family's conditioner (Meissonic: a random text
+    encoder of the release's sizes on the device)."""
+    from policy.family import family
+    conditioner = family(pcfg.family).build_conditioner(pcfg, model, device, dtype)
+    with torch.no_grad():
+        return conditioner(prompts), conditioner.null()
 
 
 def ratio_check(report: Report, label: str, model, traj, step_chunk: int) -> dict[str, tuple[float, float]]:
@@ -219,13 +265,13 @@ def param_sums(model) -> list[float]:
     return torch.stack([p.detach().double().sum() for p in model.parameters()]).tolist()
 
 
-def _ipc_child(size: str, dtype_name: str, inbox, outbox) -> None:
+def _ipc_child(size: str, family: str, dtype_name: str, inbox, outbox) -> None:
     """Another process on the same GPU (as a rollout worker placed beside the learner): open the learner's CUDA
     IPC handles, copy them into its own copy of the policy, and report what it holds."""
     try:
         from actors.weight_sync import open_bucket
         from learner.weights_export import apply_weight_bucket
-        model = build_model(model_config(size), torch.device("cuda"), getattr(torch, dtype_name), seed=99)
+        model = build_model(model_config(size, family), torch.device("cuda"), getattr(torch, dtype_name), seed=99)
         shared = inbox.get(timeout=300)
         t0 = time.perf_counter()
         for bucket in shared:
@@ -236,7 +282,7 @@ def _ipc_child(size: str, dtype_name: str, inbox, outbox) -> None:
         outbox.put((None, 0.0, f"{type(e).__name__}: {e}"))
 
 
-def ipc_check(report: "Report", learner, rollout, size: str, bucket_bytes: int) -> None:
+def ipc_check(report: "Report", learner, rollout, size: str, family: str, bucket_bytes: int) -> None:
     """The one-GPU placement's weight path: CUDA IPC handles to the learner's buckets, opened by another process
     on the same GPU (actors.weight_sync.share_buckets / open_bucket), no copy through host memory."""
     import torch.multiprocessing as mp
@@ -247,7 +293,7 @@ def ipc_check(report: "Report", learner, rollout, size: str, bucket_bytes: int) 
     t_share = time.perf_counter() - t0
     ctx = mp.get_context("spawn")
     inbox, outbox = ctx.Queue(), ctx.Queue()
-    child = ctx.Process(target=_ipc_child, args=(size, str(dtype).removeprefix("torch."), inbox, outbox))
+    child = ctx.Process(target=_ipc_child, args=(size, family, str(dtype).removeprefix("torch."), inbox, outbox))
     child.start()
     inbox.put(shared)
     sums, t_apply, error = outbox.get(timeout=600)
@@ -269,25 +315,25 @@ def share(flops: float, seconds: float, peak: Optional[float]) -> str:
 
 def target(name: str, value: float, size: str) -> str:
     if size not in ("showo512",):
-        return "(targets apply to Show-o-512 on one H100/H200)"
+        return "(targets apply to Show-o-512 on one H100/H200)" if size != "meissonic1024" else "(no target set)"
     goal = TARGETS[name]
     ok = value <= goal if name.endswith("_s") and not name.endswith("img_s") else value >= goal
     sign = "<=" if name == "export_apply_s" else ">="
     return f"target {sign} {goal:g}: {'meets' if ok else 'BELOW TARGET'}"
 
 
-def e2e_config(args, arch, device: torch.device, zero_stage: int, output_dir: str):
+def e2e_config(args, pcfg, device: torch.device, zero_stage: int, output_dir: str):
     """The run config of the end-to-end stage: the check's model, G, T and learner settings on the local backend,
     prompts and rewards from the shapes world (its exact decoder and GenEval rules; codes outside the world's
     codebook decode as background)."""
-    import dataclasses
     from omegaconf import OmegaConf
     from cluster.config import load_config
-    grid = int(round(math.sqrt(arch.num_vq_tokens)))
+    arch = pcfg.arch
+    grid = int(round(math.sqrt(build_model_tokens(pcfg))))
     gpus = 1.0 if device.type == "cuda" else 0.0
     overrides = OmegaConf.create({
         "output_dir": output_dir, "seed": 0, "max_steps": 2, "device": device.type,
-        "policy": {"init": "random", "arch": dataclasses.asdict(arch), "dtype": args.dtype,
+        "policy": {"family": pcfg.family, "init": "random", "arch": arch.to_dict(), "dtype": args.dtype,
                    "tokenizer": {"kind": "words"},
                    "decoder": {"kind": "shapes", "shapes": {"grid_size": grid, "image_size": grid * 8}}},
         "sampler": {"steps": args.steps},
@@ -310,14 +356,19 @@ def _dotlist(tree: dict, prefix: str = ""):
             yield f"{prefix}{k}", "null" if v is None else v
 
 
-def end_to_end(report: "Report", args, arch, device: torch.device, zero_stage: int, sampler_flops: float,
+def build_model_tokens(pcfg) -> int:
+    """Image codes per sample of a policy config."""
+    return pcfg.arch.num_tokens if pcfg.family == "meissonic" else pcfg.arch.num_vq_tokens
+
+
+def end_to_end(report: "Report", args, pcfg, device: torch.device, zero_stage: int, sampler_flops: float,
                fwd_row: float, fwd_prefix: float, peak: Optional[float]) -> None:
     """Two training steps of `cluster.driver.Trainer` (the first warms up), the second timed; then the rollout
     copy must equal the learner's weights and a fresh rollout's log-probs must match the learner's."""
     import tempfile
     from cluster.driver import Trainer
     with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(e2e_config(args, arch, device, zero_stage, out))
+        trainer = Trainer(e2e_config(args, pcfg, device, zero_stage, out))
         try:
             trainer.sync_weights()
             trainer.train_step()
@@ -359,15 +410,15 @@ def run(args) -> Report:
     from learner.config import LearnerConfig
     from learner.engine import Learner
     from learner.update import GroupUpdate
-    from policy.factory import PolicyConfig, compute_dtype, learner_bf16
+    from dataclasses import replace
+    from policy.factory import compute_dtype, learner_bf16
     from policy.sampler import SamplerConfig, UnmaskingSampler
 
-    cfg = model_config(args.size)
-    pcfg = PolicyConfig(arch=cfg, dtype=args.dtype)
+    pcfg = replace(model_config(args.size, args.family), dtype=args.dtype)
     dtype = compute_dtype(pcfg.dtype, device)
     bf16 = learner_bf16(pcfg, device)
     steps, group = args.steps, args.group
-    fwd_row, fwd_prefix = forward_flops_per_row(cfg)
+    fwd_row, fwd_prefix = forward_flops_per_row(pcfg)
     peak, peak_src = peak_flops(device, args.peak_flops)
     try:
         import deepspeed
@@ -375,27 +426,27 @@ def run(args) -> Report:
     except ImportError as e:               # the learner stages will fail and say so; the sampler still runs
         ds_version = f"NOT IMPORTABLE ({e}: carry its wheels, see scripts/gpu_check.sh)"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()}"
-    print(f"# gpu_check: {name}; torch {torch.__version__}, deepspeed {ds_version}; size {args.size} "
-          f"(hidden {cfg.phi.hidden_size}, {cfg.phi.num_hidden_layers} layers, {cfg.num_vq_tokens} image tokens, "
-          f"vocab {cfg.vocab_size}); policy dtype {dtype}, learner bf16 {bf16}; G={group}, T={steps}")
+    print(f"# gpu_check: {name}; torch {torch.__version__}, deepspeed {ds_version}; {args.family} size {args.size} "
+          f"({describe(pcfg)}); policy dtype {dtype}, learner bf16 {bf16}; G={group}, T={steps}")
     print(f"# bf16 peak: {peak / 1e12:.0f} TFLOP/s ({peak_src})" if peak else f"# bf16 peak: {peak_src}")
     matmul = measured_matmul_flops(device)
     if matmul:
         print(f"# measured 8192^3 bf16 matmul: {matmul / 1e12:.0f} TFLOP/s")
-    report.figures.update(device=name, size=args.size, dtype=str(dtype), peak_flops=peak, matmul_flops=matmul)
+    report.figures.update(device=name, family=args.family, size=args.size, dtype=str(dtype), peak_flops=peak,
+                          matmul_flops=matmul)
 
-    rollout = build_model(cfg, device, dtype).eval().requires_grad_(False)
-    text = {"ids": rollout.layout.text_area([[1, 2, 3, 4, 5, 6, 7, 8]])}
+    rollout = build_model(pcfg, device, dtype).eval().requires_grad_(False)
+    text, null = condition(pcfg, rollout, device, dtype, ["a photo of a red circle left of a blue square"])
     n_params = sum(p.numel() for p in rollout.parameters())
     print(f"# {n_params / 1e6:.1f} M parameters; forward FLOPs per (rollout, step) row {fwd_row / 1e9:.1f} G")
 
     # 1-2. sampler + reward ------------------------------------------------------------------------------------
     report.stage(f"sampler: {group} images x {steps} steps")
-    UnmaskingSampler(rollout, SamplerConfig(steps=2)).sample(text, list(range(group)), group)    # warm-up
+    UnmaskingSampler(rollout, SamplerConfig(steps=2)).sample(text, list(range(group)), group, null)    # warm-up
     sampler = UnmaskingSampler(rollout, SamplerConfig(steps=steps))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    traj, t_sample = timed(device, lambda: sampler.sample(text, list(range(group)), group))
+    traj, t_sample = timed(device, lambda: sampler.sample(text, list(range(group)), group, null))
     sampler_flops = steps * group * fwd_row + fwd_prefix
     ips = group / t_sample
     print(f"  {t_sample:.2f} s, {ips:.2f} images/s, {share(sampler_flops, t_sample, peak)}; "
@@ -403,7 +454,7 @@ def run(args) -> Report:
     if device.type == "cuda":
         print(f"  peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
     report.figures.update(sampler_seconds=t_sample, sampler_img_s=ips, sampler_flops=sampler_flops)
-    rewards = code_reward(traj, cfg.codebook_size)
+    rewards = code_reward(traj, rollout.codebook_size)
     report.check("sampler: every position committed, finite log-probs",
                  bool((traj.unmask_step < steps).all()) and bool(torch.isfinite(traj.token_logprob).all()))
 
@@ -428,7 +479,7 @@ def run(args) -> Report:
         def main_learner():
             lcfg = LearnerConfig(transition=args.transition, lr=args.lr, warmup_steps=1, total_steps=100,
                                  zero_stage=first, bf16=bf16, reduction="all", **micro_batches)
-            learner = Learner(build_model(cfg, device, torch.float32), lcfg, device=device)
+            learner = Learner(build_model(pcfg, device, torch.float32), lcfg, device=device)
             ok, detail = params_equal(learner.policy, rollout)
             report.check("learner and rollout copy start from the same weights", ok, detail)
             report.figures["ratio_before_update"] = ratio_check(report, "same weights, before any update",
@@ -473,7 +524,7 @@ def run(args) -> Report:
 
             if device.type == "cuda":
                 report.stage("weights to another process on the same GPU through CUDA IPC (configs/one_gpu.yaml)")
-                ipc_check(report, learner, rollout, args.size, args.bucket_bytes)
+                ipc_check(report, learner, rollout, args.size, args.family, args.bucket_bytes)
 
         report.guarded(f"learner ZeRO {first}", main_learner)
         gc.collect()
@@ -484,7 +535,7 @@ def run(args) -> Report:
     if first is not None:
         report.stage(f"one training step end to end: the product's Trainer.train_step on the local backend (sample, "
                      f"score, update {args.k} random_k steps, hand over)")
-        report.guarded("end to end", lambda: end_to_end(report, args, cfg, device, first, sampler_flops, fwd_row,
+        report.guarded("end to end", lambda: end_to_end(report, args, pcfg, device, first, sampler_flops, fwd_row,
                                                         fwd_prefix, peak))
         gc.collect()
         if device.type == "cuda":
@@ -501,9 +552,9 @@ def run(args) -> Report:
             lcfg = LearnerConfig(transition=args.transition, lr=args.lr, warmup_steps=1, total_steps=100,
                                  zero_stage=stage, bf16=bf16, kl_beta=0.01, reduction="random_k", reduction_k=args.k,
                                  **micro_batches)
-            learner = Learner(build_model(cfg, device, torch.float32), lcfg, device=device)
+            learner = Learner(build_model(pcfg, device, torch.float32), lcfg, device=device)
             # no warm-up here: the learner's first plan keeps room for the optimizer state (learner.memory)
-            fresh = build_model(cfg, device, dtype).eval().requires_grad_(False)
+            fresh = build_model(pcfg, device, dtype).eval().requires_grad_(False)
             before = snapshot(learner.policy)
             m, t = timed(device, lambda: update(learner, traj, rewards, 0))
             print(f"  {int(m['rows'])} rows in {t:.2f} s ({group / t:.2f} images/s with the reference forward)")
@@ -529,8 +580,9 @@ def run(args) -> Report:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", default=None, choices=["showo512", "showo256", "tiny"],
-                    help="model shapes (default showo512; --tiny for the tiny model)")
+    ap.add_argument("--family", default="showo", choices=sorted(SIZES), help="the policy family (policy.family)")
+    ap.add_argument("--size", default=None, choices=sorted({s for sizes in SIZES.values() for s in sizes}),
+                    help="model shapes (default: showo512, meissonic1024; --tiny for the tiny model)")
     ap.add_argument("--tiny", action="store_true", help="= --size tiny (the CPU/CI run)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="policy.dtype")
@@ -550,7 +602,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 for --tiny on the CPU)")
     ap.add_argument("--json", default=None, help="also write the figures and checks here")
     args = ap.parse_args(argv)
-    args.size = "tiny" if args.tiny else (args.size or "showo512")
+    args.size = "tiny" if args.tiny else (args.size or SIZES[args.family][0])
+    if args.size not in SIZES[args.family]:
+        ap.error(f"--size {args.size} is not a {args.family} size: choose one of {SIZES[args.family]}")
     tiny = args.size == "tiny"
     args.group = args.group or (4 if tiny else 16)
     args.steps = args.steps or (6 if tiny else 50)

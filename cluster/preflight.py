@@ -381,13 +381,13 @@ def check_prompt_lengths(cfg: DictConfig) -> Optional[str]:
     fam = family(policy.family)
     notes = []
     for which, items in (("training", train_prompts(cfg)), ("evaluation", eval_prompts(cfg))):
-        counts, limit = fam.prompt_token_counts(policy, [it.prompt for it in items])
+        counts, limit, what = fam.prompt_token_counts(policy, [it.prompt for it in items])
         long = [(i, n) for i, n in enumerate(counts) if n > limit]
         if long:
             i, n = max(long, key=lambda x: x[1])
             text = items[i].prompt
-            notes.append(f"{len(long)} of {len(items)} {which} prompts are longer than the {limit} tokens the model "
-                         f"reads and are cut to it (the longest, prompt {i + 1}, "
+            notes.append(f"{len(long)} of {len(items)} {which} prompts are longer than {what} and are cut to it "
+                         f"(the longest, prompt {i + 1}, "
                          f"{text[:60]!r}{'...' if len(text) > 60 else ''}, has {n} tokens)")
     if not notes:
         return None

@@ -207,8 +207,9 @@ class PolicyFamily:
         """What is wrong with the `policy` section for this family (paths that do not exist, kinds it lacks)."""
         return []
 
-    def prompt_token_counts(self, cfg: Any, prompts: Sequence[str]) -> tuple[list[int], int]:
-        """How many tokens each prompt takes and how many the model reads (longer ones are cut)."""
+    def prompt_token_counts(self, cfg: Any, prompts: Sequence[str]) -> tuple[list[int], int, str]:
+        """How many tokens each prompt takes, how many the model reads (longer ones are cut) and what sets that
+        (for the message, e.g. "policy.arch.max_seq_length=16 tokens")."""
         raise NotImplementedError
 
     def rollout_bytes_per_sample(self, arch: Any, steps: int, guided: bool) -> int:

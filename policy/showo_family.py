@@ -92,13 +92,14 @@ class ShowoFamily(PolicyFamily):
                             "remove it")
         return problems
 
-    def prompt_token_counts(self, cfg: Any, prompts: Sequence[str]) -> tuple[list[int], int]:
+    def prompt_token_counts(self, cfg: Any, prompts: Sequence[str]) -> tuple[list[int], int, str]:
         # the text area holds <t2i> <bos> ids <eos> in max_seq_length + 1 positions
         from .factory import build_tokenizer
         arch = cfg.arch
         ids = build_tokenizer(cfg, arch.llm_vocab_size, PHI_TOKENIZER)(list(prompts))
-        return ([len(t) + (2 if t and t[0] == arch.bos_id else 3) for t in ids],
-                int(cfg.max_seq_length or arch.max_seq_length) + 1)
+        limit = int(cfg.max_seq_length or arch.max_seq_length)
+        return ([len(t) + (2 if t and t[0] == arch.bos_id else 3) for t in ids], limit + 1,
+                f"policy.arch.max_seq_length={limit} tokens")
 
     def rollout_bytes_per_sample(self, arch: ShowoConfig, steps: int, guided: bool) -> int:
         """Its trajectory record (codes and log-probs of every step) plus one forward pass over its sequence in

@@ -2,7 +2,7 @@
 release's CLIP text encoder (frozen) and VQ decoder, and the release's unmasking rule and guidance.
 
 Condition: the text encoder's two outputs, ``{"pooled": [B, pooled_projection_dim], "hidden": [B, 77,
-joint_attention_dim]}``, computed once per prompt on the rollout worker (the learner never loads the text encoder:
+joint_attention_dim]}`` (77: CLIP's positions, `MeissonicArch.text_length`), computed once per prompt on the rollout worker (the learner never loads the text encoder:
 trajectories carry the embeddings). The null condition is the negative prompt's (the empty prompt by default, as
 the pipeline). No context beyond the embeddings: the logits of a step are one pass of the transformer over [text,
 image] tokens, at the release's timestep ``T − 1 − t`` and the config's micro-conditions.
@@ -49,7 +49,7 @@ class ClipTextArch:
     num_hidden_layers: int = 24
     num_attention_heads: int = 16
     projection_dim: int = 1024
-    max_position_embeddings: int = TEXT_LENGTH
+    max_position_embeddings: int = TEXT_LENGTH     # also the padded prompt length (the pipeline's 77)
     bos_token_id: int = 49406
     eos_token_id: int = 49407
     pad_token_id: int = 49407
@@ -91,6 +91,11 @@ class MeissonicArch:
     @property
     def num_tokens(self) -> int:
         return self.grid_size * self.grid_size
+
+    @property
+    def text_length(self) -> int:
+        """Token ids per prompt: CLIP's positions (77 in the release, whose pipeline pads to max_length 77)."""
+        return self.text_encoder.max_position_embeddings
 
     def micro_conditions(self) -> list[float]:
         """[width, height, crop_x, crop_y, aesthetic_score], the pipeline's order."""
@@ -171,7 +176,7 @@ class MeissonicPolicy(MeissonicTransformer, MaskedModel):
         activations. Plus the [N, C] logits, fp32 log-probs and their gradient."""
         cfg, d = self.config, self.config.inner_dim
         image = self.arch.num_tokens // (4 if cfg.downsample else 1)
-        tokens = image + TEXT_LENGTH
+        tokens = image + self.arch.text_length
         blocks = cfg.num_layers + cfg.num_single_layers
         one_block = tokens * (16 * d + 12 * d) * 2.0
         saved = blocks * tokens * d * 2.0 + one_block if checkpointing else blocks * one_block
@@ -180,7 +185,7 @@ class MeissonicPolicy(MeissonicTransformer, MaskedModel):
     def padding_condition(self) -> Condition:
         cfg = self.config
         return {"pooled": torch.zeros(1, cfg.pooled_projection_dim),
-                "hidden": torch.zeros(1, TEXT_LENGTH, cfg.joint_attention_dim)}
+                "hidden": torch.zeros(1, self.arch.text_length, cfg.joint_attention_dim)}
 
     def config_dict(self) -> dict[str, Any]:
         return self.arch.to_dict()
@@ -305,10 +310,11 @@ class MeissonicFamily(PolicyFamily):
                 raise CheckpointError("policy.tokenizer.kind=hf needs policy.tokenizer.path (a CLIP tokenizer "
                                       "directory or Hub id) or a policy.init that holds tokenizer/")
             tokenizer = load_clip_tokenizer(folder)
-            return lambda prompts: tokenize(tokenizer, prompts)
+            return lambda prompts: tokenize(tokenizer, prompts, cfg.arch.text_length)
         te = cfg.arch.text_encoder
         words = build_word_tokenizer(cfg, min(te.bos_token_id, te.eos_token_id, te.pad_token_id))
-        return lambda prompts: pad_token_ids(words(prompts), te.bos_token_id, te.eos_token_id, te.pad_token_id)
+        return lambda prompts: pad_token_ids(words(prompts), te.bos_token_id, te.eos_token_id, te.pad_token_id,
+                                             cfg.arch.text_length)
 
     def build_decoder(self, cfg: Any, device: torch.device | str = "cpu") -> ImageDecoder:
         from policy.factory import DecoderKind
@@ -337,17 +343,18 @@ class MeissonicFamily(PolicyFamily):
             problems.append("policy.phi_config / policy.max_seq_length are Show-o's: remove them")
         return problems
 
-    def prompt_token_counts(self, cfg: Any, prompts: Sequence[str]) -> tuple[list[int], int]:
+    def prompt_token_counts(self, cfg: Any, prompts: Sequence[str]) -> tuple[list[int], int, str]:
         from policy.factory import TokenizerKind, build_word_tokenizer
         if cfg.tokenizer.kind == TokenizerKind.hf:
             folder = component(cfg, cfg.tokenizer.path, TOKENIZER, "policy.tokenizer.path")
             if folder is None:
-                return [0] * len(prompts), TEXT_LENGTH
+                return [0] * len(prompts), cfg.arch.text_length, "the text encoder's positions"
             ids = load_clip_tokenizer(folder)(list(prompts), add_special_tokens=False).input_ids
         else:
             te = cfg.arch.text_encoder
             ids = build_word_tokenizer(cfg, min(te.bos_token_id, te.eos_token_id, te.pad_token_id))(list(prompts))
-        return [len(t) + 2 for t in ids], TEXT_LENGTH
+        return ([len(t) + 2 for t in ids], cfg.arch.text_length,
+                f"the text encoder's {cfg.arch.text_length} positions (policy.arch.text_encoder.max_position_embeddings)")
 
     def rollout_bytes_per_sample(self, arch: MeissonicArch, steps: int, guided: bool) -> int:
         """The trajectory record, the sample's condition (77 hidden states), and one forward pass in float32: the
@@ -355,8 +362,8 @@ class MeissonicFamily(PolicyFamily):
         4x width twice, the attention scores per head twice, or four copies of the codebook logits)."""
         t = arch.transformer
         n, d = arch.num_tokens, t.inner_dim
-        seq = n // (4 if t.downsample else 1) + TEXT_LENGTH
-        trajectory = steps * n * (8 + 4 + 4) + n * 8 + 4 * (TEXT_LENGTH * t.joint_attention_dim + d)
+        seq = n // (4 if t.downsample else 1) + arch.text_length
+        trajectory = steps * n * (8 + 4 + 4) + n * 8 + 4 * (arch.text_length * t.joint_attention_dim + d)
         widest = max(4 * n * t.codebook_size, 2 * seq * 4 * d, 2 * t.num_attention_heads * seq * seq)
         forward = 4 * (6 * seq * d + widest)
         return trajectory * (2 if guided else 1) + forward * (2 if guided else 1)
