@@ -198,3 +198,32 @@ def test_meissonic_model_by_hub_id_loads_offline_from_the_cache(tmp_path, monkey
     from cluster.preflight import verify_policy_init
     with pytest.raises(ConfigError, match=r"MeissonFlow/Missing.*hf download MeissonFlow/Missing"):
         verify_policy_init(load_config(TINY, ["policy.init=MeissonFlow/Missing"]))
+
+
+def test_meissonic_1024_config_names_only_its_placeholders_and_samples_as_the_release(tmp_path, monkeypatch):
+    """configs/meissonic_1024.yaml: the Hub id is a valid policy.init (resolved at load), the /data/ reward and
+    prompt placeholders are the only problems reported; it samples as the release's inference.py."""
+    from cluster.config import ConfigError
+    path = REPO / "configs" / "meissonic_1024.yaml"
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    problems = str(e.value).splitlines()[1:]
+    assert problems and all("/data/" in p for p in problems), str(e.value)
+    prompts = tmp_path / "geneval.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a photo of a cat", "tag": "single_object",
+                                   "include": [{"class": "cat", "count": 1}]}) + "\n")
+    for d in ("m2f", "clip"):
+        (tmp_path / d).mkdir()
+    cfg = load_config(path, [f"data.train_prompts={prompts}", f"data.eval_prompts={prompts}",
+                             f"rewards=[{{name: geneval, detector: {{name: mask2former, path: {tmp_path}/m2f}}, "
+                             f"color_classifier: {{name: clip, path: {tmp_path}/clip}}}}]"])
+    policy, sampler = section(cfg, "policy"), section(cfg, "sampler")
+    assert policy.family == "meissonic" and policy.init == "MeissonFlow/Meissonic"
+    assert policy.arch.micro_conditions() == [1024.0, 1024.0, 0.0, 0.0, 6.0] and policy.arch.transformer.downsample
+    assert (sampler.steps, sampler.guidance_scale, sampler.temperature) == (48, 9.0, 2.0)
+    assert sampler.negative_prompt.startswith("worst quality")
+    from policy.family import family
+    assert family("meissonic").model_class.guidance_weight(sampler.guidance_scale) == 8.0   # uncond + 9 (c - u)
+    c = cfg.cluster
+    assert c.num_rollout_workers * c.rollout_gpus + c.num_reward_actors * c.reward_gpus + \
+        c.num_learner_ranks * c.learner_gpus <= 8 and cfg.data.prompts_per_step % c.num_learner_ranks == 0

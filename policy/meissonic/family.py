@@ -228,7 +228,9 @@ class MeissonicConditioner(Conditioner):
 
     def save_pretrained(self, directory: str | Path) -> None:
         """The text encoder into ``directory/text_encoder`` (a random one: so a pretrained base is complete)."""
-        self.encoder.model.save_pretrained(str(Path(directory) / TEXT_ENCODER), safe_serialization=True)
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()        # one line per shard would clutter the run's log
+        self.encoder.model.save_pretrained(str(Path(directory) / TEXT_ENCODER))
 
 
 def component(cfg: Any, given: Optional[str], folder: str, key: str) -> Optional[Path]:

@@ -78,6 +78,8 @@ class MeissonicTextEncoder(nn.Module):
         if not (d / "config.json").is_file():
             raise CheckpointError(f"CLIP text encoder directory {str(d)!r} has no config.json")
         from transformers import CLIPTextModelWithProjection
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()        # a bar per load would clutter every actor's log
         kwargs = {"dtype": dtype} if dtype is not None else {}
         try:
             model, info = CLIPTextModelWithProjection.from_pretrained(str(d), local_files_only=True,
