@@ -334,8 +334,8 @@ def e2e_config(args, pcfg, device: torch.device, zero_stage: int, output_dir: st
     overrides = OmegaConf.create({
         "output_dir": output_dir, "seed": 0, "max_steps": 2, "device": device.type,
         "policy": {"family": pcfg.family, "init": "random", "arch": arch.to_dict(), "dtype": args.dtype,
-                   "tokenizer": {"kind": "words"},
-                   "decoder": {"kind": "shapes", "shapes": {"grid_size": grid, "image_size": grid * 8}}},
+                   "tokenizer": {"kind": "words"}, "decoder": {"kind": "shapes"}},
+        "world": {"grid_size": grid, "image_size": grid * 8},
         "sampler": {"steps": args.steps},
         "learner": {"transition": args.transition, "lr": args.lr, "warmup_steps": 1, "total_steps": 100,
                     "zero_stage": zero_stage, "reduction": "random_k", "reduction_k": args.k,

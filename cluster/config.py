@@ -175,6 +175,39 @@ class PretrainConfig:
 
 
 @dataclass
+class WorldConfig:
+    """The shapes world (`worlds.shapes`): the synthetic GenEval-shaped world of the default runs, whose prompts
+    are the training and held-out sets when `data.*_prompts` are unset, whose exact decoder is
+    `policy.decoder.kind: shapes` and whose detector is the `shapes` reward detector. The first fields are
+    `worlds.shapes.world.ShapesWorld`'s; the split fields say which prompts are held out."""
+    image_size: int = 32
+    grid_size: int = 8
+    shapes: list[str] = field(default_factory=lambda: ["circle", "square", "triangle"])
+    colors: list[str] = field(default_factory=lambda: ["red", "green", "blue", "yellow"])
+    background: list[int] = field(default_factory=lambda: [0, 0, 0])
+    relations: list[str] = field(default_factory=lambda: ["left of", "right of", "above", "below"])
+    counts: list[int] = field(default_factory=lambda: [2, 3, 4])
+    heldout_fraction: float = 0.25        # of each GenEval tag's prompts (worlds.shapes.world.make_splits)
+    split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        try:
+            self.shapes_world()
+        except ValueError as e:
+            raise ValueError(f"world: {e}") from None
+        _require([(0.0 <= self.heldout_fraction < 1.0, "world.heldout_fraction must lie in [0, 1)")])
+
+    def kwargs(self) -> dict[str, Any]:
+        """`ShapesWorld` keyword arguments (what the decoder, detector and renderer are built from)."""
+        return {k: getattr(self, k) for k in ("image_size", "grid_size", "shapes", "colors", "background",
+                                               "relations", "counts")}
+
+    def shapes_world(self):
+        from worlds.shapes.world import ShapesWorld
+        return ShapesWorld(**self.kwargs())
+
+
+@dataclass
 class EvalConfig:
     at_start: bool = True
     every: int = 0                        # also every N steps (0: only at step 0 and at the last step)
@@ -251,6 +284,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     reward_server: RewardServerConfig = field(default_factory=RewardServerConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
 
     def __post_init__(self) -> None:
         """The checks that span sections or read the disk; every problem is listed at once."""
@@ -351,7 +385,7 @@ def schema() -> DictConfig:
     # policy.arch is the family's (`policy.family`): a plain mapping here, read into that family's dataclass (and
     # checked there, keys and types) when the policy section is built; empty = the family's defaults
     base.policy.arch = {}
-    for free_form in (base.policy.arch, base.policy.decoder.shapes, base.learner.extra_deepspeed):  # not schema:
+    for free_form in (base.policy.arch, base.learner.extra_deepspeed):  # not schema:
         OmegaConf.set_struct(free_form, False)   # the family's arch and keyword dicts, checked where they are read
     return base
 
@@ -369,6 +403,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
         OmegaConf.to_object(cfg)             # runs every section's checks (see the module docstring)
         _name_lora_targets(cfg)
+        _name_world_words(cfg)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         what = str(getattr(e, "msg", None) or e).splitlines()[0]     # without OmegaConf's full_key/type lines
@@ -379,6 +414,19 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise
         raise ConfigError(f"invalid config:\n  - {e}") from None
     return cfg
+
+
+def _name_world_words(cfg: DictConfig) -> None:
+    """A word-level tokenizer without words reads the words of the run's world: named in the config, so that
+    config.yaml records the vocabulary its checkpoints were trained with."""
+    if cfg.policy.tokenizer.kind == "words" and not cfg.policy.tokenizer.words:
+        from worlds.shapes.world import world_words
+        cfg.policy.tokenizer.words = world_words(world_kwargs(cfg))
+
+
+def world_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """The run's shapes world as `ShapesWorld` keyword arguments (`world` section)."""
+    return section(cfg, "world").kwargs()
 
 
 def _name_lora_targets(cfg: DictConfig) -> None:
@@ -427,14 +475,14 @@ def plain(node: Any) -> Any:
 
 
 def reward_specs(cfg: DictConfig, specs: Any) -> list[dict[str, Any]]:
-    """Reward specs with the shapes-world detector bound to the policy's world (grid, colours, shapes): what the
+    """Reward specs with the shapes-world detector bound to the run's world (grid, colours, shapes): what the
     reward actors and `maskgrpo serve-reward` build."""
     out = []
     for spec in plain(specs):
         spec = dict(spec)
         det = spec.get("detector")
         if isinstance(det, dict) and det.get("name") == "shapes" and len(det) == 1:
-            spec["detector"] = {"name": "shapes", **(plain(cfg.policy.decoder.shapes) or {})}
+            spec["detector"] = {"name": "shapes", **world_kwargs(cfg)}
         out.append(spec)
     return out
 

@@ -1,23 +1,20 @@
 """Training and evaluation prompts, and the deterministic order in which training steps draw them."""
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 from omegaconf import DictConfig
 
 from worlds.shapes.world import make_splits
 
-from .config import PromptSampling, plain
+from .config import PromptSampling, world_kwargs
 from .prompts import PromptItem, read_prompts
 
 
-def shapes_world_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    return plain(cfg.policy.decoder.shapes) or {}
-
-
 def _shapes_split(cfg: DictConfig, which: str) -> list[PromptItem]:
-    train, heldout = make_splits(shapes_world_kwargs(cfg), seed=0)
+    w = cfg.world
+    train, heldout = make_splits(world_kwargs(cfg), float(w.heldout_fraction), seed=int(w.split_seed))
     items = train if which == "train" else heldout
     return [PromptItem(it.prompt, {k: v for k, v in it.to_json().items() if k != "prompt"}) for it in items]
 

@@ -29,7 +29,7 @@ from policy.weights import CheckpointError
 
 from .advantages import PromptStatTracker, plan_update
 from .backend import Backend, make_backend
-from .config import plain, section
+from .config import plain, section, world_kwargs
 from .data import prompt_schedule, train_prompts
 from .evaluate import evaluate
 from .learner_group import LearnerGroup
@@ -263,7 +263,7 @@ class Trainer:
 
     def decoder(self):
         if self._decoder is None:
-            self._decoder = build_decoder(section(self.cfg, "policy"), "cpu")
+            self._decoder = build_decoder(section(self.cfg, "policy"), "cpu", world_kwargs(self.cfg))
         return self._decoder
 
     def save_samples(self, step: int, groups: list[GroupResult], max_groups: int = 4) -> Optional[Path]:

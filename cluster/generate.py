@@ -13,7 +13,7 @@ from policy.files import atomic_write, atomic_write_json
 from policy.images import save_captioned_grid
 from policy.sampler import UnmaskingSampler
 
-from .config import ConfigError, section
+from .config import ConfigError, section, world_kwargs
 from .preflight import prepare_output_dir
 
 
@@ -22,7 +22,7 @@ def generate(cfg: DictConfig, prompts: list[str], num_images: int = 1, out_name:
         raise ConfigError(f"--num-images {num_images}: give at least 1 image per prompt")
     prepare_output_dir(cfg.output_dir)
     device = resolve_device(cfg.device)
-    policy = load_policy(section(cfg, "policy"), device)
+    policy = load_policy(section(cfg, "policy"), device, world=world_kwargs(cfg))
     sampler_cfg = section(cfg, "sampler")
     sampler = UnmaskingSampler(policy.model.eval(), sampler_cfg)
     seeds = [cfg.seed * 1_000_003 + i for i in range(len(prompts) * num_images)]

@@ -26,7 +26,8 @@ from rewards.geneval import item_from_metadata
 from worlds.shapes.render import ShapesRenderer
 
 from .config import section
-from .data import shapes_world_kwargs, train_prompts
+from .config import world_kwargs
+from .data import train_prompts
 from .runtime import seed_everything
 
 
@@ -52,7 +53,7 @@ def pretrain(cfg: DictConfig) -> Path:
     policy_cfg.init = "random"
     policy = load_policy(policy_cfg, "cpu", with_decoder=False)
     model = policy.model.train()
-    renderer = ShapesRenderer(**shapes_world_kwargs(cfg))
+    renderer = ShapesRenderer(**world_kwargs(cfg))
     if renderer.codebook.codebook_size > model.codebook_size:
         raise ValueError(f"the shapes world needs {renderer.codebook.codebook_size} codes but the policy's "
                          f"codebook has {model.codebook_size}")

@@ -19,7 +19,7 @@ from rewards.base import RewardError
 from rewards.worker import RewardResult, RewardWorker
 
 from .backend import ActorSpec, Backend
-from .config import plain, reward_specs, role_device, section
+from .config import plain, reward_specs, role_device, section, world_kwargs
 from .errors import RewardGroupError
 
 
@@ -43,7 +43,7 @@ def _failed_reward(err: BaseException) -> Optional[str]:
 def decoder_spec(cfg: DictConfig) -> dict[str, Any]:
     """The reward actors decode codes with the policy's image decoder (MAGVIT-v2 or the shapes world)."""
     return {"factory": "policy.factory:build_decoder", "cfg": section(cfg, "policy"),
-            "device": role_device(cfg.cluster.reward_gpus)}
+            "device": role_device(cfg.cluster.reward_gpus), "world": world_kwargs(cfg)}
 
 
 def split_by_environment(rewards: Sequence[Mapping[str, Any]]) -> list[tuple[Optional[dict], list[dict]]]:

@@ -14,7 +14,7 @@ from typing import Any, Optional
 import torch
 
 from worlds.shapes.codebook import ShapesCodebook
-from worlds.shapes.world import all_prompts, as_world
+from worlds.shapes.world import as_world, world_words
 
 from .family import ImageDecoder, MaskedModel, Policy, family
 from .tokenizer import HFTextTokenizer, TextTokenizer, WordTokenizer
@@ -47,7 +47,7 @@ class TokenizerKind(StrEnum):
 class DecoderKind(StrEnum):
     magvit = "magvit"   # Show-o: MAGVIT-v2 from a showlab/magvitv2 directory or Hub id
     vqvae = "vqvae"     # Meissonic: diffusers' VQModel from a `vqvae/` directory or Hub id
-    shapes = "shapes"   # the shapes world's exact decoder (any family)
+    shapes = "shapes"   # the shapes world's exact decoder (any family; the run's `world` section)
 
 
 @dataclass
@@ -61,7 +61,6 @@ class TokenizerConfig:
 class DecoderConfig:
     kind: DecoderKind = DecoderKind.shapes
     path: Optional[str] = None
-    shapes: dict[str, Any] = field(default_factory=dict)   # ShapesWorld keyword arguments
 
 
 @dataclass
@@ -128,16 +127,10 @@ def build_model(cfg: PolicyConfig) -> MaskedModel:
     return family(cfg.family).build_model(cfg)
 
 
-def shapes_world_prompts(cfg: PolicyConfig) -> list[str]:
-    return [item.prompt for item in all_prompts(as_world(**cfg.decoder.shapes))]
-
-
 def build_word_tokenizer(cfg: PolicyConfig, vocab_size: int) -> WordTokenizer:
-    """The word-level tokenizer of `policy.tokenizer.words`, or of every word of the shapes world's prompts."""
-    words = list(cfg.tokenizer.words)
-    if not words:
-        words = sorted({w for prompt in shapes_world_prompts(cfg) for w in prompt.lower().split()})
-    return WordTokenizer(words, vocab_size)
+    """The word-level tokenizer of `policy.tokenizer.words` (a run's config names the words of its world: see
+    `cluster.config`), or, when none are named, of every word of the default shapes world's prompts."""
+    return WordTokenizer(list(cfg.tokenizer.words) or world_words(as_world()), vocab_size)
 
 
 def build_tokenizer(cfg: PolicyConfig, vocab_size: int, hf_what: str) -> TextTokenizer:
@@ -153,10 +146,12 @@ def build_tokenizer(cfg: PolicyConfig, vocab_size: int, hf_what: str) -> TextTok
     raise ValueError(f"policy.tokenizer.kind must be 'hf' or 'words', not {tok.kind!r}")
 
 
-def build_decoder(cfg: PolicyConfig, device: torch.device | str = "cpu") -> ImageDecoder:
-    """The image decoder `policy.decoder` names: the shapes world's (any family) or the family's own."""
+def build_decoder(cfg: PolicyConfig, device: torch.device | str = "cpu",
+                  world: Optional[dict[str, Any]] = None) -> ImageDecoder:
+    """The image decoder `policy.decoder` names: the shapes world's (any family: `world`, the run's `world`
+    section as `ShapesWorld` keyword arguments; None: the default world) or the family's own."""
     if cfg.decoder.kind == DecoderKind.shapes:
-        return ShapesImageDecoder(ShapesCodebook(**cfg.decoder.shapes))
+        return ShapesImageDecoder(ShapesCodebook(**(world or {})))
     return family(cfg.family).build_decoder(cfg, device)
 
 
@@ -173,14 +168,14 @@ class ShapesImageDecoder:
 
 
 def load_policy(cfg: PolicyConfig, device: torch.device | str = "cpu", with_decoder: bool = True,
-                dtype: Optional[torch.dtype] = None) -> Policy:
+                dtype: Optional[torch.dtype] = None, world: Optional[dict[str, Any]] = None) -> Policy:
     """The policy on `device`, its parameters in `policy.dtype`'s compute dtype there (or `dtype`: a learner keeps
-    fp32 master weights and lets its engine cast, see `learner_bf16`)."""
+    fp32 master weights and lets its engine cast, see `learner_bf16`); `world`: for a shapes decoder."""
     compute = compute_dtype(cfg.dtype, device)
     model = build_model(cfg).to(device=device, dtype=dtype or compute)
     model.attention_precision = cfg.attention_precision
     conditioner = family(cfg.family).build_conditioner(cfg, model, device, compute)
-    decode = build_decoder(cfg, device) if with_decoder else _no_decoder
+    decode = build_decoder(cfg, device, world) if with_decoder else _no_decoder
     return Policy(model, conditioner, decode)
 
 

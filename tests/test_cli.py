@@ -43,7 +43,7 @@ def _generate(out: Path, *extra: str) -> dict:
 def test_generate_writes_codes_prompts_and_a_captioned_grid(tmp_path, capsys):
     from PIL import Image
 
-    from cluster.config import load_config, section
+    from cluster.config import load_config, section, world_kwargs
     from policy.factory import build_decoder
     from policy.images import captioned_grid
     saved = _generate(tmp_path / "a")
@@ -56,7 +56,7 @@ def test_generate_writes_codes_prompts_and_a_captioned_grid(tmp_path, capsys):
     assert json.loads((tmp_path / "a" / "generate" / "prompts.json").read_text()) == PROMPTS
     # the grid: a row per prompt, captioned, the decoded codes at 16x (256 px)
     cfg = load_config(TINY, [])
-    decode = build_decoder(section(cfg, "policy"))
+    decode = build_decoder(section(cfg, "policy"), "cpu", world_kwargs(cfg))
     expected = captioned_grid(decode(codes), PROMPTS, nrow=3, scale=16)
     with Image.open(tmp_path / "a" / "generate" / "grid.png") as im:
         assert np.array_equal(np.asarray(im.convert("RGB")), expected)

@@ -223,6 +223,11 @@ def all_prompts(world: WorldLike = None) -> list[GenEvalItem]:
     return items
 
 
+def world_words(world: WorldLike = None) -> list[str]:
+    """Every word of the world's prompts, lower-cased and sorted: the vocabulary of its word-level tokenizer."""
+    return sorted({w for item in all_prompts(world) for w in item.prompt.lower().split()})
+
+
 def make_splits(world: WorldLike = None, heldout_fraction: float = 0.25,
                 seed: int = 0) -> tuple[list[GenEvalItem], list[GenEvalItem]]:
     """Deterministic (seeded) train / held-out split of :func:`all_prompts`, stratified by tag.
