@@ -2,8 +2,10 @@
 
 ``reward_curve.png``: top, the training reward per step (mean, ± the within-step std as a band, and a moving
 average) with the held-out GenEval overall score at each evaluation; bottom, the held-out accuracy of every
-GenEval category over the evaluation steps. `reward_curve_data` returns the plotted series, so tests and scripts
-can check what the figure shows without reading pixels.
+GenEval category over the evaluation steps. Without GenEval verdicts (e.g. a PickScore run) the top shows each
+held-out metric's mean with its 95 % interval, the bottom the first metric's mean per prompt group.
+`reward_curve_data` returns the plotted series, so tests and scripts can check what the figure shows without
+reading pixels.
 """
 from __future__ import annotations
 
@@ -41,7 +43,9 @@ def reward_curve_data(output_dir: str | Path) -> dict[str, Any]:
 
     ``steps``, ``reward_mean``, ``reward_std`` (per training step; NaN where missing), ``moving_average`` and its
     window ``window``; ``eval_steps``, ``eval_overall`` and ``eval_categories`` ({category: accuracies at
-    eval_steps}, NaN where a report lacks the category), evaluations sorted by step.
+    eval_steps}, NaN where a report lacks the category), evaluations sorted by step; ``eval_metrics`` ({metric:
+    {"mean", "lo", "hi"} at eval_steps}: the metrics of rewards without verdicts), and ``eval_groups`` ({group:
+    means at eval_steps} of the first of them, ``eval_primary``).
     """
     records = read_metrics(output_dir)
     steps = np.array([r["step"] for r in records], dtype=float)
@@ -58,7 +62,29 @@ def reward_curve_data(output_dir: str | Path) -> dict[str, Any]:
             "eval_steps": np.array([float(r.get("step", 0)) for r in reports]),
             "eval_overall": np.array([_float(r.get("overall")) for r in reports]),
             "eval_categories": {c: np.array([_float(r.get("categories", {}).get(c)) for r in reports])
-                                for c in names}}
+                                for c in names},
+            **_metric_series(reports)}
+
+
+def _metric_series(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """The held-out metrics of rewards without verdicts (a GenEval reward's own are its overall and categories)."""
+    owners = {m.get("reward") for r in reports for m in r.get("metrics", {}).values() if m.get("verdicts")}
+    names = list(dict.fromkeys(n for r in reports for n, m in r.get("metrics", {}).items()
+                               if m.get("reward") not in owners))
+
+    def series(name: str, key: str, index: int | None = None) -> np.ndarray:
+        out = []
+        for r in reports:
+            m = r.get("metrics", {}).get(name) or {}
+            v = m.get(key)
+            out.append(_float(v if index is None or v is None else v[index]))
+        return np.array(out)
+    metrics = {n: {"mean": series(n, "mean"), "lo": series(n, "ci95", 0), "hi": series(n, "ci95", 1)} for n in names}
+    primary = names[0] if names else None
+    groups = list(dict.fromkeys(g for r in reports for g in r.get("metrics", {}).get(primary, {}).get("groups", {})))
+    return {"eval_metrics": metrics, "eval_primary": primary,
+            "eval_groups": {g: np.array([_float(r.get("metrics", {}).get(primary, {}).get("groups", {}).get(g, {})
+                                               .get("mean")) for r in reports]) for g in groups}}
 
 
 def reward_curve_figure(data: dict[str, Any]):
@@ -76,16 +102,35 @@ def reward_curve_figure(data: dict[str, Any]):
     top.plot(steps, mean, color="C0", linewidth=1, label="training reward (mean)")
     top.plot(steps, data["moving_average"], color="C1", linewidth=2,
              label=f"moving average ({data['window']} steps)")
-    if len(data["eval_steps"]):
+    verdicts = bool(np.isfinite(data["eval_overall"]).any()) if len(data["eval_steps"]) else False
+    if verdicts:
         top.plot(data["eval_steps"], data["eval_overall"], color="C2", marker="o", linewidth=2,
                  label="held-out GenEval overall")
-    top.set_ylabel("reward / accuracy")
+    for i, (name, m) in enumerate(data.get("eval_metrics", {}).items()):
+        x, y = data["eval_steps"], m["mean"]
+        ok = np.isfinite(m["lo"]) & np.isfinite(m["hi"])
+        err = np.where(ok, np.stack([y - m["lo"], m["hi"] - y]), 0.0)
+        top.errorbar(x, y, yerr=err, color=f"C{(i + 2) % 10}" if not verdicts else f"C{(i + 5) % 10}", marker="o",
+                     linewidth=2, capsize=4, label=f"held-out {name} (95 % interval)")
+    top.set_ylabel("reward / accuracy" if verdicts or not data.get("eval_metrics") else "reward / held-out score")
     top.set_title("training reward and held-out score")
     top.grid(alpha=0.3)
     top.legend(loc="best", fontsize="small")
+    if not verdicts and data.get("eval_primary") and len(data["eval_steps"]):
+        primary = data["eval_primary"]
+        for i, (name, values) in enumerate(data["eval_groups"].items()):
+            bottom.plot(data["eval_steps"], values, marker="o", color=f"C{(i + 3) % 10}", label=name)
+        bottom.plot(data["eval_steps"], data["eval_metrics"][primary]["mean"], color="C2", linestyle="--",
+                    label="all prompts")
+        bottom.legend(loc="best", fontsize="small", ncol=2)
+        bottom.set_xlabel("training step")
+        bottom.set_ylabel(f"held-out {primary} (mean)")
+        bottom.set_title(f"held-out {primary} per prompt group")
+        bottom.grid(alpha=0.3)
+        return fig
     for i, (name, values) in enumerate(data["eval_categories"].items()):
         bottom.plot(data["eval_steps"], values, marker="o", color=f"C{(i + 3) % 10}", label=name)
-    if len(data["eval_steps"]):
+    if verdicts:
         bottom.plot(data["eval_steps"], data["eval_overall"], color="C2", linestyle="--", label="overall")
         bottom.legend(loc="best", fontsize="small", ncol=2)
     else:

@@ -25,7 +25,7 @@ from policy.weights import CheckpointError
 from .config import Backend, ConfigError, save_resolved
 from .driver import Trainer
 from .errors import LearnerFailure
-from .evaluate import format_before_after, format_table, report_path
+from .evaluate import eval_scalars, format_before_after, format_table, report_path
 from .metrics import truncate_metrics
 from .plots import reward_curve
 from .preflight import (StartupError, check_cluster_resources, check_local_resources, check_prompt_lengths,
@@ -279,7 +279,7 @@ def _one_step(cfg: DictConfig, trainer: Trainer) -> dict[str, Any]:
     if cfg.logging.sample_every and step % cfg.logging.sample_every == 0 or step == 0 or last:
         trainer.save_samples(step, trainer.last_groups)
     if cfg.eval.every and (step + 1) % cfg.eval.every == 0 and not last:
-        result.extra["eval_overall"] = trainer.evaluate(step + 1)["overall"]
+        result.extra.update(eval_scalars(trainer.evaluate(step + 1)))
     if cfg.save_every and (step + 1) % cfg.save_every == 0 and not last:
         result.extra["checkpoint"] = trainer.save_checkpoint()
     record = result.to_json()

@@ -2,7 +2,8 @@
 
 The tiling is `torchvision.utils.make_grid`; `captioned_grid` adds each row's prompt above the row (PIL
 ImageDraw) and, for evaluations, a verdict per image: a green frame with a drawn check mark (correct) or a red
-frame with a cross (wrong), so a grid can be read without its JSON report.
+frame with a cross (wrong), or, for a reward without verdicts, each image's score, so a grid can be read without
+its JSON report.
 """
 from __future__ import annotations
 
@@ -66,13 +67,15 @@ def _draw_mark(draw, x: int, y: int, size: int, correct: bool) -> None:
 
 
 def captioned_grid(images: torch.Tensor | np.ndarray, captions: Sequence[str], nrow: int, *,
-                   verdicts: Optional[Sequence[Optional[float]]] = None, scale: int = 1, pad: int = 6,
-                   font_size: int = 13) -> np.ndarray:
+                   verdicts: Optional[Sequence[Optional[float]]] = None, scores: Optional[Sequence[float]] = None,
+                   score_name: str = "score", scale: int = 1, pad: int = 6, font_size: int = 13) -> np.ndarray:
     """uint8 [B, H, W, 3] → a grid with `nrow` images per row and `captions[r]` written above row r.
 
     `verdicts` (one per image; truthy = correct, falsy = wrong, None = no verdict) frames each image in green or
     red (each image's half of the padding around it carries the frame) and draws a check mark or a cross in its corner; each
     caption then ends with "k/n correct" for its row.
+    `scores` (one per image, e.g. a PickScore) writes each image's score on a white label in its top-left corner;
+    each caption then ends with "<score_name> mean m" for its row.
     """
     from PIL import Image, ImageDraw
     t = _upscale(_as_uint8_nhwc(images), scale)
@@ -82,6 +85,8 @@ def captioned_grid(images: torch.Tensor | np.ndarray, captions: Sequence[str], n
         raise ValueError(f"{len(captions)} captions for {rows} rows of {nrow} images ({b} images)")
     if verdicts is not None and len(verdicts) != b:
         raise ValueError(f"{len(verdicts)} verdicts for {b} images")
+    if scores is not None and len(scores) != b:
+        raise ValueError(f"{len(scores)} scores for {b} images")
     font = _font(font_size)
     width = nrow * (w + pad) + pad
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -94,6 +99,10 @@ def captioned_grid(images: torch.Tensor | np.ndarray, captions: Sequence[str], n
             row = [v for v in verdicts[r * nrow:(r + 1) * nrow] if v is not None]
             if row:
                 text += f"  [{sum(bool(v) for v in row)}/{len(row)} correct]"
+        if scores is not None:
+            row = [float(v) for v in scores[r * nrow:(r + 1) * nrow]]
+            if row:
+                text += f"  [{score_name} mean {sum(row) / len(row):.4g}]"
         texts.append(textwrap.wrap(text, max(8, int((width - 2 * pad) / char_w))) or [""])
     heights = [len(lines) * line_h + pad for lines in texts]
     canvas = Image.new("RGB", (width, sum(heights) + rows * (h + pad) + pad), WHITE)
@@ -116,6 +125,11 @@ def captioned_grid(images: torch.Tensor | np.ndarray, captions: Sequence[str], n
             canvas.paste(Image.fromarray(t[i].numpy()), (x0, y0))
             if v is not None:
                 _draw_mark(draw, x0 + w - mark - 2, y0 + 2, mark, bool(v))
+            if scores is not None:
+                label = f"{float(scores[i]):.4g}"
+                tw = int(draw.textlength(label, font=font))
+                draw.rectangle([x0, y0, x0 + tw + 4, y0 + font_size + 3], fill=WHITE)
+                draw.text((x0 + 2, y0 + 1), label, fill=(0, 0, 0), font=font)
         y += h + pad
     return np.asarray(canvas)
 
@@ -131,6 +145,8 @@ def save_grid(images: torch.Tensor | np.ndarray, path: str | Path, nrow: int | N
 
 
 def save_captioned_grid(images: torch.Tensor | np.ndarray, path: str | Path, captions: Sequence[str], nrow: int,
-                        verdicts: Optional[Sequence[Optional[float]]] = None, scale: int = 1) -> Path:
+                        verdicts: Optional[Sequence[Optional[float]]] = None, scale: int = 1,
+                        scores: Optional[Sequence[float]] = None, score_name: str = "score") -> Path:
     """`captioned_grid` written atomically as a PNG."""
-    return _save_png(captioned_grid(images, captions, nrow, verdicts=verdicts, scale=scale), path)
+    return _save_png(captioned_grid(images, captions, nrow, verdicts=verdicts, scores=scores, score_name=score_name,
+                                    scale=scale), path)

@@ -8,6 +8,11 @@ clauses). Every reward is built from a spec ``{"name": ..., "weight": ..., **kwa
                            {"name": "geneval", "weight": 0.5, "detector": {...}}])
     out = combo.score(images, prompts, metadata)   # out.scores, out.components["hpsv2"], ...
 
+A reward declares what it reads in ``needs`` (a class attribute): ``"images"`` (the default), ``"codes"`` or a
+trajectory field such as ``"self_certainty"``; the reward worker gives each reward exactly those (`Reward.needs`).
+A reward also says how its scores read on held-out prompts (`Reward.summarize_evaluation`): by default its mean
+score; GenEval adds its strict verdicts.
+
 Names resolve through the registry (``register_reward``); built-in rewards are imported lazily on first use, and
 a name of the form ``"package.module:Attribute"`` imports any factory (useful for plugins and test-only rewards).
 """
@@ -18,6 +23,8 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
 
 import torch
 
@@ -101,14 +108,46 @@ def concat_outputs(outs: Sequence[RewardOutput]) -> RewardOutput:
 
 # ---------------------------------------------------------------------------------------------- interface
 
+@dataclass
+class PromptScores:
+    """One held-out prompt's images as one reward scored them (`Reward.summarize_evaluation`)."""
+    prompt: str
+    tag: str                               # the prompt's group (its metadata's "tag"; "all" without one)
+    scores: list[float]                    # the reward's raw score of each image
+    details: dict[str, list[float]]        # its details of each image, by key without the label (e.g. "strict")
+
+
+@dataclass
+class EvaluationSummary:
+    """What a reward contributes to a held-out evaluation report (`cluster.evaluate`).
+
+    ``metrics``: metric name -> (one value per prompt, aggregate); the report gives each its mean and 95 % interval
+    overall and per prompt group. Aggregate ``"prompts"``: the mean over prompts; ``"groups"``: the mean of the
+    groups' means (GenEval's overall). ``verdicts``: per prompt, a 0/1 verdict per image: a report with verdicts
+    has the reward's ``report`` keys at its top level and ``prompts`` keys in each prompt's entry, and its grids
+    frame each image by its verdict (without verdicts they caption the score)."""
+    metrics: dict[str, tuple[list[float], str]]
+    report: dict[str, Any] = field(default_factory=dict)
+    prompts: list[dict[str, Any]] = field(default_factory=list)
+    verdicts: Optional[list[list[float]]] = None
+
+
 class Reward(ABC):
     """Base class: subclasses implement ``_score`` on one micro-batch (at most ``batch_size`` images).
 
     ``score`` validates the inputs, splits the batch into micro-batches, concatenates and validates the outputs
     (float32 [B], finite: a NaN raises RewardError naming the reward and the sample index).
+
+    ``needs``: what the reward reads besides the prompts and their metadata (GenEval's clauses, tags). The reward
+    worker gives it exactly these (`rewards.worker.INPUTS`): ``"images"``, uint8 [B, H, W, 3] decoded from the
+    codes (a reward that does not name them gets an empty [B, 0, 0, 3] tensor, and a worker none of whose rewards
+    names them decodes nothing); ``"codes"``, each sample's image tokens as ``metadata["codes"]`` (a list of
+    ints); a trajectory field, e.g. ``"self_certainty"``, as ``metadata["self_certainty"]`` (a float). Inputs
+    travel in the metadata as plain numbers, so a reward reads them the same way behind the reward server.
     """
     name: str = "reward"
     batch_size: Optional[int] = None
+    needs: tuple[str, ...] = ("images",)
 
     def score(self, images: torch.Tensor, prompts: Sequence[str],
               metadata: Optional[Sequence[Mapping[str, Any]]] = None) -> RewardOutput:
@@ -127,6 +166,14 @@ class Reward(ABC):
     @abstractmethod
     def _score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> RewardOutput | torch.Tensor:
         """Score one micro-batch of uint8 [b,H,W,3] images."""
+
+    @classmethod
+    def summarize_evaluation(cls, label: str, prompts: Sequence[PromptScores]) -> EvaluationSummary:
+        """The reward's held-out metrics from its scores of every prompt's images: here one, named `label`, the
+        mean score of each prompt averaged over prompts. A reward with more to say (GenEval: strict verdicts,
+        objects found) overrides it. Runs in the driver, on the class: no model is loaded."""
+        return EvaluationSummary(metrics={label: ([float(np.mean(p.scores)) if p.scores else float("nan")
+                                                   for p in prompts], "prompts")})
 
 
 # ---------------------------------------------------------------------------------------------- registry
@@ -192,14 +239,32 @@ def reward_names() -> list[str]:
     return sorted(set(_REWARDS) | set(_BUILTIN_REWARDS))
 
 
+def reward_class(spec: Mapping[str, Any] | str) -> type[Reward]:
+    """The class a reward spec builds, without building it (its `summarize_evaluation`); `Reward` when the name
+    does not resolve to a Reward subclass here (a factory function, or code that only its own `runtime_env` can
+    import)."""
+    name = spec if isinstance(spec, str) else spec.get("name")
+    try:
+        factory = resolve_factory(str(name), _REWARDS, _BUILTIN_REWARDS, "reward")
+    except (ValueError, ImportError):
+        return Reward
+    return factory if isinstance(factory, type) and issubclass(factory, Reward) else Reward
+
+
 def build_reward(spec: Mapping[str, Any] | str) -> Reward:
-    """Build one reward from ``{"name": ..., **kwargs}`` (``weight`` and ``label`` are ignored here)."""
+    """Build one reward from ``{"name": ..., **kwargs}`` (``weight`` and ``label`` are ignored here). ``needs``
+    adds inputs to those the reward's class declares, for a reward that passes them on (e.g. ``remote``:
+    ``needs: [images, self_certainty]`` when the server's rewards read the sampler's self-certainty)."""
     spec = {"name": spec} if isinstance(spec, str) else dict(spec)
     if "name" not in spec:
         raise ValueError(f"reward spec {spec!r} has no 'name'")
     name = spec.pop("name")
     spec.pop("weight", None)
     label = spec.pop("label", None)
+    extra = spec.pop("needs", None) or []
+    if isinstance(extra, str) or not all(isinstance(n, str) for n in extra):
+        raise ValueError(f"reward {name!r}: needs must be a list of input names, e.g. [images, self_certainty], "
+                         f"not {extra!r}")
     factory = resolve_factory(name, _REWARDS, _BUILTIN_REWARDS, "reward")
     try:
         reward = factory(**spec)
@@ -208,6 +273,8 @@ def build_reward(spec: Mapping[str, Any] | str) -> Reward:
     if not isinstance(reward, Reward):
         raise ValueError(f"factory for reward {name!r} returned {type(reward).__name__}, not a Reward")
     reward.name = label or name   # errors and logs name the reward as the config does
+    if extra:
+        reward.needs = tuple(dict.fromkeys([*reward.needs, *extra]))
     return reward
 
 
@@ -230,15 +297,23 @@ class WeightedRewards:
         return [c[0] for c in self.components]
 
     def score(self, images: torch.Tensor, prompts: Sequence[str],
-              metadata: Optional[Sequence[Mapping[str, Any]]] = None) -> MultiRewardOutput:
+              metadata: Optional[Sequence[Mapping[str, Any]]] = None,
+              inputs: Optional[Sequence[Mapping[str, Any]]] = None) -> MultiRewardOutput:
+        """Each reward scores the batch with what it `needs`: the images only if it names them, and the values of
+        the per-sample `inputs` (e.g. ``{"self_certainty": -1.2}``, one dict per sample) that it names, added to
+        each sample's metadata. Without `inputs` (the reward server) the metadata is passed as it came."""
         images, prompts, metadata = check_batch(images, prompts, metadata)
         b = images.shape[0]
+        if inputs is not None and len(inputs) != b:
+            raise ValueError(f"{b} images but {len(inputs)} input entries")
         total = torch.zeros(b, dtype=torch.float32)
         components: dict[str, torch.Tensor] = {}
         details: dict[str, torch.Tensor] = {}
         for label, weight, reward in self.components:
+            own = metadata if inputs is None else [
+                {**m, **{k: inp[k] for k in reward.needs if k in inp}} for m, inp in zip(metadata, inputs)]
             try:
-                out = reward.score(images, prompts, metadata)
+                out = reward.score(images if "images" in reward.needs else images[:, :0, :0], prompts, own)
             except RewardError as e:
                 if e.reward == label:
                     raise

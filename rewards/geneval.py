@@ -29,6 +29,7 @@ count met; ``GenEvalResult.credit`` is the graded sum (``met`` and ``correct`` s
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -37,7 +38,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
-from rewards.base import Reward, RewardOutput, register_reward
+from rewards.base import EvaluationSummary, PromptScores, Reward, RewardOutput, register_reward
 from rewards.detectors import ColorClassifier, Detector, build_color_classifier, build_detector
 from rewards.types import GENEVAL_COLORS, GENEVAL_TAGS, Detection, GenEvalItem
 
@@ -349,3 +350,25 @@ class GenEvalReward(Reward):
         objects = torch.tensor([float(r.found) for r in results], dtype=torch.float32)
         return RewardOutput(scores=strict if self.strict else frac,
                             details={"strict": strict, "fraction": frac, "objects": objects})
+
+    @classmethod
+    def summarize_evaluation(cls, label: str, prompts: Sequence[PromptScores]) -> EvaluationSummary:
+        """Beside the score's metric (`label`), GenEval's strict verdicts (the ``strict`` detail): the metric
+        ``<label>/strict`` (each prompt's accuracy; overall the mean of the categories' accuracies, GenEval's
+        headline), the report's ``overall``, ``categories``, ``counts``, ``images`` (`summarize_geneval`), and in
+        each prompt's entry its ``accuracy`` and ``objects`` (its images by the number of objects detected in
+        them, e.g. ``{"2": 9, "3": 7}``)."""
+        summary = super().summarize_evaluation(label, prompts)
+        if not prompts or any("strict" not in p.details for p in prompts):
+            return summary
+        verdicts = [list(p.details["strict"]) for p in prompts]
+        entries = []
+        for p, v in zip(prompts, verdicts):
+            entry: dict[str, Any] = {"accuracy": sum(v) / max(len(v), 1)}
+            if "objects" in p.details:
+                found = Counter(int(n) for n in p.details["objects"])
+                entry["objects"] = {str(n): c for n, c in sorted(found.items())}
+            entries.append(entry)
+        summary.metrics[f"{label}/strict"] = ([e["accuracy"] for e in entries], "groups")
+        report = summarize_geneval([p.tag for p, v in zip(prompts, verdicts) for _ in v], [x for v in verdicts for x in v])
+        return EvaluationSummary(summary.metrics, report, entries, verdicts)

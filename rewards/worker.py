@@ -5,6 +5,9 @@ Each item it scores is one group: ``codes`` (long [G, N], decoded on the worker 
 as `Trajectory`s passed after the items (`score_groups(items, *trajectories)`): as a Ray actor call with object
 references there, Ray starts the call once those trajectories exist, and reward actors run calls out of order,
 so each rollout worker's groups are scored as soon as they arrive. The driver side is `cluster.reward_group.RewardGroup`.
+
+Each reward gets what it declares in `Reward.needs` (`INPUTS`): the decoded images, the codes, or a trajectory
+field; the worker decodes only when one of its rewards needs images.
 """
 from __future__ import annotations
 
@@ -17,9 +20,16 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 
 from rewards.base import build_rewards, import_object
-from rewards.self_certainty import trajectory_metadata
 
 Decoder = Callable[[torch.Tensor], torch.Tensor]
+
+# Per-sample values a reward may name in `Reward.needs`, computed from its group's `Trajectory` (one value per
+# rollout, plain numbers: they travel in the metadata, also to a reward server).
+TRAJECTORY_INPUTS: dict[str, Callable[[Any], list]] = {
+    "self_certainty": lambda t: t.certainty_score().tolist(),   # the rollout's mean over steps of Σ p log p (<= 0)
+}
+# Everything a reward may need: the decoded images, the image tokens (a list of ints per sample), trajectory fields.
+INPUTS = ("images", "codes", *TRAJECTORY_INPUTS)
 
 
 def decoder_from_spec(spec: Mapping[str, Any] | str | Decoder | None) -> Optional[Decoder]:
@@ -41,20 +51,9 @@ class RewardResult:
     """One group's scores, as a reward actor returns them."""
     rewards: torch.Tensor                 # float32 [G]: the weighted sum the learner trains on
     components: dict[str, torch.Tensor]   # label -> [G]: each reward's raw score
-    details: dict[str, torch.Tensor]      # key -> [G]: what a reward reports beside its score (e.g. "geneval/strict")
+    details: dict[str, torch.Tensor]      # "<label>/<key>" -> [G]: what a reward reports beside its score
     span: tuple[float, float]             # wall-clock (start, end) of the scoring call (the run's timeline)
     pid: int                              # the scoring process (a timeline lane per reward actor)
-
-    def strict_verdicts(self) -> torch.Tensor:
-        """GenEval's 0/1 verdicts (the `<label>/strict` detail of a GenEval reward); without a GenEval reward, the
-        reward itself thresholded at 0.5."""
-        keys = [k for k in self.details if k == "strict" or k.endswith("/strict")]
-        return self.details[keys[0]] if keys else (self.rewards >= 0.5).float()
-
-    def objects_found(self) -> Optional[torch.Tensor]:
-        """Objects detected in each image (the `<label>/objects` detail of a GenEval reward); None without one."""
-        keys = [k for k in self.details if k == "objects" or k.endswith("/objects")]
-        return self.details[keys[0]] if keys else None
 
 
 @dataclass
@@ -64,6 +63,7 @@ class _Sample:
     image: Optional[torch.Tensor]
     prompt: str
     meta: dict
+    inputs: dict           # what the rewards need beside the image (`INPUTS`), by name
 
 
 class RewardWorker:
@@ -82,6 +82,13 @@ class RewardWorker:
             for s in specs:
                 s.setdefault("device", device)
         self.rewards = build_rewards(specs)
+        needs = {label: reward.needs for label, _, reward in self.rewards.components}
+        for label, names in needs.items():
+            unknown = [n for n in names if n not in INPUTS]
+            if unknown:
+                raise ValueError(f"reward {label!r} needs {unknown}, which the reward worker cannot give: it gives "
+                                 f"{list(INPUTS)}")
+        self.needs = sorted({n for names in needs.values() for n in names})   # what this worker's rewards read
         self.decoder = decoder_from_spec(decoder)
         self.batch_size = int(batch_size)
         self._batch_sizes: list[int] = []
@@ -95,7 +102,7 @@ class RewardWorker:
         """This actor's process id: the pool notices a restart by it."""
         return os.getpid()
 
-    def _flatten(self, items: Sequence[Mapping[str, Any]]) -> list[_Sample]:
+    def _flatten(self, items: Sequence[Mapping[str, Any]], trajectories: Sequence[Any] = ()) -> list[_Sample]:
         samples: list[_Sample] = []
         for g, item in enumerate(items):
             prompts = list(item["prompts"])
@@ -108,14 +115,34 @@ class RewardWorker:
             meta = list(item.get("metadata") or [{}] * len(prompts))
             if len(meta) != len(prompts):
                 raise ValueError(f"group {g}: {len(prompts)} prompts but {len(meta)} metadata entries")
-            if codes is not None and self.decoder is None:
+            if codes is not None and self.decoder is None and "images" in self.needs:
                 raise ValueError("items carry 'codes' but this reward worker has no decoder configured")
+            inputs = self._inputs(g, codes, trajectories[g] if trajectories else None)
             for i in range(len(prompts)):
                 samples.append(_Sample(g, codes[i] if codes is not None else None,
-                                       images[i] if images is not None else None, prompts[i], dict(meta[i])))
+                                       images[i] if images is not None else None, prompts[i], dict(meta[i]),
+                                       {k: v[i] for k, v in inputs.items()}))
         return samples
 
+    def _inputs(self, g: int, codes: Optional[torch.Tensor], trajectory: Any) -> dict[str, list]:
+        """Group `g`'s per-sample values of what the rewards need beside images. A trajectory field of a group
+        scored without its trajectory is not added: its metadata may carry it (as a reward server's client sends)."""
+        out: dict[str, list] = {}
+        for name in self.needs:
+            if name == "codes":
+                if codes is None:
+                    raise ValueError(f"group {g}: a reward needs the codes, and the group came as images")
+                out[name] = torch.as_tensor(codes).long().tolist()
+            elif name in TRAJECTORY_INPUTS and trajectory is not None:
+                try:
+                    out[name] = TRAJECTORY_INPUTS[name](trajectory)
+                except (ValueError, AttributeError) as e:
+                    raise ValueError(f"group {g}: a reward needs {name!r} and the trajectory has none ({e})") from None
+        return out
+
     def _images(self, chunk: Sequence[_Sample]) -> torch.Tensor:
+        if "images" not in self.needs:          # no reward reads them: nothing to decode
+            return torch.zeros(len(chunk), 0, 0, 3, dtype=torch.uint8)
         imgs: list[Optional[torch.Tensor]] = [s.image for s in chunk]
         coded = [i for i, s in enumerate(chunk) if s.codes is not None]
         if coded:
@@ -131,22 +158,21 @@ class RewardWorker:
 
     def score_groups(self, items: Sequence[Mapping[str, Any]], *trajectories: Any) -> list[RewardResult]:
         """One `RewardResult` per item (group). With `trajectories`, item i is scored on
-        ``trajectories[i].final_codes``, its metadata extended with the trajectory's per-sample fields
-        (``self_certainty``: `rewards.self_certainty.trajectory_metadata`)."""
+        ``trajectories[i].final_codes``, and the trajectory gives the fields its rewards need (`TRAJECTORY_INPUTS`)."""
         start = time.time()
         self._calls += 1
         if trajectories:
             if len(trajectories) != len(items):
                 raise ValueError(f"{len(trajectories)} trajectories for {len(items)} items")
-            items = [{**it, "codes": tr.final_codes, "metadata": trajectory_metadata(it.get("metadata"), tr)}
-                     for it, tr in zip(items, trajectories)]
-        samples = self._flatten(items)
+            items = [{**it, "codes": tr.final_codes} for it, tr in zip(items, trajectories)]
+        samples = self._flatten(items, trajectories)
         totals, comps, details = [], {l: [] for l in self.rewards.labels}, {}
         for s in range(0, len(samples), self.batch_size):
             chunk = samples[s:s + self.batch_size]
             images = self._images(chunk)
             t0 = time.perf_counter()
-            out = self.rewards.score(images, [c.prompt for c in chunk], [c.meta for c in chunk])
+            out = self.rewards.score(images, [c.prompt for c in chunk], [c.meta for c in chunk],
+                                     [c.inputs for c in chunk])
             self._seconds["score"] += time.perf_counter() - t0
             self._batch_sizes.append(len(chunk))
             totals.append(out.scores)
