@@ -25,7 +25,7 @@ import torch
 from rewards.base import RewardError, build_rewards
 from rewards.protocol import IDEMPOTENCY_HEADER, ScoreBatch, encode_request
 from rewards.server import RewardService
-from tests.helpers.net import free_port
+from tests.helpers.net import RawServer, free_port, http_answer
 from worlds.shapes.render import render_batch
 from worlds.shapes.world import all_prompts
 
@@ -220,6 +220,35 @@ def test_serve_reward_refuses_to_start_without_a_token(tmp_path, server):
         stop(proc)
 
 
+@pytest.mark.parametrize("argv, expect", [
+    (["--token", "s3cr3t-VALUE"], "--token is refused"),
+    (["--token=s3cr3t-VALUE"], "--token is refused"),
+    (["--tok", "s3cr3t-VALUE"], "unrecognized arguments: --tok"),          # no abbreviation of --token-file
+    (["--tok=s3cr3t-VALUE"], "unrecognized arguments: --tok=<not shown>"),
+    (["--token-f", "s3cr3t-VALUE"], "unrecognized arguments: --token-f"),
+    (["s3cr3t-VALUE"], "overrides must look like key=value"),
+    (["--token-file", "s3cr3t-VALUE"], "cannot read --token-file (no such file; the path is not shown)"),
+])
+def test_serve_reward_refuses_a_token_on_the_command_line_without_repeating_it(capsys, monkeypatch, argv, expect):
+    from cluster.cli import main
+    monkeypatch.delenv("MASKGRPO_REWARD_TOKEN", raising=False)
+    try:
+        code = main(["serve-reward", *argv])
+    except SystemExit as e:                     # argparse's usage errors
+        code = e.code
+    out, err = capsys.readouterr()
+    assert code == 2 and expect in err, err
+    assert "s3cr3t-VALUE" not in out + err
+
+
+def test_serve_reward_refuses_a_token_no_client_can_send(capsys, monkeypatch):
+    from cluster.cli import main
+    monkeypatch.setenv("MASKGRPO_REWARD_TOKEN", "two words")
+    assert main(["serve-reward"]) == 2
+    err = capsys.readouterr().err
+    assert "the token is not shown" in err and "two words" not in err
+
+
 # ---------------------------------------------------------------------------------------------- failures
 
 def test_killed_server_is_a_reward_error_naming_the_url_within_the_timeout(tmp_path, server, token_env):
@@ -294,15 +323,20 @@ def _metrics(out: Path) -> list[dict]:
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_training_through_the_reward_server_survives_its_death_with_resume_auto(tmp_path):
-    """The tiny config trains through `remote` with the same rewards as in-process; killing the server mid-run
-    ends the run (exit 1) with a last line naming the URL; resume=auto after a restart loses and repeats nothing."""
+def test_training_through_a_dripping_reward_server_ends_in_bounded_time_and_resumes(tmp_path):
+    """The tiny config trains through `remote` with the same rewards as in-process. Then the server is replaced by
+    one that drips its answers a byte every 2 s (issue 32: one try was held 104 s at timeout_s 3): the client gives
+    up within (retries + 1) · timeout_s + backoff of the first dripped request, the reward pool's retry does not
+    send it again, the run exits 1 with the URL and what the server did in its last line and no token anywhere;
+    resume=auto after a restart loses and repeats nothing."""
     tiny = REPO / "configs" / "tiny.yaml"
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    timeout_s, retries, backoff_s = 3, 1, 0.2
+    budget = (retries + 1) * timeout_s + backoff_s
     remote_cfg = tmp_path / "remote.yaml"
     remote_cfg.write_text(json.dumps({"base": str(tiny), "rewards": [
-        {"name": "remote", "url": url, "timeout_s": 5, "retries": 1, "backoff_s": 0.2}]}))
+        {"name": "remote", "url": url, "timeout_s": timeout_s, "retries": retries, "backoff_s": backoff_s}]}))
 
     local = _train(tiny, tmp_path / "local")
     out, err = local.communicate(timeout=600)
@@ -311,6 +345,7 @@ def test_training_through_the_reward_server_survives_its_death_with_resume_auto(
     assert [r["step"] for r in reference] == list(range(6))
 
     server = start_server(tiny, port)           # serves tiny.yaml's rewards: what the local run scored with
+    drip = None
     try:
         wait_healthy(server, url)
         run = _train(remote_cfg, tmp_path / "remote")
@@ -319,17 +354,28 @@ def test_training_through_the_reward_server_survives_its_death_with_resume_auto(
             time.sleep(0.1)
         server.kill()
         server.wait()
-        killed_at = time.monotonic()
+        answer = http_answer(200, json.dumps({"scores": [0.0] * 64}).encode())
+        drip = RawServer(lambda i, head, body: (answer, 2.0, 0), port=port)     # same port: one byte every 2 s
         out, err = run.communicate(timeout=300)
-        ended_s = time.monotonic() - killed_at
+        exited = time.monotonic()
         first = _metrics(tmp_path / "remote")
         assert run.returncode == 1, (out[-2000:], err[-3000:])
         last = err.strip().splitlines()[-1]
-        assert url in last, err[-3000:]
-        assert ended_s < 2 * (2 * 5 + 0.2) + 60     # the pool's two calls x (retries + 1) x timeout_s, plus exit
+        assert url in last and "did not answer in time" in last and "not sent again" in last, last
+        assert drip.requests, err[-3000:]
+        t0 = drip.requests[0][0]
+        assert max(t for t, _, _ in drip.requests) < t0 + budget - 1      # tries only: the pool's retry sent nothing
+        print(f"dripping server: {len(drip.requests)} requests, the last cut off {max(drip.ended) - t0:.2f} s and "
+              f"the run exited {exited - t0:.2f} s after the first (budget {budget:g} s)")
+        assert max(drip.ended) - t0 < budget + 0.5, max(drip.ended) - t0  # every dripping answer cut off in time
+        assert exited - t0 < budget + 30, exited - t0                      # and the run ended soon after
+        errors_log = (tmp_path / "remote" / "errors.log").read_text()
+        assert TOKEN not in out + err + errors_log and url in errors_log
         assert 2 <= len(first) < 6
         for a, b in zip(first, reference):          # the same rewards as in-process, so the same run
             assert (a["step"], a["reward_mean"], a["reward_std"]) == (b["step"], b["reward_mean"], b["reward_std"])
+        drip.close()
+        drip = None
 
         server = start_server(tiny, port)
         wait_healthy(server, url)
@@ -338,6 +384,8 @@ def test_training_through_the_reward_server_survives_its_death_with_resume_auto(
         assert again.returncode == 0, err[-3000:]
     finally:
         stop(server)
+        if drip is not None:
+            drip.close()
     lines = _metrics(tmp_path / "remote")
     assert [r["step"] for r in lines] == list(range(6))                # nothing lost, nothing trained twice
     assert [r["version"] for r in lines] == list(range(1, 7))

@@ -299,6 +299,22 @@ def test_a_body_that_does_not_arrive_in_time_is_408(serve):
     assert healthy(url)
 
 
+def test_a_request_head_growing_past_16_kib_is_400(serve):
+    """h11 holds at most 16 KiB of an incomplete request head (one read may bring up to 64 KiB more at once)."""
+    url, _ = serve()
+    with _raw(url) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        try:
+            for _ in range(20):                  # 20 KiB of one header, 1 KiB a write
+                s.sendall(b"X-Padding: " + b"a" * 1000 + b"\r\n")
+                time.sleep(0.01)
+        except OSError:                          # the server may already have closed the connection
+            pass
+        answer = s.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:100]
+    assert healthy(url)
+
+
 def test_open_connections_are_capped(serve):
     url, _ = serve(max_connections=4, max_inflight=2, header_timeout_s=5.0)
     idle = [_raw(url) for _ in range(4)]
