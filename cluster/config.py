@@ -66,6 +66,13 @@ class WeightSync(StrEnum):
     object_store = "object_store"   # buckets through Ray's object store
 
 
+class WorldSplit(StrEnum):
+    """Which shapes-world prompts are held out (`worlds.shapes.world.make_splits`)."""
+    stratified = "stratified"           # heldout_fraction of every tag's prompts, seeded
+    count_transfer = "count_transfer"   # the same, except counting: one (number, shape) pair per number word,
+                                        # distinct shapes, every number word trained with >= 3 shapes (>= 4 shapes)
+
+
 class PromptSampling(StrEnum):
     uniform = "uniform"   # epochs over all training prompts: each tag trained in proportion to its prompts
     by_tag = "by_tag"     # every GenEval tag equally often (cluster.data.PromptSchedule)
@@ -189,13 +196,22 @@ class WorldConfig:
     counts: list[int] = field(default_factory=lambda: [2, 3, 4])
     heldout_fraction: float = 0.25        # of each GenEval tag's prompts (worlds.shapes.world.make_splits)
     split_seed: int = 0
+    split: WorldSplit = WorldSplit.stratified
 
     def __post_init__(self) -> None:
         try:
-            self.shapes_world()
+            world = self.shapes_world()
+            if self.split == WorldSplit.count_transfer:
+                from worlds.shapes.world import count_transfer_pairs
+                count_transfer_pairs(world, self.split_seed)
         except ValueError as e:
             raise ValueError(f"world: {e}") from None
         _require([(0.0 <= self.heldout_fraction < 1.0, "world.heldout_fraction must lie in [0, 1)")])
+
+    def split_kwargs(self) -> dict[str, Any]:
+        """`make_splits` keyword arguments besides the world (which prompts are held out)."""
+        return {"heldout_fraction": float(self.heldout_fraction), "seed": int(self.split_seed),
+                "split": str(self.split)}
 
     def kwargs(self) -> dict[str, Any]:
         """`ShapesWorld` keyword arguments (what the decoder, detector and renderer are built from)."""

@@ -8,13 +8,12 @@ from omegaconf import DictConfig
 
 from worlds.shapes.world import make_splits
 
-from .config import PromptSampling, world_kwargs
+from .config import PromptSampling, section, world_kwargs
 from .prompts import PromptItem, read_prompts
 
 
 def _shapes_split(cfg: DictConfig, which: str) -> list[PromptItem]:
-    w = cfg.world
-    train, heldout = make_splits(world_kwargs(cfg), float(w.heldout_fraction), seed=int(w.split_seed))
+    train, heldout = make_splits(world_kwargs(cfg), **section(cfg, "world").split_kwargs())
     items = train if which == "train" else heldout
     return [PromptItem(it.prompt, {k: v for k, v in it.to_json().items() if k != "prompt"}) for it in items]
 

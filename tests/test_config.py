@@ -68,6 +68,9 @@ def test_every_variant_of_the_measurement_files_is_a_valid_config(name, tmp_path
     for variant, overrides in spec.variants.items():
         cfg = load_config(str(REPO / spec.base), list(spec.common) + list(overrides) + [f"output_dir={tmp_path}"])
         assert cfg.max_steps >= 1, variant
+        # measured on the three-shape world (configs/default.yaml's before issue 30): pinned in `common`
+        assert list(cfg.world.shapes) == ["circle", "square", "triangle"] and cfg.world.split == "stratified"
+        assert cfg.policy.arch.codebook_size == 13 and cfg.policy.arch.vocab_size == 88, variant
 
 
 def test_missing_paths(tmp_path):
@@ -172,6 +175,65 @@ def test_cluster_configs_load_once_paths_are_set(name, tmp_path):
     if name == "cluster_1node_8gpu.yaml":                 # everything fits on 8 GPUs
         assert c.num_rollout_workers * c.rollout_gpus + c.num_reward_actors * c.reward_gpus + \
             c.num_learner_ranks * c.learner_gpus <= 8
+
+
+# The three-shape world of the figures measured before issue 30, as docs/experiments.md gives its overrides
+OLD_WORLD = {"default.yaml": ["world.shapes=[circle,square,triangle]", "world.split=stratified",
+                              "policy.arch.codebook_size=13", "policy.arch.vocab_size=88"],
+             "default_meissonic.yaml": ["world.shapes=[circle,square,triangle]", "world.split=stratified",
+                                        "policy.arch.transformer.codebook_size=13",
+                                        "policy.arch.transformer.vocab_size=14"]}
+
+
+def _codebook_and_vocab(cfg) -> tuple[int, int, int]:
+    """(world's codes, policy's codebook, policy's vocabulary less what the family adds to the codebook)."""
+    from cluster.config import world_kwargs
+    from worlds.shapes.codebook import ShapesCodebook
+    codes = ShapesCodebook(**world_kwargs(cfg)).codebook_size
+    arch = cfg.policy.arch
+    if cfg.policy.family == "meissonic":
+        return codes, arch.transformer.codebook_size, arch.transformer.vocab_size - 1
+    return codes, arch.codebook_size, arch.vocab_size - arch.llm_vocab_size - 10 - 1
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "default_meissonic.yaml"])
+def test_default_configs_are_on_the_four_shape_world_and_the_old_one_is_an_override(name):
+    from cluster.data import eval_prompts, prompt_tag, train_prompts
+    from worlds.shapes.world import ShapesWorld, make_splits
+    cfg = load_config(REPO / "configs" / name)
+    assert list(cfg.world.shapes) == ["circle", "square", "triangle", "ring"] and cfg.world.split == "count_transfer"
+    assert _codebook_and_vocab(cfg) == (17, 17, 17)
+    assert "ring" in cfg.policy.tokenizer.words and "rings" in cfg.policy.tokenizer.words
+    train, held = train_prompts(cfg), eval_prompts(cfg)
+    assert (len(train), len(held)) == (177, 59)
+    assert [p.prompt for p in held if prompt_tag(p) == "counting"] == [
+        "a photo of four circles", "a photo of two squares", "a photo of three rings"]
+    old = load_config(REPO / "configs" / name, OLD_WORLD[name])
+    assert _codebook_and_vocab(old) == (13, 13, 13) and len(old.policy.tokenizer.words) == 21
+    world = ShapesWorld(image_size=32, grid_size=4)           # the three-shape world's split, unchanged
+    assert [p.prompt for p in train_prompts(old)] == [it.prompt for it in make_splits(world)[0]]
+    assert [p.prompt for p in eval_prompts(old)] == [it.prompt for it in make_splits(world)[1]]
+    # the split needs the fourth shape: the old world with the new split is refused, naming the fix
+    assert "at least three shapes" in _error(OLD_WORLD[name][:1], path=REPO / "configs" / name)
+
+
+def test_a_cached_base_of_another_world_or_arch_is_refused(tmp_path):
+    from cluster.pretrain import ensure_base_policy, pretrain
+    base = ["pretrain.steps=1", "pretrain.batch_size=2", f"pretrain.output={tmp_path / 'base'}"]
+    pretrain(load_config(TINY, base))
+    cfg = load_config(TINY, base + ["policy.init=pretrained"])
+    ensure_base_policy(cfg)                                   # its own world: used
+    assert cfg.policy.init == str(tmp_path / "base")
+    other = ["world.shapes=[circle,square,triangle,ring]", "world.split=count_transfer"]
+    with pytest.raises(ConfigError, match="another shapes world.*world.shapes.*world.split"):
+        ensure_base_policy(load_config(TINY, base + other + ["policy.init=pretrained"]))
+    # a base written before pretrain.json recorded its world: its architecture must be the config's
+    record = tmp_path / "base" / "pretrain.json"
+    record.write_text(json.dumps({k: v for k, v in json.loads(record.read_text()).items() if k != "world"}))
+    ensure_base_policy(load_config(TINY, base + ["policy.init=pretrained"]))
+    with pytest.raises(ConfigError, match="another policy.arch"):
+        ensure_base_policy(load_config(TINY, base + ["policy.init=pretrained", "policy.arch.codebook_size=32",
+                                                     "policy.arch.vocab_size=143"]))
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -15,8 +15,8 @@ import torch
 from worlds.shapes.detector import ShapesDetector, make_detector
 from worlds.shapes.render import ShapesRenderer, relation_pairs, render_batch, sample_codes
 from worlds.shapes.codebook import ShapesCodebook, make_decoder
-from worlds.shapes.world import (COLOR_RGB, RELATIONS, ShapesWorld, all_prompts, make_splits, read_jsonl,
-                                  write_jsonl, write_splits)
+from worlds.shapes.world import (COLOR_RGB, NUMBER_WORDS, RELATIONS, ShapesWorld, all_prompts, count_transfer_pairs,
+                                  make_splits, read_jsonl, shape_mask, write_jsonl, write_splits)
 from rewards.types import GENEVAL_TAGS, Detection, GenEvalItem
 
 WORLDS = {
@@ -24,6 +24,8 @@ WORLDS = {
     "4x4_of_8px": ShapesWorld(image_size=32, grid_size=4, counts=(2, 3)),
     "ring_white_bg": ShapesWorld(image_size=48, grid_size=6, shapes=("circle", "square", "triangle", "ring"),
                                  colors=("red", "black", "purple", "orange", "blue"), background=(255, 255, 255)),
+    # configs/default.yaml's world since issue 30: 32 px, 4x4 patches of 8 px, four shapes (17 codes)
+    "default_run": ShapesWorld(image_size=32, grid_size=4, shapes=("circle", "square", "triangle", "ring")),
 }
 
 
@@ -209,6 +211,117 @@ def test_splits_disjoint_deterministic_and_stratified(world, tmp_path):
     write_jsonl(held, tmp_path / "x.jsonl")
     assert read_jsonl(tmp_path / "x.jsonl") == held
     assert make_splits(world, heldout_fraction=0.0)[1] == []
+
+
+def _sha256_lines(items) -> str:
+    import hashlib
+    return hashlib.sha256("".join(json.dumps(it.to_json()) + "\n" for it in items).encode()).hexdigest()
+
+
+@pytest.mark.parametrize("world_kwargs, seed, sizes, digests", [
+    # the default world (configs/tiny.yaml; configs/default.yaml's until issue 30: the prompts do not depend on the
+    # grid), as make_splits wrote it before the split option existed (commit 54b7110), byte for byte
+    ({}, 0, (94, 32), ("b4defad59f13e8d8e0876c9a6d3222420db9244a9fa045cc2c98560c1590d941",
+                       "fcfbccfa50caaf6fb7546b35736ee7f22caf6f8d920cb2c2093393e709599a3d")),
+    ({}, 3, (94, 32), ("186a0f1ce59e22d93d6dd5658a0d82b64e6a50cf228e451df42f1aa7fb66857e",
+                       "df0ef83bd3533185f9caaab8846074ad52ec0c071a2754eddc3a4306448ba384")),
+    ({"image_size": 32, "grid_size": 4}, 0, (94, 32),
+     ("b4defad59f13e8d8e0876c9a6d3222420db9244a9fa045cc2c98560c1590d941",
+      "fcfbccfa50caaf6fb7546b35736ee7f22caf6f8d920cb2c2093393e709599a3d")),
+    ({"shapes": ("circle", "square", "triangle", "ring")}, 0, (177, 59),
+     ("c923d79425f95282dff4f00772625be867972ae336542a1a95a186b588cb78c8",
+      "de838cdc33f3fc44e75f034f574b0c7991d199d37f54a2cbe4322ca181ad19b2")),
+])
+def test_stratified_split_is_pinned(world_kwargs, seed, sizes, digests, tmp_path):
+    for split in (make_splits(ShapesWorld(**world_kwargs), 0.25, seed),
+                  make_splits(ShapesWorld(**world_kwargs), 0.25, seed, split="stratified")):
+        assert (len(split[0]), len(split[1])) == sizes
+        assert (_sha256_lines(split[0]), _sha256_lines(split[1])) == digests
+    paths = write_splits(tmp_path, ShapesWorld(**world_kwargs), 0.25, seed)
+    import hashlib
+    assert tuple(hashlib.sha256(open(p, "rb").read()).hexdigest() for p in paths) == digests
+    if not world_kwargs or "grid_size" in world_kwargs:       # the two held-out counting prompts issue 21 studied
+        if seed == 0:
+            assert [it.prompt for it in split[1] if it.tag == "counting"] == ["a photo of four circles",
+                                                                              "a photo of two squares"]
+
+
+def _counting_pairs(items) -> set[tuple[int, str]]:
+    return {(it.include[0]["count"], it.include[0]["class"]) for it in items if it.tag == "counting"}
+
+
+@pytest.mark.parametrize("world", [WORLDS["default_run"], WORLDS["ring_white_bg"],
+                                   ShapesWorld(image_size=48, grid_size=6, counts=(2, 3, 4, 5),
+                                               shapes=("circle", "square", "triangle", "ring"))],
+                         ids=["default_run", "ring_white_bg", "four_counts"])
+def test_count_transfer_split_trains_every_number_word_with_three_shapes(world):
+    for seed in range(8):
+        train, held = make_splits(world, 0.25, seed, split="count_transfer")
+        assert make_splits(world, 0.25, seed, split="count_transfer") == (train, held)       # deterministic
+        assert not {i.prompt for i in train} & {i.prompt for i in held}
+        assert sorted(i.prompt for i in train + held) == sorted(i.prompt for i in all_prompts(world))
+        trained, untrained = _counting_pairs(train), _counting_pairs(held)
+        assert not trained & untrained
+        for n in world.counts:
+            assert len({s for m, s in trained if m == n}) >= 3, (seed, NUMBER_WORDS[n])
+        # one held-out pair per number word, each with its own shape, whose word and shape training shows
+        assert sorted(n for n, _ in untrained) == sorted(world.counts)
+        assert len({s for _, s in untrained}) == len(world.counts)
+        for n, s in untrained:
+            assert any(m == n for m, _ in trained) and any(t == s for _, t in trained)
+        assert untrained == set(count_transfer_pairs(world, seed))
+        # every other tag exactly as the stratified split holds it out
+        strat_train, strat_held = make_splits(world, 0.25, seed)
+        assert [i for i in held if i.tag != "counting"] == [i for i in strat_held if i.tag != "counting"]
+        assert [i for i in train if i.tag != "counting"] == [i for i in strat_train if i.tag != "counting"]
+    assert make_splits(world, 0.0, 0, split="count_transfer")[1] == []
+    assert {count_transfer_pairs(world, s)[0] for s in range(8)} != {count_transfer_pairs(world, 0)[0]}
+
+
+def test_count_transfer_split_of_the_default_run():
+    train, held = make_splits(WORLDS["default_run"], 0.25, 0, split="count_transfer")
+    assert (len(train), len(held)) == (177, 59)
+    assert [it.prompt for it in held if it.tag == "counting"] == [
+        "a photo of four circles", "a photo of two squares", "a photo of three rings"]
+    trained = _counting_pairs(train)
+    assert {n: sorted(s for m, s in trained if m == n) for n in (2, 3, 4)} == {
+        2: ["circle", "ring", "triangle"], 3: ["circle", "square", "triangle"], 4: ["ring", "square", "triangle"]}
+
+
+def test_count_transfer_split_needs_four_shapes():
+    with pytest.raises(ValueError, match="at least three shapes"):
+        make_splits(ShapesWorld(), 0.25, 0, split="count_transfer")
+    with pytest.raises(ValueError, match="needs at least"):
+        count_transfer_pairs(ShapesWorld(image_size=48, grid_size=6, counts=(2, 3, 4, 5, 6),
+                                         shapes=("circle", "square", "triangle", "ring")))
+    with pytest.raises(ValueError, match="unknown split"):
+        make_splits(ShapesWorld(), 0.25, 0, split="random")
+
+
+def test_ring_is_distinct_and_exact_at_the_default_runs_patch_size():
+    world = WORLDS["default_run"]
+    assert world.patch_size == 8
+    masks = {s: shape_mask(s, 8) for s in world.shapes}
+    for a in world.shapes:
+        for b in world.shapes:
+            if a < b:
+                assert not np.array_equal(masks[a], masks[b]), (a, b)
+    ring, circle = masks["ring"], masks["circle"]
+    assert ring.sum() == 40 and circle.sum() == 52 and not (ring & ~circle).any()   # the circle, 12 pixels cut out
+    book = ShapesCodebook(world)
+    assert book.codebook_size == 17
+    scenes = [GenEvalItem(prompt=f"a photo of four {c} rings", tag="counting",
+                          include=[{"class": "ring", "count": 4, "color": c}]) for c in world.colors]
+    codes = ShapesRenderer(world).sample_codes(scenes, np.random.default_rng(0))
+    images = book.decode(codes)
+    assert np.array_equal(book.encode(images), codes)
+    for dets, c in zip(ShapesDetector(world).detect(images), world.colors):
+        assert [(d.label, d.color) for d in dets] == [("ring", c)] * 4
+    # a circle is never read as a ring, nor a ring as a circle (the other shapes: the parametrized tests above)
+    circles = book.decode(ShapesRenderer(world).sample_codes(
+        [GenEvalItem(prompt="a photo of two circles", tag="counting", include=[{"class": "circle", "count": 2}])],
+        np.random.default_rng(1)))
+    assert [d.label for d in ShapesDetector(world).detect(circles)[0]] == ["circle", "circle"]
 
 
 def test_reads_real_geneval_metadata_format(tmp_path):

@@ -228,17 +228,48 @@ def world_words(world: WorldLike = None) -> list[str]:
     return sorted({w for item in all_prompts(world) for w in item.prompt.lower().split()})
 
 
-def make_splits(world: WorldLike = None, heldout_fraction: float = 0.25,
-                seed: int = 0) -> tuple[list[GenEvalItem], list[GenEvalItem]]:
-    """Deterministic (seeded) train / held-out split of :func:`all_prompts`, stratified by tag.
+# How :func:`make_splits` chooses the held-out prompts (`world.split` in a run's config).
+SPLITS: tuple[str, ...] = ("stratified", "count_transfer")
 
-    Each tag's prompts are shuffled with ``seed`` and ``round(fraction * n)`` of them (at least one, and at least one
-    left for training, when the tag has two or more prompts) are held out.  The splits are disjoint by prompt text
-    and keep :func:`all_prompts` order within each split.
+
+def count_transfer_pairs(world: WorldLike = None, seed: int = 0) -> list[tuple[int, str]]:
+    """The (count, shape) pairs that the ``count_transfer`` split holds out: one per number word, each with its own
+    shape (``world.counts[i]`` with ``world.shapes[perm[i]]``, ``perm`` a permutation drawn with ``seed``).
+
+    Every number word then keeps ``len(shapes) - 1`` trained shapes, which must be at least three: with three shapes
+    no (number, shape) pair can be held out without leaving that number word trained on two shapes only, and
+    RL on counting then learns (shape -> count) rather than the number word (docs/rewards.md).
+    """
+    w = as_world(world)
+    if len(w.shapes) < 4 or len(w.shapes) < len(w.counts):
+        raise ValueError(f"split 'count_transfer' holds out one (number, shape) pair per number word, each with its own "
+                         f"shape, and trains every number word with at least three shapes: it needs at least "
+                         f"max(4, {len(w.counts)} counts) shapes, the world has {len(w.shapes)} {list(w.shapes)} "
+                         f"(add 'ring': shapes=[circle, square, triangle, ring])")
+    perm = np.random.default_rng([seed, 30]).permutation(len(w.shapes))
+    return [(n, w.shapes[int(perm[i])]) for i, n in enumerate(w.counts)]
+
+
+def make_splits(world: WorldLike = None, heldout_fraction: float = 0.25, seed: int = 0,
+                split: str = "stratified") -> tuple[list[GenEvalItem], list[GenEvalItem]]:
+    """Deterministic (seeded) train / held-out split of :func:`all_prompts`.
+
+    ``stratified`` (the default): each tag's prompts are shuffled with ``seed`` and ``round(fraction * n)`` of them
+    (at least one, and at least one left for training, when the tag has two or more prompts) are held out.
+
+    ``count_transfer``: the other tags exactly as ``stratified`` holds them out; of the counting prompts, the
+    pairs of :func:`count_transfer_pairs` (one per number word, distinct shapes; nothing when ``fraction`` is 0).
+    Every number word is then trained with at least three shapes, and each held-out counting prompt is a
+    (number, shape) pair that training never shows, with a number word and a shape that it does show.
+
+    The splits are disjoint by prompt text and keep :func:`all_prompts` order within each split.
     """
     if not 0.0 <= heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction}")
-    items = all_prompts(world)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; known: {list(SPLITS)}")
+    w = as_world(world)
+    items = all_prompts(w)
     rng = np.random.default_rng(seed)
     held: set[int] = set()
     for tag in GENEVAL_TAGS:
@@ -247,7 +278,11 @@ def make_splits(world: WorldLike = None, heldout_fraction: float = 0.25,
         k = int(round(heldout_fraction * n))
         if heldout_fraction > 0 and n >= 2:
             k = min(max(k, 1), n - 1)
-        held.update(idx[j] for j in rng.permutation(n)[:k])
+        chosen = [idx[j] for j in rng.permutation(n)[:k]]   # drawn for every tag: the other tags' draws stay put
+        if split == "count_transfer" and tag == "counting":
+            pairs = set(count_transfer_pairs(w, seed)) if heldout_fraction > 0 else set()
+            chosen = [i for i in idx if (items[i].include[0]["count"], items[i].include[0]["class"]) in pairs]
+        held.update(chosen)
     train = [it for i, it in enumerate(items) if i not in held]
     heldout = [it for i, it in enumerate(items) if i in held]
     return train, heldout
@@ -265,10 +300,10 @@ def read_jsonl(path: Union[str, os.PathLike]) -> list[GenEvalItem]:
 
 
 def write_splits(out_dir: Union[str, os.PathLike], world: WorldLike = None, heldout_fraction: float = 0.25,
-                 seed: int = 0) -> tuple[str, str]:
+                 seed: int = 0, split: str = "stratified") -> tuple[str, str]:
     """Write ``train.jsonl`` and ``heldout.jsonl`` of :func:`make_splits` into ``out_dir``; returns both paths."""
     os.makedirs(out_dir, exist_ok=True)
-    train, heldout = make_splits(world, heldout_fraction, seed)
+    train, heldout = make_splits(world, heldout_fraction, seed, split)
     paths = (os.path.join(out_dir, "train.jsonl"), os.path.join(out_dir, "heldout.jsonl"))
     write_jsonl(train, paths[0])
     write_jsonl(heldout, paths[1])
