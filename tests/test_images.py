@@ -84,6 +84,16 @@ def test_captioned_grid_row_tally_and_validation(tmp_path):
         captioned_grid(imgs, ["only one"], nrow=2)
     with pytest.raises(ValueError, match="3 verdicts for 4 images"):
         captioned_grid(imgs, ["a", "b"], nrow=2, verdicts=[1, 0, 1])
+    with pytest.raises(ValueError, match="3 scores for 4 images"):
+        captioned_grid(imgs, ["a", "b"], nrow=2, scores=[1.0, 0.0, 1.0])
+    # scores without verdicts: no frame (the padding stays white), each image labelled in its top-left corner
+    black = torch.zeros(2, 64, 64, 3, dtype=torch.uint8)
+    scored = captioned_grid(black, ["a"], nrow=2, scores=[21.25, 19.5], score_name="pickscore", pad=6)
+    y0 = int(np.nonzero((scored[:, 60] == 0).all(-1))[0][0])            # the first row of the first image
+    assert (scored[y0 - 3:y0, :] == 255).all() and (scored[y0:y0 + 64, 3:6] == 255).all()   # white padding
+    assert (scored[y0 + 1:y0 + 12, 7:30] == 255).all(-1).sum() > 10       # the label's white box on a black image
+    assert (scored[y0 + 1:y0 + 12, 7:30] < 100).all(-1).sum() > 5         # and its dark digits
+    assert (scored[y0 + 20:y0 + 64, 6:70] == 0).all()                     # below it the image is untouched
     from PIL import Image
     path = save_captioned_grid(imgs, tmp_path / "g" / "grid.png", ["a", "b"], nrow=2, verdicts=[1, 0, 1, 1], scale=2)
     with Image.open(path) as im:

@@ -93,6 +93,27 @@ def test_weighted_sum_and_raw_components():
     assert logs["reward/total/mean"] == pytest.approx(float(out.scores.mean()))
 
 
+def test_weighted_rewards_give_each_reward_what_it_needs():
+    """`inputs` (the reward worker's per-sample values) reach only the rewards that name them; a reward that does
+    not need images gets none. Without `inputs` (the reward server) the metadata passes as sent."""
+    from rewards.base import reward_class
+    from rewards.geneval import GenEvalReward
+    images, prompts, meta = _batch()
+    seen = "tests.helpers.rewards:SeenInputsReward"
+    combo = build_rewards([{"name": seen, "label": "bare"},
+                           {"name": seen, "label": "sc", "needs": ["images", "self_certainty"]}])
+    assert combo.components[1][2].needs == ("images", "self_certainty")
+    inputs = [{"self_certainty": -1.0, "codes": [1, 2]} for _ in range(4)]
+    out = combo.score(images, prompts, meta, inputs)
+    assert out.details["bare/height"].tolist() == [0] * 4 and out.details["sc/height"].tolist() == [8] * 4
+    assert out.details["bare/self_certainty"].tolist() == [0] * 4 and out.details["sc/self_certainty"].tolist() == [1] * 4
+    assert out.details["sc/codes"].tolist() == [-1] * 4                       # not named, not given
+    served = combo.score(images, prompts, [dict(m, self_certainty=-1.0) for m in meta])
+    assert served.details["bare/self_certainty"].tolist() == [1] * 4          # as the client sent it
+    assert reward_class({"name": "geneval"}) is GenEvalReward and reward_class({"name": "no.such:Reward"}) is Reward
+    assert reward_class("self_certainty").needs == ("self_certainty",) and PixelMeanReward.needs == ("images",)
+
+
 def test_duplicate_labels_rejected():
     with pytest.raises(ValueError, match="unique"):
         build_rewards([{"name": "tests.helpers.rewards:ConstantReward"}, {"name": "tests.helpers.rewards:ConstantReward"}])

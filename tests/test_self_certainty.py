@@ -8,6 +8,7 @@ import torch
 from policy.sampler import SamplerConfig, UnmaskingSampler
 from rewards.base import RewardError, build_rewards
 from rewards.worker import RewardWorker
+from tests.helpers.rewards import make_palette_decoder
 
 PROMPTS = [[1, 2, 3], [40, 41, 42, 43, 44], []]
 
@@ -67,6 +68,43 @@ def test_reward_worker_passes_self_certainty_to_the_reward(tiny_showo):
     out = worker.score_groups(items, traj)[0]
     torch.testing.assert_close(out.components["self_certainty"], traj.certainty_score())
     torch.testing.assert_close(out.rewards, 2.0 * traj.certainty_score() + 1.0)
+
+
+def test_each_reward_gets_exactly_what_it_needs_and_only_image_rewards_cost_a_decode(tiny_showo):
+    traj = _sample(tiny_showo, 0.0)
+    b = traj.batch_size
+    calls = []
+
+    decode = make_palette_decoder(8, 8, 64)
+
+    def counting_decoder(codes):
+        calls.append(len(codes))
+        return decode(codes)
+    seen = "tests.helpers.rewards:SeenInputsReward"
+    worker = RewardWorker([{"name": "self_certainty"},
+                           {"name": seen, "label": "nothing"},
+                           {"name": seen, "label": "codes", "needs": ["codes"]},
+                           {"name": seen, "label": "all", "needs": ["images", "codes", "self_certainty"]}],
+                          decoder=counting_decoder)
+    assert worker.needs == ["codes", "images", "self_certainty"]
+    out = worker.score_groups([{"prompts": ["p"] * b, "metadata": [{"tag": "x"}] * b}], traj)[0]
+    torch.testing.assert_close(out.components["self_certainty"], traj.certainty_score())
+    codes = traj.final_codes.sum(-1).float()
+    for label, height, certainty, code_sum in (("nothing", 0, 0, -torch.ones(b)), ("codes", 0, 0, codes),
+                                               ("all", 8, 1, codes)):
+        assert out.details[f"{label}/height"].tolist() == [height] * b, label
+        assert out.details[f"{label}/self_certainty"].tolist() == [certainty] * b, label
+        assert torch.equal(out.details[f"{label}/codes"], code_sum), label
+    assert calls == [b]
+    # a worker whose rewards need no images decodes nothing (it needs no decoder at all)
+    alone = RewardWorker([{"name": "self_certainty"}])
+    out = alone.score_groups([{"prompts": ["p"] * b}], traj)[0]
+    torch.testing.assert_close(out.rewards, traj.certainty_score())
+    assert alone.stats()["seconds"]["decode"] == 0.0
+    with pytest.raises(ValueError, match=r"reward 'x' needs \['logits'\].*cannot give"):
+        RewardWorker([{"name": seen, "label": "x", "needs": ["logits"]}])
+    with pytest.raises(ValueError, match="needs must be a list"):
+        RewardWorker([{"name": seen, "needs": "codes"}])
 
 
 def test_self_certainty_without_the_trajectory_is_a_clear_error():

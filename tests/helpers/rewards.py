@@ -45,6 +45,21 @@ class PixelMeanReward(Reward):
                             details={"prompt_len": torch.tensor([float(len(p)) for p in prompts])})
 
 
+class SeenInputsReward(Reward):
+    """Scores 0 and reports what it was given: the images' height (0: none), whether each sample's metadata has
+    self_certainty, and the sum of its codes (-1: none). ``needs`` here is nothing: a spec adds inputs."""
+    needs = ()
+
+    def __init__(self, device: Optional[str] = None):
+        pass
+
+    def _score(self, images, prompts, metadata):
+        return RewardOutput(torch.zeros(len(prompts)), details={
+            "height": torch.full((len(prompts),), float(images.shape[1])),
+            "self_certainty": torch.tensor([float("self_certainty" in m) for m in metadata]),
+            "codes": torch.tensor([float(sum(m["codes"])) if "codes" in m else -1.0 for m in metadata])})
+
+
 class FlakyReward(PixelMeanReward):
     """Raises once while `flag_file` exists (deleting it), then scores normally: a one-off injected failure.
     With ``crash: true`` it kills its process instead of raising (an actor death)."""
