@@ -114,6 +114,11 @@ def test_eval_of_a_saved_checkpoint(tmp_path):
     for tag, acc in cats.items():                                                    # a category = its prompts' mean
         assert acc == pytest.approx(sum(p["accuracy"] for p in per_prompt if p["tag"] == tag)
                                     / sum(p["tag"] == tag for p in per_prompt))
+    # the strict verdicts are also a metric with its interval (docs/evaluation.md), the same numbers per category
+    strict = report["metrics"]["geneval/strict"]
+    assert strict["mean"] == pytest.approx(report["overall"]) and strict["ci95"][0] <= strict["mean"] <= strict["ci95"][1]
+    assert {t: g["mean"] for t, g in strict["groups"].items()} == pytest.approx(cats)
+    assert report["metrics"]["geneval"]["n"] == 8 and report["metrics"]["geneval"]["images"] == 16
     assert sorted(p.name for p in (out / "eval" / "step_000007.1").iterdir()) == sorted(f"{t}.png" for t in cats)
     # the printed table is the report's, titled with the checkpoint evaluated
     from cluster.evaluate import format_table
