@@ -16,8 +16,9 @@ files written as GenEval metadata (`<run>/counting_transfer/`):
 It prints accuracy (GenEval's strict verdicts) before -> after for untrained and trained pairs, per number word and
 in all, per run and, for several runs, their mean; then each counting prompt with the images by objects detected.
 `--samples N` evaluates N images per prompt instead of the run's number (the first ones are the run's: an image's
-seed depends only on its prompt's position and its index). Each run's figures go to
-`<run>/counting_transfer/summary.json`. The configs' world section decides which pairs are untrained: with the
+seed depends only on its prompt's position and its index); `--counting-only` writes only the held-out counting
+prompts to `heldout.jsonl` (cheap with many samples; their images are then others than the run's own evaluation's,
+and there is no overall score). Each run's figures go to `<run>/counting_transfer[_nN][_counting]/summary.json`. The configs' world section decides which pairs are untrained: with the
 three-shape world's stratified split, "two" and "four" are trained with two shapes each; with
 `world.split: count_transfer` every number word is trained with three (docs/rewards.md).
 """
@@ -69,13 +70,16 @@ def policies(run: Path, cfg) -> dict[str, Optional[str]]:
     return {"base": base, "last": str(last)}
 
 
-def transfer(run: Path, samples: Optional[int] = None) -> dict[str, Any]:
-    """Evaluate the run's base and last checkpoint on its held-out split and its trained counting prompts."""
+def transfer(run: Path, samples: Optional[int] = None, counting_only: bool = False) -> dict[str, Any]:
+    """Evaluate the run's base and last checkpoint on its held-out split (only its counting prompts with
+    `counting_only`) and its trained counting prompts."""
     from cluster.data import eval_prompts, prompt_tag, train_prompts
     from cluster.evaluate import evaluate_command
-    root = run / "counting_transfer"
+    root = run / ("counting_transfer" + (f"_n{samples}" if samples else "") + ("_counting" if counting_only else ""))
     cfg = _config(run, root, samples)
     heldout = _items(eval_prompts(cfg))
+    if counting_only:
+        heldout = [it for it in heldout if it.tag == "counting"]
     trained = _items(p for p in train_prompts(cfg) if prompt_tag(p) == "counting")
     trained_pairs = {counting_pair(it) for it in trained}
     untrained = [it.prompt for it in heldout if it.tag == "counting" and counting_pair(it) not in trained_pairs]
@@ -92,7 +96,7 @@ def transfer(run: Path, samples: Optional[int] = None) -> dict[str, Any]:
         for which, path in files.items():
             cfg = _config(run, root / policy / which, samples)
             report = evaluate_command(cfg, checkpoint, str(path))
-            if which == "heldout":
+            if which == "heldout" and not counting_only:
                 result["overall"][policy] = report["overall"]
             for p in report["prompts"]:
                 if p["tag"] != "counting" or (which == "heldout" and p["prompt"] not in untrained):
@@ -132,7 +136,7 @@ def format_tables(results: list[dict[str, Any]]) -> str:
     lines = ["| run | number word | untrained pairs: before -> after (prompts) | trained pairs (control) | "
              "held-out overall |", "|---|---|---|---|---|"]
     for r in results:
-        overall = f"{r['overall']['base']:.3f} -> {r['overall']['last']:.3f}"
+        overall = f"{r['overall']['base']:.3f} -> {r['overall']['last']:.3f}" if r["overall"] else "-"
         for key, row in r["table"].items():
             lines.append(f"| {r['run']} | {key} | {_cell(row.get('untrained'))} | {_cell(row.get('trained'))} | "
                          f"{overall if key == 'all' else ''} |")
@@ -143,7 +147,8 @@ def format_tables(results: list[dict[str, Any]]) -> str:
             for split in ("untrained", "trained"):
                 got = [r["table"][key][split] for r in results if split in r["table"].get(key, {})]
                 cells.append(" -> ".join(f"{np.mean([g[p] for g in got]):.3f}" for p in POLICIES) if got else "-")
-            overall = " -> ".join(f"{np.mean([r['overall'][p] for r in results]):.3f}" for p in POLICIES)
+            overall = (" -> ".join(f"{np.mean([r['overall'][p] for r in results]):.3f}" for p in POLICIES)
+                       if all(r["overall"] for r in results) else "-")
             lines.append(f"| mean of {len(results)} | {key} | {cells[0]} | {cells[1]} | "
                          f"{overall if key == 'all' else ''} |")
     lines += ["", "| run | split | prompt | before | after | images by objects detected, before / after |",
@@ -162,8 +167,11 @@ def main(argv=None) -> int:
     ap.add_argument("runs", nargs="+", type=Path, help="finished run directories (config.yaml + checkpoints/)")
     ap.add_argument("--samples", type=int, default=None,
                     help="images per prompt (default: the run's eval.samples_per_prompt)")
+    ap.add_argument("--counting-only", action="store_true",
+                    help="of the held-out split, evaluate only its counting prompts (no overall score; other seeds "
+                         "than the run's own evaluation, which numbers images by the prompt's position)")
     args = ap.parse_args(argv)
-    results = [transfer(run, args.samples) for run in args.runs]
+    results = [transfer(run, args.samples, args.counting_only) for run in args.runs]
     print("\nheld-out counting on (number, shape) pairs never trained, and the trained pairs (control); accuracy "
           "before (base) -> after (last checkpoint), strict GenEval verdicts\n")
     print(format_tables(results))

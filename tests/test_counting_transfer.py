@@ -40,3 +40,9 @@ def test_counting_transfer_of_a_tiny_run(tmp_path, capsys):
     assert "| all |" in out and "three rings" in out and out.endswith(format_tables([result]) + "\n")
     # two runs: a mean row
     assert "| mean of 2 | all |" in format_tables([result, result])
+    # more images of the counting prompts alone: no overall score, the same pairs
+    assert main([str(run), "--samples", "3", "--counting-only"]) == 0
+    few = json.loads((run / "counting_transfer_n3_counting" / "summary.json").read_text())
+    assert few["overall"] == {} and few["untrained"] == result["untrained"] and few["trained"] == result["trained"]
+    assert all(sum(e[p]["objects"].values()) == 3 for e in few["prompts"].values() for p in ("base", "last"))
+    assert "| mean of 2 | all |" in format_tables([few, few])
