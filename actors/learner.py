@@ -12,6 +12,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
+from algorithm.config import AlgorithmConfig
 from learner.config import LearnerConfig
 from learner.dist import free_port
 from learner.engine import Learner
@@ -26,7 +27,8 @@ from .weight_sync import (DeviceLocation, SyncGroupSpec, WeightSyncGroup, device
 
 class LearnerWorker:
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, policy_cfg: PolicyConfig,
-                 learner_cfg: LearnerConfig, device: str = "cpu", seed: int = 0, num_threads: Optional[int] = None):
+                 learner_cfg: LearnerConfig, algorithm: AlgorithmConfig, device: str = "cpu", seed: int = 0,
+                 num_threads: Optional[int] = None):
         if num_threads:
             torch.set_num_threads(num_threads)
         os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": "0",
@@ -37,7 +39,7 @@ class LearnerWorker:
         # master weights and lets DeepSpeed cast the forward to bf16.
         learner_cfg = replace(learner_cfg, bf16=learner_bf16(policy_cfg, device, learner_cfg.bf16))
         model = load_policy(policy_cfg, "cpu", with_decoder=False, dtype=torch.float32).model
-        self.learner = Learner(model, learner_cfg, device=device)
+        self.learner = Learner(model, learner_cfg, algorithm, device=device)
         self.sync_group: Optional[WeightSyncGroup] = None
         self._ipc_keep: list[torch.Tensor] = []
 

@@ -7,6 +7,7 @@ learner ranks) without ever reading the trajectories.
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import replace
@@ -14,6 +15,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 
+from algorithm.tree import TreeSpec
 from learner.config import LoraSettings
 from learner.lora import add_adapters
 from learner.weights_export import WeightBucket, apply_weight_bucket
@@ -54,24 +56,28 @@ class RolloutWorker:
     def rollout(self, groups: Sequence[GroupRequest], sampler_overrides: Optional[dict[str, Any]] = None):
         """Sample every group in one batched call. Returns (list[GroupMeta], traj_0, …, traj_{n-1})."""
         cfg = replace(self.sampler_cfg, **(sampler_overrides or {}))
-        sizes = {len(g.seeds) for g in groups}
-        if len(sizes) != 1:
-            raise ValueError("all groups of one rollout call must have the same group size")
-        group_size = sizes.pop()
+        trees = {json.dumps(g.tree) for g in groups}
+        if len({len(g.seeds) for g in groups}) != 1 or len(trees) != 1:
+            raise ValueError("all groups of one rollout call must have the same group size and tree")
+        tree = TreeSpec.of(groups[0].tree)
+        group_size = tree.leaves if tree is not None else len(groups[0].seeds)
         started = time.time()
         condition = self.policy.condition([g.prompt for g in groups])
         null = self.policy.null_condition(cfg.negative_prompt)      # used only with guidance on
         seeds = [s for g in groups for s in g.seeds]
-        traj = UnmaskingSampler(self.model, cfg).sample(condition, seeds, group_size=group_size, null_condition=null)
+        traj = UnmaskingSampler(self.model, cfg).sample(condition, seeds, group_size=group_size, null_condition=null,
+                                                       tree=tree)
         finished = time.time()
         metas, parts = [], []
+        tokens = traj.meta["rollout_tokens"] / len(groups)          # every group of the call has the same shape
         for i, g in enumerate(groups):
             part = traj.select(slice(i * group_size, (i + 1) * group_size))
             part.policy_version = self.version
-            part.meta = {"group_id": g.group_id, "prompt": g.prompt, "seeds": list(g.seeds)}
+            part.meta = {"group_id": g.group_id, "prompt": g.prompt, "seeds": list(g.seeds), "tree": g.tree}
             parts.append(part)
             metas.append(GroupMeta(g.group_id, g.step, g.prompt_index, g.prompt, g.metadata, self.version,
-                                   self.worker_id, started, finished))
+                                   self.worker_id, started, finished, tokens,
+                                   {"self_certainty": part.self_certainty.tolist()}))
         return (metas, *parts)
 
     # ----- weights ----------------------------------------------------------------------------------------------

@@ -25,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from cluster.advantages import plan_update  # noqa: E402
+from algorithm.advantages import GroupOutcome  # noqa: E402
+from algorithm.config import AlgorithmConfig  # noqa: E402
+from algorithm.plan import Planner  # noqa: E402
 from learner import Learner, LearnerConfig  # noqa: E402
 from policy.device import resolve_device  # noqa: E402
 from benchmarks.tiny_models import random_showo, sample_groups, tiny_showo_config  # noqa: E402
@@ -81,12 +83,14 @@ def run_case(model_state, model_cfg, group, steps: int, reduction: bool, checkpo
     trajs, prompts = group
     model = random_showo(seed=0, config=model_cfg)
     model.load_state_dict(model_state)
-    cfg = LearnerConfig(transition=args.transition, lr=1e-5, warmup_steps=1, zero_stage=args.zero_stage,
-                        micro_batch_rows=args.micro_batch_rows, gradient_checkpointing=checkpointing,
-                        reduction="first_k" if reduction else "all", reduction_k=max(1, steps // 2))
-    learner = Learner(model, cfg, device=resolve_device())
+    cfg = LearnerConfig(lr=1e-5, warmup_steps=1, zero_stage=args.zero_stage, micro_batch_rows=args.micro_batch_rows,
+                        gradient_checkpointing=checkpointing)
+    algorithm = AlgorithmConfig(transition=args.transition, selector="first_k" if reduction else "all",
+                                select_k=max(1, steps // 2))
+    learner = Learner(model, cfg, algorithm, device=resolve_device())
     rewards = [torch.linspace(0.0, 1.0, args.group_size)]
-    groups = plan_update(trajs, rewards, prompts, cfg, trajs[0].num_steps).groups
+    outcomes = [GroupOutcome(g, p, r, tr.num_steps) for g, (tr, r, p) in enumerate(zip(trajs, rewards, prompts))]
+    groups = Planner(algorithm).plan(outcomes, trajs).groups
     learner.train_step(groups)                                       # warm-up
     times, rows, micro = [], 0.0, 0.0
     with PeakMemory() as mem:

@@ -18,11 +18,13 @@ import time
 
 import torch
 
+from algorithm.transitions import behaviour_logprob
+
 from benchmarks.bench_sampler import SIZES
-from policy.logprob import all_transition_logprobs
+from algorithm.transitions import all_transition_logprobs
 from policy.sampler import SamplerConfig, UnmaskingSampler
 from policy.showo import Showo
-from policy.trajectory import TRANSITIONS
+from algorithm.transitions import TRANSITION_NAMES as TRANSITIONS
 
 
 def ratio_stats(recorded: torch.Tensor, recomputed: torch.Tensor, low: float = 0.9, high: float = 1.2) -> tuple[float, float]:
@@ -69,8 +71,8 @@ def measure(size: str, steps: int, group: int, prompts: int, device: torch.devic
         traj16 = UnmaskingSampler(low, sampler_cfg).sample(text, seeds, group_size=group)
         same = all_transition_logprobs(low, traj16)                         # bf16 learner, bf16 sampler
     for t in TRANSITIONS:
-        out[f"mixed_{t}"] = ratio_stats(traj32.behaviour_step_logprob(t), mixed[t].logprob)
-        out[f"same_{t}"] = ratio_stats(traj16.behaviour_step_logprob(t), same[t].logprob)
+        out[f"mixed_{t}"] = ratio_stats(behaviour_logprob(traj32, t), mixed[t].logprob)
+        out[f"same_{t}"] = ratio_stats(behaviour_logprob(traj16, t), same[t].logprob)
     out["seconds"] = time.perf_counter() - t0
     return out
 

@@ -42,6 +42,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from algorithm.transitions import behaviour_logprob
+
 from policy.files import atomic_write_text
 
 # Nominal dense bf16 peak by device name (FLOP/s). H200: the ~790 TFLOP/s that an 8192^3 bf16 matmul reaches
@@ -213,8 +215,8 @@ def condition(pcfg, model, device: torch.device, dtype: torch.dtype, prompts: li
 def ratio_check(report: Report, label: str, model, traj, step_chunk: int) -> dict[str, tuple[float, float]]:
     """Recorded behaviour log-probs vs the model's recomputation (no grad) for all three transitions: one forward
     per rollout and chunk of steps gives all three."""
-    from policy.logprob import all_transition_logprobs
-    from policy.trajectory import TRANSITIONS
+    from algorithm.transitions import all_transition_logprobs
+    from algorithm.transitions import TRANSITION_NAMES as TRANSITIONS
     grid = {t: torch.empty(traj.batch_size, traj.num_steps) for t in TRANSITIONS}
     with torch.no_grad():
         for a in range(0, traj.num_steps, step_chunk):
@@ -225,7 +227,7 @@ def ratio_check(report: Report, label: str, model, traj, step_chunk: int) -> dic
                     grid[t][b, steps] = out[t].logprob[0].float().cpu()
     stats = {}
     for t in TRANSITIONS:
-        ratio = (grid[t].double() - traj.behaviour_step_logprob(t).double()).exp()
+        ratio = (grid[t].double() - behaviour_logprob(traj, t).double()).exp()
         median = float((ratio - 1).abs().median())
         outside = float(((ratio < CLIP[0]) | (ratio > CLIP[1])).double().mean())
         stats[t] = (median, outside)
@@ -337,8 +339,8 @@ def e2e_config(args, pcfg, device: torch.device, zero_stage: int, output_dir: st
                    "tokenizer": {"kind": "words"}, "decoder": {"kind": "shapes"}},
         "world": {"grid_size": grid, "image_size": grid * 8},
         "sampler": {"steps": args.steps},
-        "learner": {"transition": args.transition, "lr": args.lr, "warmup_steps": 1, "total_steps": 100,
-                    "zero_stage": zero_stage, "reduction": "random_k", "reduction_k": args.k,
+        "algorithm": {"transition": args.transition, "selector": "random_k", "select_k": args.k},
+        "learner": {"lr": args.lr, "warmup_steps": 1, "total_steps": 100, "zero_stage": zero_stage,
                     "micro_batch_rows": args.micro_batch_rows, "gradient_checkpointing": None,
                     "lora": {"rank": args.lora_rank, "alpha": 2.0 * max(args.lora_rank, 1)}},
         "data": {"prompts_per_step": 1, "group_size": args.group},
@@ -407,6 +409,7 @@ def run(args) -> Report:
     from learner.dist import free_port
     # one rank of its own, whatever the environment says (e.g. a parent process's MASTER_PORT)
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    from algorithm.config import AlgorithmConfig
     from learner.config import LearnerConfig
     from learner.engine import Learner
     from learner.update import GroupUpdate
@@ -458,15 +461,17 @@ def run(args) -> Report:
     report.check("sampler: every position committed, finite log-probs",
                  bool((traj.unmask_step < steps).all()) and bool(torch.isfinite(traj.token_logprob).all()))
 
-    def update(learner, trajectory, group_rewards, step: int) -> dict[str, Any]:
-        """The learner alone on one group: group-normalised rewards as advantages, every step trained, or
-        `learner.reduction_k` of them (the driver's planning runs in the end-to-end stage, in the product's step)."""
+    def update(learner, trajectory, group_rewards, step: int, k: Optional[int] = None) -> dict[str, Any]:
+        """The learner alone on one group: group-normalised rewards as advantages, every step trained, or `k`
+        random ones (the driver's planning runs in the end-to-end stage, in the product's step)."""
         adv = (group_rewards - group_rewards.mean()) / (group_rewards.std() + 1e-4)
         steps = torch.arange(trajectory.num_steps)
-        if learner.config.reduction == "random_k":
+        if k is not None:
             gen = torch.Generator().manual_seed(step)
-            steps = torch.randperm(trajectory.num_steps, generator=gen)[:learner.config.reduction_k].sort().values
-        group = GroupUpdate(trajectory, adv.float().cpu(), torch.ones(trajectory.batch_size, dtype=torch.bool), steps)
+            steps = torch.randperm(trajectory.num_steps, generator=gen)[:k].sort().values
+        group = GroupUpdate.rectangle(trajectory, adv.float().cpu(), torch.ones(trajectory.batch_size,
+                                                                                dtype=torch.bool), steps,
+                                      trajectory.num_steps)
         return learner.train_step([group]).metrics()
 
     # 3-5. learner ZeRO 2 -----------------------------------------------------------------------------------------
@@ -477,9 +482,10 @@ def run(args) -> Report:
         report.stage(f"learner: DeepSpeed ZeRO {first}, bf16 {bf16}")
 
         def main_learner():
-            lcfg = LearnerConfig(transition=args.transition, lr=args.lr, warmup_steps=1, total_steps=100,
-                                 zero_stage=first, bf16=bf16, reduction="all", **micro_batches)
-            learner = Learner(build_model(pcfg, device, torch.float32), lcfg, device=device)
+            lcfg = LearnerConfig(lr=args.lr, warmup_steps=1, total_steps=100, zero_stage=first, bf16=bf16,
+                                 **micro_batches)
+            learner = Learner(build_model(pcfg, device, torch.float32), lcfg,
+                              AlgorithmConfig(transition=args.transition), device=device)
             ok, detail = params_equal(learner.policy, rollout)
             report.check("learner and rollout copy start from the same weights", ok, detail)
             report.figures["ratio_before_update"] = ratio_check(report, "same weights, before any update",
@@ -487,8 +493,8 @@ def run(args) -> Report:
 
             # warm-up: two rows of one rollout (ZeRO's gradient buffers, cuBLAS handles, the optimizer state); the
             # learner sizes its micro-batches from the free memory before it and once more after it
-            learner.train_step([GroupUpdate(traj.select(slice(0, 1)), torch.tensor([1.0]),
-                                            torch.ones(1, dtype=torch.bool), torch.arange(2))])
+            learner.train_step([GroupUpdate.rectangle(traj.select(slice(0, 1)), torch.tensor([1.0]),
+                                                      torch.ones(1, dtype=torch.bool), torch.arange(2), steps)])
             before = snapshot(learner.policy)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
@@ -549,14 +555,14 @@ def run(args) -> Report:
         report.stage(f"learner: DeepSpeed ZeRO {stage}, bf16 {bf16}, KL to a frozen reference (beta 0.01)")
 
         def other_learner(stage=stage):
-            lcfg = LearnerConfig(transition=args.transition, lr=args.lr, warmup_steps=1, total_steps=100,
-                                 zero_stage=stage, bf16=bf16, kl_beta=0.01, reduction="random_k", reduction_k=args.k,
+            lcfg = LearnerConfig(lr=args.lr, warmup_steps=1, total_steps=100, zero_stage=stage, bf16=bf16,
                                  **micro_batches)
-            learner = Learner(build_model(pcfg, device, torch.float32), lcfg, device=device)
+            learner = Learner(build_model(pcfg, device, torch.float32), lcfg,
+                              AlgorithmConfig(transition=args.transition, kl_beta=0.01), device=device)
             # no warm-up here: the learner's first plan keeps room for the optimizer state (learner.memory)
             fresh = build_model(pcfg, device, dtype).eval().requires_grad_(False)
             before = snapshot(learner.policy)
-            m, t = timed(device, lambda: update(learner, traj, rewards, 0))
+            m, t = timed(device, lambda: update(learner, traj, rewards, 0, args.k))
             print(f"  {int(m['rows'])} rows in {t:.2f} s ({group / t:.2f} images/s with the reference forward)")
             report.check(f"ZeRO {stage} + KL: finite loss and KL, update applied",
                          math.isfinite(m["loss"]) and math.isfinite(m.get("kl", float("nan"))) and m["kl"] >= 0

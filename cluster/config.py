@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from algorithm.config import AlgorithmConfig, legacy_key_problem
 from learner.config import LearnerConfig
 from policy.factory import PolicyConfig
 from policy.family import family
@@ -293,6 +294,7 @@ class RunConfig:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     rewards: list[dict[str, Any]] = field(default_factory=_default_rewards)
     data: DataConfig = field(default_factory=DataConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -342,6 +344,12 @@ class RunConfig:
                                 f"every prompt, and {len(bare)} of {len(items)} have none (e.g. line {bare[0] + 1}): use "
                                 f"a GenEval .jsonl (data/geneval/evaluation_metadata.jsonl) or another reward")
         problems += _policy_problems(self.policy, self.learner.lora)
+        tree = self.algorithm.tree_spec
+        if tree is not None:
+            try:
+                tree.check(self.sampler.steps, self.data.group_size)
+            except ValueError as e:
+                problems.append(f"algorithm.tree: {e}")
         for key, specs in (("rewards", self.rewards), ("eval.rewards", self.eval.rewards)):
             problems += _reward_problems(key, specs, self.cluster.backend)
         _require([(False, p) for p in problems])
@@ -411,12 +419,15 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     cfg = schema()
     try:
         for layer in _config_files(path):
+            _refuse_moved_keys(layer)
             cfg = OmegaConf.merge(cfg, layer)
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"overrides must look like key=value, got {bad}")
         if overrides:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+            dotlist = OmegaConf.from_dotlist(list(overrides))
+            _refuse_moved_keys(dotlist)
+            cfg = OmegaConf.merge(cfg, dotlist)
         OmegaConf.to_object(cfg)             # runs every section's checks (see the module docstring)
         _name_lora_targets(cfg)
         _name_world_words(cfg)
@@ -430,6 +441,15 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             raise
         raise ConfigError(f"invalid config:\n  - {e}") from None
     return cfg
+
+
+def _refuse_moved_keys(layer: Any) -> None:
+    """The algorithm's keys left the learner section: name where each went (not just 'unknown key')."""
+    learner = layer.get("learner") if isinstance(layer, DictConfig) else None
+    if isinstance(learner, DictConfig):
+        problem = legacy_key_problem(list(learner.keys()))
+        if problem:
+            raise ConfigError(f"invalid config: {problem}")
 
 
 def _name_world_words(cfg: DictConfig) -> None:

@@ -22,12 +22,13 @@ import torch
 from omegaconf import DictConfig
 
 from actors.types import GroupRequest
+from algorithm.advantages import GroupOutcome
+from algorithm.plan import Planner
 from policy.factory import build_decoder
 from policy.files import atomic_write_json
 from policy.images import save_captioned_grid
 from policy.weights import CheckpointError
 
-from .advantages import PromptStatTracker, plan_update
 from .backend import Backend, make_backend
 from .config import plain, section, world_kwargs
 from .data import prompt_schedule, train_prompts
@@ -46,9 +47,9 @@ class Trainer:
     def __init__(self, cfg: DictConfig, backend: Optional[Backend] = None):
         self.cfg = cfg
         self.backend = backend or make_backend(cfg.cluster.backend)
-        self.learner_cfg = section(cfg, "learner")
-        self.tracker = PromptStatTracker(self.learner_cfg.running_buffer, self.learner_cfg.running_min_count,
-                                         self.learner_cfg.adv_eps, self.learner_cfg.adv_std_unbiased)
+        self.algorithm = section(cfg, "algorithm")
+        self.planner = Planner(self.algorithm)
+        self.tree = self.algorithm.tree_spec
         self.out = Path(cfg.output_dir).resolve()     # absolute: learner ranks write the checkpoints
         self.prompts = train_prompts(cfg)
         self.schedule = prompt_schedule(cfg, self.prompts)
@@ -146,8 +147,7 @@ class Trainer:
         self._record_spans(groups)
         staleness = [self.version - g.meta.policy_version for g in groups]
         rewards = [g.scores.rewards for g in groups]
-        plan = plan_update([g.trajectory for g in groups], rewards, [g.meta.prompt for g in groups], self.learner_cfg,
-                           self.cfg.sampler.steps, self.tracker, [g.meta.group_id for g in groups], step)
+        plan = self.planner.plan([self._outcome(g) for g in groups], [g.trajectory for g in groups], step)
         t0 = time.perf_counter()
         update, per_rank = self.learner.train(plan)
         learner_s = time.perf_counter() - t0
@@ -169,7 +169,8 @@ class Trainer:
             rollout_spans=[(g.meta.started, g.meta.finished) for g in groups],
             reward_spans=[g.scores.span for g in groups], wait_seconds=wait_s, learner_seconds=learner_s,
             sync=sync, reissued=stats.reissued, stale_dropped=stats.stale_dropped,
-            step_seconds=time.perf_counter() - t_step, rollout_workers=len(self.rollouts.workers))
+            step_seconds=time.perf_counter() - t_step, rollout_workers=len(self.rollouts.workers),
+            rollout_tokens=stats.rollout_tokens)
 
     # ----- learner loss --------------------------------------------------------------------------------------------
     def restart_learner(self, failure: BaseException) -> None:
@@ -194,8 +195,7 @@ class Trainer:
         else:
             self.step = 0
             self.counters = {k: 0 for k in self.counters}
-            self.tracker = PromptStatTracker(self.learner_cfg.running_buffer, self.learner_cfg.running_min_count,
-                                             self.learner_cfg.adv_eps, self.learner_cfg.adv_std_unbiased)
+            self.planner = Planner(self.algorithm)
             self.metrics.truncate_after(-1)
         first = self.step * self.cfg.data.prompts_per_step
         self.accepted_groups = {g for g in self.accepted_groups if g < first}
@@ -204,11 +204,18 @@ class Trainer:
               flush=True)
 
     def _requests(self, step: int) -> list[GroupRequest]:
-        g = self.cfg.data.group_size
+        """This step's groups: one prompt each, with a seed per sample (a group tree: per node)."""
+        n = self.tree.num_nodes if self.tree is not None else self.cfg.data.group_size
+        tree = self.tree.to_dict() if self.tree is not None else None
         return [GroupRequest(group_id=step * self.cfg.data.prompts_per_step + slot, step=step, prompt_index=idx,
                              prompt=self.prompts[idx].prompt, metadata=self.prompts[idx].metadata,
-                             seeds=self.schedule.seeds(step, slot, g))
+                             seeds=self.schedule.seeds(step, slot, n), tree=tree)
                 for slot, idx in enumerate(self.schedule.indices(step))]
+
+    def _outcome(self, g: GroupResult) -> GroupOutcome:
+        """What the algorithm's plan reads of a group: its rewards, and the sampler's per-step signals."""
+        return GroupOutcome(g.meta.group_id, g.meta.prompt, g.scores.rewards, self.cfg.sampler.steps, self.tree,
+                            {k: torch.tensor(v) for k, v in g.meta.signals.items()})
 
     def _launch_ahead(self) -> None:
         """Put this step's rollouts (and with staleness n the next n steps') in flight, with their reward calls."""
@@ -234,7 +241,7 @@ class Trainer:
         """Saved inside each checkpoint; `version` is the learner version the driver has seen, so a checkpoint
         whose learner and driver disagree is recognised at resume."""
         return {"step": self.step, "version": self.version, "counters": dict(self.counters),
-                "tracker": self.tracker.state_dict()}
+                "tracker": self.planner.state_dict()}
 
     def save_checkpoint(self) -> str:
         with self.timeline.measure("driver", "checkpoints", f"checkpoint step {self.step}"):
@@ -251,8 +258,7 @@ class Trainer:
                                   f"saved during an update); resume from an earlier checkpoint")
         self.step = int(state.get("step", info["version"]))
         self.counters.update(state.get("counters", {}))
-        if "tracker" in state:
-            self.tracker.load_state_dict(state["tracker"])
+        self.planner.load_state_dict(state.get("tracker"))
         self.metrics.truncate_after(self.step - 1)
 
     # ----- samples and evaluation --------------------------------------------------------------------------------------

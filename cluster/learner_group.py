@@ -17,9 +17,9 @@ from omegaconf import DictConfig
 
 from actors.learner import LearnerWorker
 from actors.weight_sync import DeviceLocation
+from algorithm.plan import UpdatePlan
 from learner.update import UpdateStats
 
-from .advantages import UpdatePlan
 from .backend import ActorSpec, Backend
 from .config import plain, role_device, section
 from .errors import LearnerFailure
@@ -49,7 +49,7 @@ class LearnerGroup:
         threads = max(1, int(c.cpus_per_actor)) if c.learner_gpus == 0 else None
         self.ranks = [backend.start(ActorSpec(
             LearnerWorker, (i, n, master_addr, master_port, section(cfg, "policy"), section(cfg, "learner"),
-                            role_device(c.learner_gpus), cfg.seed, threads),
+                            section(cfg, "algorithm"), role_device(c.learner_gpus), cfg.seed, threads),
             num_cpus=c.cpus_per_actor, num_gpus=c.learner_gpus, scheduling=self.reservation.scheduling(i)))
             for i in range(n)]
         self.handover = WeightHandover(self, c)

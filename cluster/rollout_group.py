@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig
@@ -53,12 +53,12 @@ class GroupResult:
 class RolloutStats:
     reissued: int = 0
     stale_dropped: int = 0
-    staleness: list[int] = field(default_factory=list)
+    rollout_tokens: float = 0.0        # image-token positions the rollout model evaluated (dropped groups too)
 
 
 def _submit_score(rewards: RewardGroup, p: PendingRollout) -> PendingScore:
     """The reward call for a worker's groups; it starts when their trajectories exist."""
-    items = [{"prompts": [r.prompt] * len(r.seeds), "metadata": [r.metadata] * len(r.seeds)} for r in p.requests]
+    items = [{"prompts": [r.prompt] * r.group_size, "metadata": [r.metadata] * r.group_size} for r in p.requests]
     return rewards.submit(items, p.trajectories)
 
 
@@ -257,6 +257,7 @@ class RolloutGroup:
                 except errors as e:
                     retry += self._lost(p, e)
                     continue
+                stats.rollout_tokens += sum(m.rollout_tokens for m in metas)
                 if rewards is not None and p.score is None:        # dispatched without rewards: score now
                     p.score = _submit_score(rewards, p)
                 if p.score is not None:

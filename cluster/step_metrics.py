@@ -37,6 +37,7 @@ class StepMetrics:
     stale_dropped: int
     step_seconds: float = 0.0
     rollout_workers: int = 0                       # workers in service at the end of the step (elastic fleet)
+    rollout_tokens: float = 0.0                    # image-token positions the rollout model evaluated for the step
     extra: dict[str, Any] = field(default_factory=dict)   # added by the train loop (eval_overall, checkpoint)
 
     def to_json(self) -> dict[str, Any]:
@@ -61,6 +62,10 @@ class StepMetrics:
             "staleness_hist": {str(int(k)): int(v) for k, v in zip(values, counts)},
             "groups": groups, "groups_reissued": self.reissued, "groups_stale_dropped": self.stale_dropped,
             "step_seconds": self.step_seconds, "rollout_workers": self.rollout_workers,
+            # compute, in image-token positions through the policy (a guided pass counts twice): the rollouts',
+            # the learner's forward passes (recomputations included), and both with backward ~ 2 forwards
+            "rollout_tokens": self.rollout_tokens, "learner_tokens": self.update.learner_tokens,
+            "compute_tokens": self.rollout_tokens + 3 * self.update.learner_tokens,
             "images_per_second": groups * self.group_size / max(self.step_seconds, 1e-9),
             **self.extra,
         }

@@ -1,11 +1,11 @@
 """The Mask-GRPO learner: the clipped objective, a DeepSpeed engine, weight export to rollout workers and
-crash-safe checkpoints. The driver decides advantages, kept samples and trained steps (`cluster.advantages`);
-a learner rank only computes.
+crash-safe checkpoints. The driver decides the rows that train and their advantages (`algorithm.plan`); a learner
+rank only computes (what a row computes: `algorithm.transitions` and `algorithm.losses`).
 
 On every learner rank (RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT set by the launcher; none needed for
 one process)::
 
-    learner = Learner(build_model(policy_cfg), LearnerConfig(zero_stage=2), device="cuda")   # policy.factory
+    learner = Learner(build_model(policy_cfg), LearnerConfig(zero_stage=2), AlgorithmConfig(), device="cuda")
     if (ck := latest_checkpoint(root)) is not None:
         learner.resume(ck)
     stats = learner.train_step(groups)                         # this rank's GroupUpdates; all ranks together
@@ -16,10 +16,9 @@ one process)::
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import LearnerConfig
 from .engine import Learner, NonFiniteUpdateError
-from .loss import mask_grpo_row_loss, policy_step_logprobs
 from .update import GroupUpdate, UpdateStats
 from .weights_export import WeightBucket, apply_weight_bucket, iter_weight_buckets
 
 __all__ = ["latest_checkpoint", "load_checkpoint", "save_checkpoint", "LearnerConfig", "Learner",
-           "NonFiniteUpdateError", "mask_grpo_row_loss", "policy_step_logprobs", "GroupUpdate", "UpdateStats",
+           "NonFiniteUpdateError", "GroupUpdate", "UpdateStats",
            "WeightBucket", "apply_weight_bucket", "iter_weight_buckets"]

@@ -231,7 +231,7 @@ def _write_checkpoint_files(learner: "Learner", tmp: Path, final: Path, trainer_
                 files[rel] = {"size": f.stat().st_size, **({"sha256": sha256_file(f)} if hash_files else {})}
         manifest = {"format": FORMAT, "step": learner.step, "version": learner.version,
                     "world_size": learner.world_size, "zero_stage": learner.config.zero_stage,
-                    "bf16": learner.bf16, "transition": learner.config.transition,
+                    "bf16": learner.bf16, "transition": learner.algorithm.transition,
                     "family": learner.policy.family, "weights": list(learner.policy.weight_files),
                     "model_config": learner.policy.config_dict(), "param_shapes": _param_shapes(learner),
                     "lora": dataclasses.asdict(learner.config.lora) if lora else None, "files": files}

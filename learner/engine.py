@@ -2,10 +2,12 @@
 `train_step`.
 
 One `Learner` per data-parallel rank. Each rank receives its own groups as `GroupUpdate`s — the G rollouts of
-one prompt as one `Trajectory`, with the advantages, kept samples and trained steps the driver decided
-(`cluster.advantages`) — splits the (trajectory, step) rows into micro-batches of at most ``micro_batch_rows``
-rows and runs forward + backward through the DeepSpeed engine for each (so activation memory does not grow with
-T·G), then takes ONE optimizer step. The loss runs through the engine, never the bare module, so gradients are averaged across ranks
+one prompt as one `Trajectory`, with the (sample, step) rows that train and their advantages, as the driver's plan
+decided (`algorithm.plan`) — splits the rows into micro-batches of at most ``micro_batch_rows`` rows and runs
+forward + backward through the DeepSpeed engine for each (so activation memory does not grow with T·G), then
+takes ONE optimizer step. What a row computes is the algorithm's (`algorithm.transitions` scores it,
+`algorithm.losses` turns it into a loss); the engine keeps the mechanics: micro-batches, padding, the proximal
+recompute of stale rows, NaN poisoning, the optimizer step. The loss runs through the engine, never the bare module, so gradients are averaged across ranks
 (the release's defect 5); each micro-batch's loss is scaled by the global normaliser times the world size, so
 the update equals that of one rank holding the whole global batch.
 
@@ -24,16 +26,18 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
+from algorithm.config import AlgorithmConfig, LossAverage, StaleLogprobs
+from algorithm.losses import policy_loss
+from algorithm.transitions import transition as transition_definition
 from policy.family import MaskedModel
-from policy.logprob import transition_logprobs
+from policy.logprob import RowView, Rows, step_logprobs
 from policy.trajectory import Trajectory
 
 from policy.device import resolve_device
 
 from . import dist
-from .config import LearnerConfig, StaleLogprobs
+from .config import LearnerConfig
 from .lora import add_adapters, adapters_disabled, merge_state_dict, resolve_targets
-from .loss import mask_grpo_row_loss, scored_terms
 from .memory import FIRST_UPDATE_BYTES_PER_PARAM, MicroBatchPlan, free_bytes, plan_micro_batches, trainable_numel
 from .update import GroupUpdate, UpdateStats
 from .weights_export import WeightBucket, iter_weight_buckets
@@ -116,52 +120,83 @@ def deepspeed_config(config: LearnerConfig, bf16: bool) -> dict[str, Any]:
 
 
 class PolicyObjective(nn.Module):
-    """The module DeepSpeed wraps: the policy, and a forward that scores (trajectory, step) rows."""
+    """The module DeepSpeed wraps: the policy, and a forward that scores (sample, step) rows of a trajectory with
+    the algorithm's transition."""
 
     def __init__(self, policy: MaskedModel, transition: str, prefix_reuse: bool = True):
         super().__init__()
         self.policy = policy
-        self.transition = transition
+        self.transition = transition_definition(transition)
         self.prefix_reuse = prefix_reuse
 
-    def forward(self, traj: Trajectory, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logprob [B, S], num_terms [B, S]); plain tensors so that ZeRO-3's backward hooks see them."""
-        out = transition_logprobs(self.policy, traj, self.transition, steps, self.prefix_reuse)
+    def forward(self, traj: Trajectory, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logprob [R], num_terms [R]); plain tensors so that ZeRO-3's backward hooks see them."""
+        out = self.transition.score(step_logprobs(self.policy, traj, rows, self.prefix_reuse), RowView.of(traj, rows))
         return out.logprob, out.num_terms
 
 
 # ----- the work of one step ---------------------------------------------------------------------------------
 @dataclass
 class Chunk:
-    """One micro-batch: `samples` of group `group` at `steps` (rows = samples × steps)."""
+    """One micro-batch: `rows` of group `group`'s trajectory (host tensors, moved to the device per pass)."""
     group: int
-    samples: torch.Tensor      # long [B']
-    steps: torch.Tensor        # long [S']
+    rows: Rows
     dummy: bool = False        # a zero-weight pass that keeps collective counts equal across ranks
 
-    @property
-    def rows(self) -> int:
-        return self.samples.numel() * self.steps.numel()
 
+def plan_chunks(trains: Sequence[torch.Tensor], max_rows: int) -> list[Chunk]:
+    """Micro-batches of at most `max_rows` rows within each group, from the groups' train masks [G, T].
 
-def plan_chunks(keep: Sequence[torch.Tensor], steps: Sequence[torch.Tensor], max_rows: int) -> list[Chunk]:
-    """Rectangular micro-batches within each group: whole trajectories (all trained steps) when they fit,
-    else one trajectory's steps split into runs of equal length (at most `max_rows`)."""
+    A rectangle (every trained sample trains the same steps, as the paper's update): whole trajectories when they
+    fit, else one trajectory's steps split into runs of equal length. Any other mask: samples packed in order, a
+    sample's steps split into even runs when they alone exceed `max_rows`."""
     chunks = []
-    for g, (k, st) in enumerate(zip(keep, steps)):
-        samples = k.nonzero().flatten()
-        if samples.numel() == 0 or st.numel() == 0:
+    for g, train in enumerate(trains):
+        kept = train.any(1)
+        samples = kept.nonzero().flatten()
+        if samples.numel() == 0:
             continue
-        if st.numel() <= max_rows:
-            per = max(1, max_rows // st.numel())
-            for i in range(0, samples.numel(), per):
-                chunks.append(Chunk(g, samples[i:i + per], st))
-        else:
-            size = math.ceil(st.numel() / math.ceil(st.numel() / max_rows))   # even runs: 50 by 31 -> 25 + 25
-            for b in samples:
-                for j in range(0, st.numel(), size):
-                    chunks.append(Chunk(g, b.view(1), st[j:j + size]))
+        steps = train[samples[0]].nonzero().flatten()
+        if bool((train[samples] == train[samples[0]]).all()):          # a rectangle: samples x steps
+            chunks += _rectangle_chunks(g, samples, steps, max_rows)
+            continue
+        pending: list[tuple[int, torch.Tensor]] = []
+        size = 0
+        for b in samples.tolist():
+            st = train[b].nonzero().flatten()
+            for run in _even_runs(st, max_rows):
+                if size + run.numel() > max_rows and pending:
+                    chunks.append(Chunk(g, _rows_of(pending)))
+                    pending, size = [], 0
+                pending.append((b, run))
+                size += run.numel()
+        if pending:
+            chunks.append(Chunk(g, _rows_of(pending)))
     return chunks
+
+
+def _even_runs(steps: torch.Tensor, max_rows: int) -> list[torch.Tensor]:
+    """`steps` whole, or split into runs of equal length of at most `max_rows` (50 by 31 -> 25 + 25)."""
+    if steps.numel() <= max_rows:
+        return [steps]
+    size = math.ceil(steps.numel() / math.ceil(steps.numel() / max_rows))
+    return [steps[j:j + size] for j in range(0, steps.numel(), size)]
+
+
+def _rectangle_chunks(g: int, samples: torch.Tensor, steps: torch.Tensor, max_rows: int) -> list[Chunk]:
+    if steps.numel() <= max_rows:
+        per = max(1, max_rows // steps.numel())
+        return [Chunk(g, Rows.grid(samples[i:i + per], steps)) for i in range(0, samples.numel(), per)]
+    return [Chunk(g, Rows.grid(b.view(1), run)) for b in samples for run in _even_runs(steps, max_rows)]
+
+
+def _rows_of(pending: list[tuple[int, torch.Tensor]]) -> Rows:
+    """Rows of (sample, steps) runs, sample-major (a sample split across runs keeps one entry per run)."""
+    samples = torch.cat([torch.full((st.numel(),), b, dtype=torch.long) for b, st in pending])
+    steps = torch.cat([st for _, st in pending])
+    unique, counts = torch.unique_consecutive(samples, return_counts=True)
+    counts = counts.tolist()
+    return Rows(samples, steps, unique, counts[0] if len(set(counts)) == 1 else counts)
 
 
 class Learner:
@@ -169,13 +204,15 @@ class Learner:
     (DeepSpeed may cast and, under ZeRO-3, partition it); its trained weights are in ``learner.policy``.
     `device`: "auto" (CUDA when this process sees a GPU), "cpu" or "cuda"."""
 
-    def __init__(self, model: MaskedModel, config: LearnerConfig, reference: Optional[MaskedModel] = None,
-                 device: str | torch.device = "auto"):
+    def __init__(self, model: MaskedModel, config: LearnerConfig, algorithm: Optional[AlgorithmConfig] = None,
+                 reference: Optional[MaskedModel] = None, device: str | torch.device = "auto"):
         self.device = resolve_device(device)
         dist.init_distributed(self.device)
         import deepspeed
 
         self.config = config
+        self.algorithm = algorithm = algorithm or AlgorithmConfig()
+        self.loss = policy_loss(algorithm)
         self.rank, self.world_size = dist.rank(), dist.world_size()
         if self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -195,7 +232,7 @@ class Learner:
         self.reference: Optional[MaskedModel] = None
         if self.lora.enabled and reference is not None:
             raise ValueError("with learner.lora the KL reference is the base model (adapters off): pass no reference")
-        if config.kl_beta > 0 and not self.lora.enabled:
+        if algorithm.kl_beta > 0 and not self.lora.enabled:
             ref = reference if reference is not None else copy.deepcopy(model)
             ref.gradient_checkpointing = False
             self.reference = ref.to(self.device, torch.bfloat16 if self.bf16 else torch.float32).eval()
@@ -203,7 +240,7 @@ class Learner:
         elif reference is not None:
             raise ValueError("a reference policy was given but kl_beta == 0: it would never be used")
 
-        self.objective = PolicyObjective(model, config.transition, config.prefix_reuse)
+        self.objective = PolicyObjective(model, algorithm.transition, config.prefix_reuse)
         if config.zero_stage == 3:
             # parameters the model reads outside their module's forward (Show-o: lm_head's codebook slice)
             for p in model.zero3_external_parameters():
@@ -236,7 +273,7 @@ class Learner:
     @property
     def has_reference(self) -> bool:
         """A KL term is computed (against a frozen copy, or with LoRA the base with the adapters off)."""
-        return self.config.kl_beta > 0
+        return self.algorithm.kl_beta > 0
 
     @property
     def lr(self) -> float:
@@ -245,27 +282,20 @@ class Learner:
     # ----- the training step ----------------------------------------------------------------------------------
     def train_step(self, groups: Sequence[GroupUpdate]) -> UpdateStats:
         """One optimizer update from this rank's groups (all ranks call it together, each with its own groups,
-        possibly none). The driver decided advantages, kept samples and steps (`cluster.advantages`); returns
-        this rank's figures (merge ranks with `UpdateStats.merge`)."""
+        possibly none). The driver decided the rows and their advantages (`algorithm.plan`); returns this rank's
+        figures (merge ranks with `UpdateStats.merge`)."""
         return self.apply_update(self.accumulate_gradients(groups))
 
     def accumulate_gradients(self, groups: Sequence[GroupUpdate]) -> UpdateStats:
         """Forward/backward of every micro-batch (no optimizer step); see `train_step`."""
-        cfg, t0 = self.config, time.perf_counter()
+        t0 = time.perf_counter()
         for g in groups:
             _check_group(g)
-        trajectories = [g.trajectory for g in groups]
-        beh = [(g.behaviour_logprob if g.behaviour_logprob is not None
-                else g.trajectory.behaviour_step_logprob(cfg.transition)).detach().float()
-               for g in groups]
-        stale = [g.behaviour_logprob is None and g.trajectory.policy_version != self.version for g in groups]
+        plan = self._plan_micro_batches()
+        chunks = plan_chunks([g.train for g in groups], plan.rows)
         # The loss normaliser is global (the update equals that of one rank holding the whole batch), and every
         # rank runs as many backward passes as the busiest one (ZeRO reduces during each backward).
-        kept = sum(int(g.keep.sum()) for g in groups)
-        terms = sum(float(scored_terms(g.trajectory.select(g.keep.nonzero().flatten()), cfg.transition,
-                                       g.steps).sum()) for g in groups) if cfg.loss_average == "token" else 0.0
-        plan = self._plan_micro_batches()
-        chunks = plan_chunks([g.keep for g in groups], [g.steps for g in groups], plan.rows)
+        kept, terms = self._batch_size(groups)
         g_kept, g_terms = dist.all_reduce([kept, terms])
         (n_chunks,) = dist.all_reduce([len(chunks)], op="max")
         stats = UpdateStats(micro_batches=float(n_chunks), has_reference=self.has_reference,
@@ -274,44 +304,28 @@ class Learner:
         if g_kept == 0:
             stats.no_signal_skipped = True
             return stats
-        if cfg.loss_average == "sequence":
-            norm = lambda tr: 1.0 / (tr.num_steps * g_kept)          # noqa: E731
-        else:
-            norm = lambda tr: 1.0 / g_terms                           # noqa: E731
-
         # Pad with zero-weight passes over a real row (or a synthetic one on a rank that received no group).
         # Trajectories move to the device once; the figures stay on it until the end (no host sync per pass).
-        pool = [tr.to(self.device) for tr in trajectories] if trajectories else [self._dummy_trajectory()]
+        pool = [g.trajectory.to(self.device) for g in groups] or [self._dummy_trajectory()]
         while len(chunks) < int(n_chunks):
-            chunks.append(Chunk(0, torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long), dummy=True))
-        beh = [b.to(self.device) for b in beh]
-        if cfg.stale_logprobs == StaleLogprobs.recompute and any(stale):
-            beh = self._proximal_logprobs(chunks, pool, beh, stale, stats)
+            chunks.append(Chunk(0, Rows.grid([0], [0]), dummy=True))
+        behaviour = self._behaviour(groups, chunks, pool, stats)
+        norm = (lambda tr: 1.0 / (tr.num_steps * g_kept)) if self.algorithm.loss_average == LossAverage.sequence \
+            else (lambda tr: 1.0 / g_terms)                   # per row: 1/(T·M) ("sequence") or 1/(scored terms)
         sums = torch.zeros(len(PASS_SUMS), dtype=torch.float64, device=self.device)   # named by PASS_SUMS
         ratio_max = torch.zeros((), dtype=torch.float64, device=self.device)
         on_policy: list[torch.Tensor] = []
         for i, ch in enumerate(chunks):
             self.engine.set_gradient_accumulation_boundary(i == len(chunks) - 1)
-            samples, steps = ch.samples.to(self.device), ch.steps.to(self.device)
-            tr = pool[ch.group].select(samples)
-            logp, _ = self.engine(tr, steps)
-            logp = logp.float().reshape(-1)
+            tr, rows = pool[ch.group], ch.rows.to(self.device)
+            logp = self._forward(tr, rows, stats).float()
             if ch.dummy:   # same graph, zero gradient; independent of the (possibly non-finite) data terms
                 self.engine.backward(logp.sum() * 0.0)
                 continue
-            b_lp = beh[ch.group][samples][:, steps].reshape(-1)
-            adv = groups[ch.group].advantages.to(self.device)[samples]
-            adv = adv[:, steps].reshape(-1) if adv.dim() == 2 else adv.repeat_interleave(steps.numel())
-            ref = None
-            if self.reference is not None:
-                with torch.no_grad():
-                    ref = transition_logprobs(self.reference, tr, cfg.transition, steps,
-                                              cfg.prefix_reuse).logprob.float().reshape(-1)
-            elif self.has_reference:     # LoRA: the base is the policy with its adapters off
-                with torch.no_grad(), adapters_disabled(self.policy):   # through the engine: ZeRO-3 gathers
-                    ref = self.engine(tr, steps)[0].float().reshape(-1)  # lm_head there (an external parameter)
-            rl = mask_grpo_row_loss(logp, b_lp, adv, cfg.clip_low, cfg.clip_high, cfg.kl_beta, ref)
-            # Every row of a micro-batch has the same weight: 1/(T·M) ("sequence") or 1/(scored terms) ("token").
+            g = groups[ch.group]
+            adv = g.advantages.to(self.device)
+            adv = adv[rows.samples] if adv.dim() == 1 else adv[rows.samples, rows.steps]
+            rl = self.loss(logp, behaviour[ch.group][rows.samples, rows.steps], adv, self._reference(tr, rows, stats))
             loss = rl.loss.sum() * norm(tr)
             # A NaN row can still give finite gradients (clamp/min mask it), so a non-finite loss poisons the
             # gradients instead: DeepSpeed's overflow check (or ours for a plain optimizer) then discards the whole
@@ -321,14 +335,15 @@ class Learner:
             self.engine.backward(torch.where(finite, loss, 0.0) * self.world_size + logp.sum() * poison)
             staleness = self.version - tr.policy_version
             r = rl.ratio
+            a = self.algorithm
             terms = {"loss": loss.detach(), "nonfinite_passes": (~finite).float(), "clipped": rl.clipped.sum().float(),
                      "ratio_sum": r.sum(), "approx_kl_sum": rl.approx_kl.sum(),
                      "kl_sum": rl.kl.sum() if rl.kl is not None else r.new_zeros(()),
-                     "on_policy_outside_clip": ((r < cfg.clip_low) | (r > cfg.clip_high)).sum().float() * (staleness == 0)}
+                     "on_policy_outside_clip": ((r < a.clip_low) | (r > a.clip_high)).sum().float() * (staleness == 0)}
             sums += torch.stack([terms[k] for k in PASS_SUMS]).double()
             ratio_max = torch.maximum(ratio_max, r.max().double())
-            stats.rows += ch.rows
-            stats.stale_sum += staleness * ch.rows
+            stats.rows += len(rows)
+            stats.stale_sum += staleness * len(rows)
             if staleness == 0:
                 on_policy.append((r - 1.0).abs())
         totals = dict(zip(PASS_SUMS + ("ratio_max",), torch.cat([sums, ratio_max.view(1)]).tolist()))   # one read
@@ -339,6 +354,53 @@ class Learner:
         stats.nonfinite_skipped = totals["nonfinite_passes"] > 0   # this rank's view; skipped on every rank
         stats.seconds_forward_backward += time.perf_counter()
         return stats
+
+    def _batch_size(self, groups: Sequence[GroupUpdate]) -> tuple[int, float]:
+        """This rank's share of the normaliser: samples with a trained row, and (per-token averaging) the positions
+        its rows score (from the record alone)."""
+        kept = sum(int(g.train.any(1).sum()) for g in groups)
+        if self.algorithm.loss_average != LossAverage.token:
+            return kept, 0.0
+        transition = self.objective.transition
+        terms = sum(float(transition.num_terms(RowView.of(g.trajectory, Rows.of_mask(g.train))).sum())
+                    for g in groups)
+        return kept, terms
+
+    def _forward(self, traj: Trajectory, rows: Rows, stats: UpdateStats) -> torch.Tensor:
+        """The rows' transition log-probs [R] through the engine (the policy's gradients), counted."""
+        stats.learner_tokens += self._tokens(traj, rows)
+        return self.engine(traj, rows)[0].reshape(-1)
+
+    def _tokens(self, traj: Trajectory, rows: Rows) -> float:
+        """Image-token positions a forward pass over `rows` evaluates (a guided trajectory's: two passes)."""
+        return float(len(rows) * traj.num_image_tokens * (2 if traj.guidance_weight != 0.0 else 1))
+
+    def _reference(self, traj: Trajectory, rows: Rows, stats: UpdateStats) -> Optional[torch.Tensor]:
+        """The KL reference's log-probs [R] of the rows (None without a KL term): a frozen copy, or with LoRA the
+        policy with its adapters off, run through the engine (ZeRO-3 gathers the parameters there)."""
+        if not self.has_reference:
+            return None
+        stats.learner_tokens += self._tokens(traj, rows)
+        with torch.no_grad():
+            if self.reference is not None:
+                out = self.objective.transition.score(
+                    step_logprobs(self.reference, traj, rows, self.config.prefix_reuse), RowView.of(traj, rows))
+                return out.logprob.float().reshape(-1)
+            with adapters_disabled(self.policy):
+                return self.engine(traj, rows)[0].float().reshape(-1)
+
+    def _behaviour(self, groups: Sequence[GroupUpdate], chunks: list[Chunk], pool: list[Trajectory],
+                   stats: UpdateStats) -> list[torch.Tensor]:
+        """Each group's behaviour log-probs [G, T] on the device: given by the driver, else recorded by the
+        sampler; a stale group's trained rows (`algorithm.stale_logprobs: recompute`) recomputed under the weights
+        at the start of this update (the proximal policy)."""
+        transition = self.objective.transition
+        beh = [(g.behaviour_logprob if g.behaviour_logprob is not None
+                else transition.behaviour(g.trajectory)).detach().float().to(self.device) for g in groups]
+        stale = [g.behaviour_logprob is None and g.trajectory.policy_version != self.version for g in groups]
+        if self.algorithm.stale_logprobs == StaleLogprobs.recompute and any(stale):
+            beh = self._proximal_logprobs(chunks, pool, beh, stale, stats)
+        return beh
 
     def _plan_micro_batches(self) -> MicroBatchPlan:
         """Rows per micro-batch and checkpointing (`learner.memory`). With an `auto` setting on a GPU the plan is
@@ -371,12 +433,10 @@ class Learner:
         for ch in chunks:
             if ch.dummy or not stale[ch.group]:
                 continue
-            samples, steps = ch.samples.to(self.device), ch.steps.to(self.device)
-            logp, _ = self.engine(trajectories[ch.group].select(samples), steps)
-            rows = (samples.view(-1, 1), steps.view(1, -1))
-            recorded = beh[ch.group][rows]
-            proximal = logp.float().reshape(recorded.shape)
-            out[ch.group][rows] = proximal
+            rows = ch.rows.to(self.device)
+            proximal = self._forward(trajectories[ch.group], rows, stats).float()
+            recorded = beh[ch.group][rows.samples, rows.steps]
+            out[ch.group][rows.samples, rows.steps] = proximal
             log_w = (proximal - recorded).double()
             stats.stale_rows += float(log_w.numel())
             kl += (log_w.exp() - 1.0 - log_w).sum()
@@ -513,6 +573,7 @@ class Learner:
     def trainer_state(self) -> dict[str, Any]:
         return {"step": self.step, "nonfinite_total": self.nonfinite_total,
                 "consecutive_nonfinite": self.consecutive_nonfinite, "config": self.config.to_dict(),
+                "algorithm": self.algorithm.to_dict(),
                 "world_size": self.world_size, "driver_state": self.driver_state}
 
     def load_trainer_state(self, state: dict[str, Any]) -> None:
@@ -537,13 +598,12 @@ def _check_group(g: GroupUpdate) -> None:
     tr = g.trajectory
     if not isinstance(tr, Trajectory):
         raise TypeError(f"group {g.group_id}: expected a fetched Trajectory, got {type(tr).__name__}")
-    size = (tr.batch_size,)
-    if tuple(g.advantages.shape) not in (size, (tr.batch_size, tr.num_steps)) or tuple(g.keep.shape) != size:
-        raise ValueError(f"group {g.group_id}: advantages {tuple(g.advantages.shape)} and keep "
-                         f"{tuple(g.keep.shape)} must have shapes {size} (or {(tr.batch_size, tr.num_steps)} for "
-                         f"per-step advantages) and {size}")
-    if g.behaviour_logprob is not None and tuple(g.behaviour_logprob.shape) != (tr.batch_size, tr.num_steps):
+    rows = (tr.batch_size, tr.num_steps)
+    if tuple(g.advantages.shape) not in ((tr.batch_size,), rows) or tuple(g.train.shape) != rows \
+            or g.train.dtype != torch.bool:
+        raise ValueError(f"group {g.group_id}: advantages {tuple(g.advantages.shape)} and train mask "
+                         f"{tuple(g.train.shape)} ({g.train.dtype}) must have shapes {(tr.batch_size,)} (or {rows}) "
+                         f"and {rows} (bool)")
+    if g.behaviour_logprob is not None and tuple(g.behaviour_logprob.shape) != rows:
         raise ValueError(f"group {g.group_id}: behaviour_logprob has shape {tuple(g.behaviour_logprob.shape)}, "
-                         f"expected {(tr.batch_size, tr.num_steps)}")
-    if g.steps.numel() and (int(g.steps.min()) < 0 or int(g.steps.max()) >= tr.num_steps):
-        raise ValueError(f"group {g.group_id}: trained steps must lie in [0, {tr.num_steps})")
+                         f"expected {rows}")

@@ -11,13 +11,21 @@ import torch
 
 @dataclass
 class GroupUpdate:
-    """One group's share of an update, decided by the driver (`cluster.advantages.plan_update`)."""
+    """One group's share of an update, decided by the driver (`algorithm.plan.Planner`): which (sample, step) rows
+    train and their advantages."""
     trajectory: Any                 # the group's `Trajectory` (an object reference until the rank fetches it)
-    advantages: torch.Tensor        # float32 [G] (or [G, T]: per unmasking step)
-    keep: torch.Tensor              # bool [G]: the samples that are trained (filtering)
-    steps: torch.Tensor             # long [S]: the unmasking steps that are trained (reduction)
+    advantages: torch.Tensor        # float32 [G] (one per sample, every step) or [G, T] (one per row)
+    train: torch.Tensor             # bool [G, T]: the rows that train
     group_id: int = 0
     behaviour_logprob: Optional[torch.Tensor] = None   # float [G, T]: replaces the recorded behaviour log-probs
+
+    @staticmethod
+    def rectangle(trajectory: Any, advantages: torch.Tensor, keep: torch.Tensor, steps: torch.Tensor,
+                  num_steps: int, **kw: Any) -> "GroupUpdate":
+        """The kept samples at the given steps (the paper's update: every kept sample trains the same steps)."""
+        train = torch.zeros(keep.numel(), num_steps, dtype=torch.bool)
+        train[keep.nonzero().flatten().unsqueeze(1), torch.as_tensor(steps, dtype=torch.long)] = True
+        return GroupUpdate(trajectory, advantages, train, **kw)
 
     def without_trajectory(self) -> "GroupUpdate":
         """This update with its trajectory left out (it travels beside it, as a call's top-level argument)."""
@@ -42,6 +50,8 @@ class UpdateStats:
     on_policy_outside_clip: float = 0.0
     stale_rows: float = 0.0             # rows whose ratio was taken against recomputed (proximal) log-probs
     stale_behaviour_kl: float = 0.0     # Σ k3 KL(behaviour ‖ proximal) over those rows: how far the weights moved
+    learner_tokens: float = 0.0         # image-token positions through the learner's forward passes (recomputations,
+                                        # the KL reference's and padding passes included; a guided one counts twice)
     micro_batches: float = 0.0
     micro_batch_rows: float = 0.0       # the rank's plan (learner.memory); merged: the smallest
     checkpointing: bool = False         # merged: on for any rank
@@ -59,7 +69,7 @@ class UpdateStats:
     finished: float = 0.0
 
     _SUMMED = ("rows", "loss", "clipped", "ratio_sum", "approx_kl_sum", "kl_sum", "stale_sum", "on_policy_outside_clip",
-               "stale_rows", "stale_behaviour_kl", "micro_batches")
+               "stale_rows", "stale_behaviour_kl", "micro_batches", "learner_tokens")
 
     @staticmethod
     def merge(parts: list["UpdateStats"]) -> "UpdateStats":

@@ -44,9 +44,17 @@ def select_rows(cond: Condition, index: torch.Tensor | slice) -> Condition:
     return {k: v[index] for k, v in cond.items()}
 
 
-def repeat_rows(cond: Condition, repeats: int) -> Condition:
-    """Each row `repeats` times in a row (the G samples of a prompt, or the S steps of a sample)."""
-    return cond if repeats == 1 else {k: v.repeat_interleave(repeats, 0) for k, v in cond.items()}
+def repeat_each(t: torch.Tensor, repeats: "int | torch.Tensor") -> torch.Tensor:
+    """Each row of `t` `repeats` times in a row: an int for all, or a host tensor of per-row counts (moved to
+    `t`'s device with the output size known on the host: no device read)."""
+    if isinstance(repeats, int):
+        return t if repeats == 1 else t.repeat_interleave(repeats, 0)
+    return t.repeat_interleave(repeats.to(t.device), 0, output_size=int(repeats.sum()))
+
+
+def repeat_rows(cond: Condition, repeats: "int | torch.Tensor") -> Condition:
+    """Each row `repeats` times in a row (the G samples of a prompt, or a sample's trained steps)."""
+    return {k: repeat_each(v, repeats) for k, v in cond.items()}
 
 
 def concat_rows(conds: Sequence[Condition]) -> Condition:

@@ -29,13 +29,13 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from enum import StrEnum
 from typing import Callable, Optional, Sequence
 
 import torch
 
-from .family import Condition, MaskedModel, condition_rows, condition_to, repeat_rows
+from .family import Condition, MaskedModel, condition_to, repeat_rows
 from .trajectory import Trajectory
 from .transition import code_logprob, codebook_logprobs, neg_entropy, remask_log_mass, sample_codes
 
@@ -108,6 +108,46 @@ def _uniforms(seeds: Sequence[int], steps: int, num_tokens: int, device: torch.d
     return out.to(device)
 
 
+@dataclass
+class SamplerState:
+    """A batch of rollouts part-way through the schedule: the codes so far and the record of the steps taken.
+
+    Rows are prompt-major: each of the P prompts (`prompts`, their condition) has `per_prompt` consecutive rows.
+    A state can be handed back at any step (`UnmaskingSampler.run(state, until=k)`), branched (`branch`: each row
+    continued by several rows, each with its own seed) and continued from there; `UnmaskingSampler.finish` turns
+    it into the `Trajectory` of its rows (the steps before a branch appear in every branch's record)."""
+    prompts: Condition                 # P rows, on the sampler's device
+    per_prompt: int                    # rows per prompt
+    null: Optional[Condition]          # one row (guidance on) or None
+    seeds: list[int]                   # per row: the seed of its generator (the uniforms of the steps it runs)
+    codes: torch.Tensor                # long [B, N], -1 where masked
+    unmask_step: torch.Tensor          # long [B, N]
+    sampled_codes: torch.Tensor        # long [B, T, N]
+    token_logprob: torch.Tensor        # float [B, T, N]
+    remask_logprob: torch.Tensor       # float [B, T, N]
+    threshold: torch.Tensor            # float [B, T]
+    certainty: torch.Tensor            # float [B, T]
+    step: int = 0                      # the next step to run
+    rollout_tokens: float = 0.0        # image-token positions the model evaluated (a guided step counts twice)
+
+    @property
+    def rows(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def num_steps(self) -> int:
+        return int(self.sampled_codes.shape[1])
+
+    def branch(self, factor: int, seeds: Sequence[int]) -> "SamplerState":
+        """Each row continued by `factor` rows (consecutive), the new rows seeded by `seeds` (one per new row)."""
+        if len(seeds) != self.rows * factor:
+            raise ValueError(f"branching {self.rows} rows {factor} times needs {self.rows * factor} seeds, got "
+                             f"{len(seeds)}")
+        rep = {f.name: getattr(self, f.name).repeat_interleave(factor, 0) for f in fields(self)
+               if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, per_prompt=self.per_prompt * factor, seeds=[int(x) for x in seeds], **rep)
+
+
 class UnmaskingSampler:
     """Runs batched unmasking rollouts of a policy model and returns `Trajectory` records."""
 
@@ -118,47 +158,88 @@ class UnmaskingSampler:
     @torch.no_grad()
     def sample(self, condition: Condition, seeds: Sequence[int], group_size: int = 1,
                null_condition: Optional[Condition] = None,
-               on_step: Optional[Callable[[int], None]] = None) -> Trajectory:
+               on_step: Optional[Callable[[int], None]] = None, tree=None) -> Trajectory:
         """Roll out `group_size` samples for each of the P prompts of `condition` (P rows); `seeds` has P·G
         entries (row p·G + g is sample g of prompt p). `null_condition` (one row) is what guidance contrasts
-        with; needed when the configured guidance is on."""
-        cfg, model = self.config, self.model
-        device = next(model.parameters()).device
-        n, steps = model.num_tokens, cfg.steps
-        b = condition_rows(condition) * group_size
-        if len(seeds) != b:
-            raise ValueError(f"need one seed per sample: {b} samples, {len(seeds)} seeds")
+        with; needed when the configured guidance is on.
+
+        With a group `tree` (`algorithm.tree.TreeSpec`: leaves = `group_size`), each prompt's group is sampled as
+        a tree: one root for the steps before the first branch step, branching there, ... (`seeds`: each prompt's
+        `tree.num_nodes` node seeds, root first, depth by depth); the steps before a branch are computed once."""
+        p = next(iter(condition.values())).shape[0]
         t0 = time.perf_counter()
+        if tree is None:
+            if len(seeds) != p * group_size:
+                raise ValueError(f"need one seed per sample: {p * group_size} samples, {len(seeds)} seeds")
+            state = self.run(self.start(condition, seeds, group_size, null_condition), on_step=on_step)
+        else:
+            n = tree.num_nodes
+            if tree.leaves != group_size or len(seeds) != p * n:
+                raise ValueError(f"a tree of {tree.leaves} leaves for groups of {group_size}, {n} seeds per prompt: "
+                                 f"got {len(seeds)} seeds for {p} prompts")
+            per = [list(seeds[i * n:(i + 1) * n]) for i in range(p)]
+            state = self.start(condition, [s[0] for s in per], 1, null_condition)
+            for depth, (k, f) in enumerate(zip(tree.branch_steps, tree.factors), start=1):
+                state = self.run(state, until=k, on_step=on_step)
+                state = state.branch(f, [x for s in per for x in tree.node_seeds(s, depth)])
+            state = self.run(state, on_step=on_step)
+        traj = self.finish(state)
+        traj.meta["sample_seconds"] = time.perf_counter() - t0
+        return traj
+
+    def start(self, condition: Condition, seeds: Sequence[int], per_prompt: int = 1,
+              null_condition: Optional[Condition] = None) -> SamplerState:
+        """Every row all masked, at step 0: `per_prompt` rows for each prompt of `condition` (P rows), one seed
+        per row. (A state part-way comes from `run(state, until=k)`; its codes may also be set by the caller.)"""
+        model = self.model
+        device = next(model.parameters()).device
+        n, steps = model.num_tokens, self.config.steps
+        weight = model.guidance_weight(self.config.guidance_scale)
+        if weight != 0.0 and null_condition is None:
+            raise ValueError(f"sampler.guidance_scale={self.config.guidance_scale:g} needs the null condition "
+                             f"(Policy.null_condition())")
+        b = len(seeds)
+        if b != next(iter(condition.values())).shape[0] * per_prompt:
+            raise ValueError(f"need one seed per row: {b} seeds for {per_prompt} rows of each prompt")
+        return SamplerState(
+            prompts=condition_to(condition, device), per_prompt=per_prompt,
+            null=condition_to(null_condition, device) if weight != 0.0 else None, seeds=[int(x) for x in seeds],
+            codes=torch.full((b, n), -1, dtype=torch.long, device=device),
+            unmask_step=torch.full((b, n), steps, dtype=torch.long, device=device),
+            sampled_codes=torch.full((b, steps, n), -1, dtype=torch.long, device=device),
+            token_logprob=torch.zeros(b, steps, n, device=device),
+            remask_logprob=torch.zeros(b, steps, n, device=device),
+            threshold=torch.zeros(b, steps, device=device), certainty=torch.zeros(b, steps, device=device))
+
+    @torch.no_grad()
+    def run(self, state: SamplerState, until: Optional[int] = None,
+            on_step: Optional[Callable[[int], None]] = None) -> SamplerState:
+        """Run the steps ``[state.step, until)`` (default: to the end of the schedule); returns the state there
+        (the given one, updated in place)."""
+        cfg, model = self.config, self.model
+        steps, n = state.num_steps, model.num_tokens
+        until = steps if until is None else until
+        if not state.step <= until <= steps:
+            raise ValueError(f"cannot run from step {state.step} to {until} of a {steps}-step schedule")
+        if until == state.step:
+            return state
         weight = model.guidance_weight(cfg.guidance_scale)
         cfg_on = weight != 0.0
-        if cfg_on and null_condition is None:
-            raise ValueError(f"sampler.guidance_scale={cfg.guidance_scale:g} needs the null condition "
-                             f"(Policy.null_condition())")
-        condition = condition_to(condition, device)
-        parts = [(condition, group_size)]
-        if cfg_on:
-            null_condition = condition_to(null_condition, device)
-            parts.append((null_condition, b))
+        b = state.rows
+        parts = [(state.prompts, state.per_prompt)] + ([(state.null, b)] if cfg_on else [])
         context = model.context(parts, inference=True, reuse=cfg.prefix_reuse)
-
-        u = _uniforms(seeds, steps, n, device)
+        u = _uniforms(state.seeds, steps, n, state.codes.device)
         counts = masked_counts(n, steps, cfg.schedule, model.schedule_precision)
-        codes = torch.full((b, n), -1, dtype=torch.long, device=device)
-        unmask_step = torch.full((b, n), steps, dtype=torch.long, device=device)
-        sampled_codes = torch.full((b, steps, n), -1, dtype=torch.long, device=device)
-        token_logprob = torch.zeros(b, steps, n, device=device)
-        remask_logprob = torch.zeros(b, steps, n, device=device)
-        threshold = torch.zeros(b, steps, device=device)
-        certainty = torch.zeros(b, steps, device=device)
-        rows = torch.arange(b, device=device)
-        for t in range(steps):
+        rows = torch.arange(b, device=state.codes.device)
+        codes, unmask_step = state.codes, state.unmask_step
+        for t in range(state.step, until):
             unknown = codes < 0
             logits = model.logits(context, torch.cat([codes, codes]) if cfg_on else codes, t, steps)
             logprobs = (codebook_logprobs(*logits.chunk(2), weight) if cfg_on
                         else codebook_logprobs(logits))                       # fp32 [B, N, C]
             del logits
             # self-certainty: mean over the still-masked positions of Σ_c p log p of the distribution sampled
-            certainty[:, t] = (neg_entropy(logprobs) * unknown).sum(-1) / unknown.sum(-1).clamp(min=1)
+            state.certainty[:, t] = (neg_entropy(logprobs) * unknown).sum(-1) / unknown.sum(-1).clamp(min=1)
             drawn = sample_codes(logprobs, u[:, t, 0])
             drawn = torch.where(unknown, drawn, torch.full_like(drawn, -1))
             logp = code_logprob(logprobs, drawn)
@@ -171,24 +252,31 @@ class UnmaskingSampler:
             # the threshold: probability of the least confident kept sample (as the learner reads it back)
             thr = logp[rows, order[:, keep_masked]].exp()
 
-            sampled_codes[:, t] = drawn
-            token_logprob[:, t] = logp
-            threshold[:, t] = thr
+            state.sampled_codes[:, t] = drawn
+            state.token_logprob[:, t] = logp
+            state.threshold[:, t] = thr
             if keep_masked:
-                remask_logprob[:, t] = torch.where(remask, remask_log_mass(logprobs, thr), 0.0)
+                state.remask_logprob[:, t] = torch.where(remask, remask_log_mass(logprobs, thr), 0.0)
             del logprobs
             codes = torch.where(kept, drawn, codes)
             unmask_step = torch.where(kept, torch.full_like(unmask_step, t), unmask_step)
+            state.rollout_tokens += b * n * (2 if cfg_on else 1)
             if on_step is not None:
                 on_step(t)
+        state.codes, state.unmask_step, state.step = codes, unmask_step, until
+        return state
+
+    def finish(self, state: SamplerState) -> Trajectory:
+        """The record of a state's rows (CPU tensors): a `Trajectory` (its steps after `state.step` unrun)."""
         cpu = lambda c: {k: v.cpu() for k, v in c.items()}        # noqa: E731
-        null_rows = cpu(repeat_rows(null_condition, b)) if cfg_on else {}
-        return Trajectory(condition=cpu(repeat_rows(condition, group_size)), null_condition=null_rows,
-                          unmask_step=unmask_step.cpu(), sampled_codes=sampled_codes.cpu(),
-                          token_logprob=token_logprob.cpu(), remask_logprob=remask_logprob.cpu(),
-                          threshold=threshold.cpu(), final_codes=codes.cpu(), self_certainty=certainty.cpu(),
-                          guidance_weight=weight,
-                          meta={"sample_seconds": time.perf_counter() - t0, "seeds": list(map(int, seeds))})
+        weight = self.model.guidance_weight(self.config.guidance_scale)
+        return Trajectory(condition=cpu(repeat_rows(state.prompts, state.per_prompt)),
+                          null_condition=cpu(repeat_rows(state.null, state.rows)) if weight != 0.0 else {},
+                          unmask_step=state.unmask_step.cpu(), sampled_codes=state.sampled_codes.cpu(),
+                          token_logprob=state.token_logprob.cpu(), remask_logprob=state.remask_logprob.cpu(),
+                          threshold=state.threshold.cpu(), final_codes=state.codes.cpu(),
+                          self_certainty=state.certainty.cpu(), guidance_weight=weight,
+                          meta={"seeds": list(state.seeds), "rollout_tokens": state.rollout_tokens})
 
 
 def remask_positions(logp: torch.Tensor, unknown: torch.Tensor, gumbel: torch.Tensor, temperature: float,

@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.activations import ACT2FN
 
-from .family import Condition, MaskedModel
+from .family import Condition, MaskedModel, repeat_each
 from .files import atomic_write_json
 from .layout import TokenLayout, omni_attention_mask
 from .weights import CheckpointError, load_strict, read_state_dict, save_state_dict
@@ -425,12 +425,13 @@ class TextPrefix:
     kv: list[KV]                 # per layer, each [B, heads, text_len, head_dim]
     not_pad: torch.Tensor        # bool [B, text_len]
 
-    def repeat_interleave(self, repeats: int) -> "TextPrefix":
-        """Each prompt's prefix `repeats` times (e.g. for the G samples of a group or S replayed steps)."""
-        if repeats == 1:
+    def repeat_interleave(self, repeats: "int | torch.Tensor") -> "TextPrefix":
+        """Each prompt's prefix `repeats` times (an int, or per-prompt counts: `policy.family.repeat_each`), e.g.
+        for the G samples of a group or a sample's replayed steps."""
+        if isinstance(repeats, int) and repeats == 1:
             return self
-        return TextPrefix([(k.repeat_interleave(repeats, 0), v.repeat_interleave(repeats, 0)) for k, v in self.kv],
-                          self.not_pad.repeat_interleave(repeats, 0))
+        return TextPrefix([(repeat_each(k, repeats), repeat_each(v, repeats)) for k, v in self.kv],
+                          repeat_each(self.not_pad, repeats))
 
     @property
     def text_len(self) -> int:
@@ -517,7 +518,7 @@ class Showo(MaskedModel):
 
     def context(self, parts: Sequence[tuple[Condition, int]], inference: bool, reuse: bool = True):
         if not reuse:
-            return FullText(torch.cat([c["ids"].repeat_interleave(r, 0) for c, r in parts]))
+            return FullText(torch.cat([repeat_each(c["ids"], r) for c, r in parts]))
         if inference:
             return self.prefix_cache(*[(self.encode_text(c["ids"]), r) for c, r in parts])
         prefixes = []

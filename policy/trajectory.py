@@ -13,19 +13,10 @@ last sample there; our own sampler commits every position by the last step).
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from enum import StrEnum
 from typing import Any, Optional
 
 import torch
 
-class Transition(StrEnum):
-    """Mask-GRPO's transition probability of one unmasking step (see `policy.transition`)."""
-    candidate1 = "candidate1"
-    candidate2 = "candidate2"
-    ar_style = "ar_style"
-
-
-TRANSITIONS: tuple[Transition, ...] = tuple(Transition)
 _CONDITIONS = ("condition", "null_condition")
 
 
@@ -80,16 +71,11 @@ class Trajectory:
         codes = self.final_codes.unsqueeze(1).expand(-1, steps.numel(), -1)
         return torch.where(committed, codes, torch.full_like(codes, mask_code))
 
-    def behaviour_step_logprob(self, transition: str) -> torch.Tensor:
-        """The behaviour policy's per-step transition log-probability, float [B, T]."""
-        masked, kept, remasked = self.step_masks()
-        if transition == "ar_style":
-            return (self.token_logprob * masked).sum(-1)
-        if transition == "candidate2":
-            return (self.token_logprob * kept).sum(-1)
-        if transition == "candidate1":
-            return (self.token_logprob * kept).sum(-1) + (self.remask_logprob * remasked).sum(-1)
-        raise ValueError(f"unknown transition {transition!r}; expected one of {TRANSITIONS}")
+    def input_codes_at(self, samples: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """The same for (sample, step) rows: long [R, N], row r the codes of sample samples[r] at step steps[r]."""
+        committed = self.unmask_step[samples] < steps.view(-1, 1)
+        codes = self.final_codes[samples]
+        return torch.where(committed, codes, torch.full_like(codes, -1))
 
     def _per_row(self, fn) -> dict[str, Any]:
         """`fn` applied to every per-rollout tensor (also inside the condition dicts), as replace() arguments."""

@@ -21,13 +21,16 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from learner.engine import PolicyObjective
-from learner.loss import mask_grpo_row_loss, scored_terms
+from algorithm.config import AlgorithmConfig
+from algorithm.losses.clipped import Clipped
+from algorithm.transitions import transition as transition_definition
+from policy.logprob import RowView, Rows
 from benchmarks.tiny_models import random_showo, tiny_showo_config
 from learner.weights_export import apply_weight_bucket, iter_weight_buckets
-from policy.logprob import all_transition_logprobs, transition_logprobs
+from algorithm.transitions import all_transition_logprobs, behaviour_logprob, transition_logprobs
 from policy.sampler import SamplerConfig, UnmaskingSampler
 from policy.showo import Showo
-from policy.trajectory import TRANSITIONS
+from algorithm.transitions import TRANSITION_NAMES as TRANSITIONS
 
 PROMPTS = [[1, 2, 3], [40, 41, 42, 43]]
 STEP_SUBSET = torch.tensor([0, 2, 3])          # a real CPU tensor, as `learner.reduction.select_steps` makes
@@ -66,7 +69,7 @@ def test_sampler_and_transition_logprobs_on_fake_cuda(mode, dtype, guidance):
         # the record crosses to the rewards and the learner as CPU tensors
         assert all(_is_fake_on(t, "cpu") for t in (traj.final_codes, traj.token_logprob, traj.threshold))
         for transition in TRANSITIONS:
-            beh = traj.behaviour_step_logprob(transition)
+            beh = behaviour_logprob(traj, transition)
             assert beh.shape == (6, 4) and beh.device.type == "cpu"
             with torch.no_grad():
                 full = transition_logprobs(model, traj, transition)
@@ -78,7 +81,9 @@ def test_sampler_and_transition_logprobs_on_fake_cuda(mode, dtype, guidance):
             # the trajectory itself on the device (e.g. kept there in one process)
             masks = traj.to("cuda").step_masks(STEP_SUBSET)
             assert all(_is_fake_on(m, "cuda") and m.shape == (6, 3, 16) for m in masks)
-            assert scored_terms(traj.to("cuda"), transition, STEP_SUBSET).device.type == "cuda"
+            on_device = traj.to("cuda")
+            rows = Rows.grid(torch.arange(6), STEP_SUBSET).to("cuda")
+            assert transition_definition(transition).num_terms(RowView.of(on_device, rows)).device.type == "cuda"
         assert set(all_transition_logprobs(model, traj, STEP_SUBSET)) == set(TRANSITIONS)
 
 
@@ -92,14 +97,15 @@ def test_objective_loss_and_kl_on_fake_cuda(mode, transition):
     with mode:
         traj = UnmaskingSampler(model, SamplerConfig(steps=4)).sample({"ids": model.layout.text_area(PROMPTS)},
                                                                       list(range(4)), group_size=2)
-        logp, terms = PolicyObjective(model, transition)(traj, STEP_SUBSET)
-        assert _is_fake_on(logp, "cuda") and logp.requires_grad and terms.shape == (4, 3)
+        rows = Rows.grid(torch.arange(4), STEP_SUBSET)                                   # planned on the host
+        logp, terms = PolicyObjective(model, transition)(traj.to("cuda"), rows.to("cuda"))
+        assert _is_fake_on(logp, "cuda") and logp.requires_grad and terms.shape == (4 * 3,)
         with torch.no_grad():
             ref = transition_logprobs(reference, traj, transition, STEP_SUBSET).logprob
-        behaviour = traj.behaviour_step_logprob(transition)[:, STEP_SUBSET].reshape(-1)   # CPU, as recorded
+        behaviour = behaviour_logprob(traj, transition)[:, STEP_SUBSET].reshape(-1)   # CPU, as recorded
         advantages = torch.linspace(-1.0, 1.0, 4).repeat_interleave(3)                  # CPU
-        out = mask_grpo_row_loss(logp.float().reshape(-1), behaviour, advantages, 0.9, 1.2, kl_beta=0.01,
-                                 ref_logp=ref.reshape(-1))
+        out = Clipped(AlgorithmConfig(kl_beta=0.01))(logp.float().reshape(-1), behaviour, advantages,
+                                                     ref_logp=ref.reshape(-1))
         assert _is_fake_on(out.loss, "cuda") and out.kl is not None and out.loss.requires_grad
 
 
@@ -168,7 +174,7 @@ def test_gpu_recorded_logprobs_equal_recomputed(dtype):
             recomputed = all_transition_logprobs(model, traj)
             sub = all_transition_logprobs(model, traj, STEP_SUBSET)
         for transition in TRANSITIONS:
-            median, outside = _ratio_stats(traj.behaviour_step_logprob(transition), recomputed[transition].logprob)
+            median, outside = _ratio_stats(behaviour_logprob(traj, transition), recomputed[transition].logprob)
             assert median <= (1e-5 if dtype == torch.float32 else 1e-3), (transition, guidance, median)
             assert outside <= 0.01, (transition, guidance, outside)
             torch.testing.assert_close(sub[transition].logprob, recomputed[transition].logprob[:, STEP_SUBSET],

@@ -6,10 +6,9 @@ import math
 import pytest
 import torch
 
+from algorithm.config import AlgorithmConfig
 from learner import Learner, LearnerConfig
-from learner.config import Transition
-from policy.trajectory import TRANSITIONS
-from tests.updates import Planner
+from tests.updates import Planner, configs
 from learner.engine import WarmupCosine, deepspeed_config, param_groups, plan_chunks
 from benchmarks.tiny_models import random_showo, sample_groups
 
@@ -18,18 +17,19 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
 def test_config_defaults_validation_and_round_trip():
-    cfg = LearnerConfig()
-    assert (cfg.transition, cfg.clip_low, cfg.clip_high, cfg.kl_beta) == ("candidate1", 0.9, 1.2, 0.0)
+    cfg, alg = LearnerConfig(), AlgorithmConfig()
+    assert (alg.transition, alg.clip_low, alg.clip_high, alg.kl_beta) == ("candidate1", 0.9, 1.2, 0.0)
     assert (cfg.lr, cfg.betas, cfg.weight_decay, cfg.warmup_steps) == (3e-6, (0.9, 0.95), 0.02, 1000)
     assert LearnerConfig(**{**cfg.to_dict(), "betas": tuple(cfg.betas)}) == cfg
-    assert [t.value for t in Transition] == list(TRANSITIONS)      # the learner's enum and the policy's names
-    for bad in (dict(transition="candidate3"), dict(clip_low=1.1), dict(clip_high=0.95), dict(reduction="half"),
+    assert AlgorithmConfig(**alg.to_dict()) == alg
+    for bad in (dict(transition="candidate3"), dict(clip_low=1.1), dict(clip_high=0.95), dict(selector="half"),
                 dict(loss_average="mean"), dict(advantage="ppo"), dict(zero_stage=4), dict(micro_batch_rows=-1),
                 dict(kl_beta=-1.0), dict(max_consecutive_nonfinite=0)):
         with pytest.raises(ValueError):
-            LearnerConfig(**bad)
-    with pytest.raises(ValueError, match=r"learner.transition must be one of \['candidate1', 'candidate2', 'ar_style'\]"):
-        LearnerConfig(transition="candidate3")
+            configs(**bad)
+    with pytest.raises(ValueError, match=r"algorithm.transition='candidate3' is not a known variant; choose one of "
+                                         r"\['ar_style', 'candidate1', 'candidate2'\]"):
+        AlgorithmConfig(transition="candidate3")
 
 
 def test_weight_decay_groups_exclude_biases_and_1d():
@@ -70,20 +70,33 @@ def test_deepspeed_config():
     assert bf["data_types"]["grad_accum_dtype"] == "fp32"
 
 
+def _mask(keep: list[bool], steps, num_steps: int) -> torch.Tensor:
+    train = torch.zeros(len(keep), num_steps, dtype=torch.bool)
+    train[torch.tensor(keep).nonzero().flatten().unsqueeze(1), torch.as_tensor(steps)] = True
+    return train
+
+
 def test_micro_batch_plan():
-    keep = [torch.tensor([True, False, True, True]), torch.tensor([False, False]), torch.tensor([True])]
-    steps = [torch.arange(3), torch.arange(3), torch.arange(7)]
-    chunks = plan_chunks(keep, steps, max_rows=6)
-    assert [(c.group, c.samples.tolist(), c.steps.tolist()) for c in chunks] == [
-        (0, [0, 2], [0, 1, 2]), (0, [3], [0, 1, 2]), (2, [0], [0, 1, 2, 3]), (2, [0], [4, 5, 6])]   # 7 steps in even runs, not 6 + 1
-    assert all(c.rows <= 6 for c in chunks)
+    trains = [_mask([True, False, True, True], range(3), 3), _mask([False, False], range(3), 3),
+              _mask([True], range(7), 7)]
+    chunks = plan_chunks(trains, max_rows=6)
+    # rectangles: whole trajectories when they fit, one trajectory's steps in even runs otherwise (7: 4 + 3, not 6 + 1)
+    assert [(c.group, c.rows.unique.tolist(), sorted(set(c.rows.steps.tolist()))) for c in chunks] == [
+        (0, [0, 2], [0, 1, 2]), (0, [3], [0, 1, 2]), (2, [0], [0, 1, 2, 3]), (2, [0], [4, 5, 6])]
+    assert all(len(c.rows) <= 6 for c in chunks)
+    # any other mask: samples packed in order, a sample split into even runs when it alone exceeds the rows
+    ragged = torch.tensor([[True, True, True, True, True], [False, True, False, False, False],
+                           [False, False, False, False, False], [True, False, True, False, False]])
+    chunks = plan_chunks([ragged], max_rows=3)
+    assert [list(zip(c.rows.samples.tolist(), c.rows.steps.tolist())) for c in chunks] == [
+        [(0, 0), (0, 1), (0, 2)], [(0, 3), (0, 4), (1, 1)], [(3, 0), (3, 2)]]
 
 
 def test_learner_lr_follows_schedule_and_bf16_needs_cuda():
     model = random_showo(seed=0)
     trajs, prompts = sample_groups(model, 1, 2, 2, seed=0)
-    cfg = LearnerConfig(lr=1e-3, warmup_steps=2, total_steps=4, min_lr_ratio=0.0, micro_batch_rows=4)
-    learner = Learner(model, cfg)
+    cfg = configs(lr=1e-3, warmup_steps=2, total_steps=4, min_lr_ratio=0.0, micro_batch_rows=4)
+    learner = Learner(model, *cfg)
     planner = Planner(cfg)
     lrs = [planner.train(learner, trajs, [torch.tensor([0.0, 1.0])], prompts)["lr"] for _ in range(4)]
     f = WarmupCosine(2, 4, 0.0)

@@ -33,9 +33,9 @@ def _job_data():
 
 
 def _config(stage: int):
-    from learner import LearnerConfig
-    return LearnerConfig(transition="candidate1", lr=1e-3, adam_eps=1e-3, warmup_steps=2, total_steps=10,
-                         micro_batch_rows=5, reduction="random_k", reduction_k=3, advantage="running",
+    from tests.updates import configs
+    return configs(transition="candidate1", lr=1e-3, adam_eps=1e-3, warmup_steps=2, total_steps=10,
+                         micro_batch_rows=5, selector="random_k", select_k=3, advantage="running",
                          filter_min_std=1e-3, seed=11, zero_stage=stage,
                          extra_deepspeed={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
 
@@ -47,7 +47,7 @@ STEPS = [[0, 1, 2], [0, 1, 2], [1]]
 def _train(learner, rank: int, num_ranks: int, trajs, rewards, prompts) -> tuple[list[dict], list]:
     """Every step's UpdateStats of this rank (as dicts), and the driver-side tracker state at the end."""
     from tests.updates import Planner
-    planner, stats = Planner(learner.config), []
+    planner, stats = Planner(learner.algorithm), []
     for batch in STEPS:
         plan = planner.plan([trajs[i] for i in batch], [rewards[i] for i in batch], [prompts[i] for i in batch])
         stats.append({**learner.train_step(plan.for_rank(rank, num_ranks)).to_dict(), **plan.metrics()})
@@ -58,17 +58,17 @@ def _worker(out: Path, stage: int) -> None:
     from learner import Learner
     model, trajs, rewards, prompts = _job_data()
     rank = int(os.environ["RANK"])
-    learner = Learner(model, _config(stage))
+    learner = Learner(model, *_config(stage))
     stats, tracker = _train(learner, rank, 2, trajs, rewards, prompts)
     state = learner.gathered_state_dict()          # collective: every rank takes part
     ckpt = learner.save_checkpoint(out / "checkpoints")
     (out / f"stats{rank}.json").write_text(json.dumps(stats))
     # every rank restores its own engine state (safetensors + JSON), and the next update is the same bit for bit
-    fresh = Learner(_job_data()[0], _config(stage))
+    fresh = Learner(_job_data()[0], *_config(stage))
     fresh.resume(ckpt)
     assert fresh.step == learner.step
     from tests.updates import Planner
-    plan = Planner(learner.config).plan([trajs[i] for i in STEPS[0]], [rewards[i] for i in STEPS[0]],
+    plan = Planner(learner.algorithm).plan([trajs[i] for i in STEPS[0]], [rewards[i] for i in STEPS[0]],
                                         [prompts[i] for i in STEPS[0]])
     for one in (learner, fresh):
         one.train_step(plan.for_rank(rank, 2))
@@ -118,7 +118,7 @@ def test_two_ranks_match_one_rank(tmp_path, stage):
 
     model, trajs, rewards, prompts = _job_data()
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    one = Learner(model, _config(stage))
+    one = Learner(model, *_config(stage))
     stats, tracker = _train(one, 0, 1, trajs, rewards, prompts)
     metrics = [{**m, **UpdateStats(**{k: v for k, v in m.items() if k in fields}).metrics()} for m in stats]
     ref = one.gathered_state_dict()

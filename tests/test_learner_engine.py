@@ -8,14 +8,14 @@ import math
 import pytest
 import torch
 
-from learner import (Learner, LearnerConfig, NonFiniteUpdateError, apply_weight_bucket, latest_checkpoint,
-                     policy_step_logprobs)
+from algorithm.transitions import behaviour_logprob, policy_step_logprobs
+from learner import Learner, NonFiniteUpdateError, apply_weight_bucket, latest_checkpoint
 from benchmarks.tiny_models import random_showo, sample_groups
 from tests.helpers.learner import fixed_batch, model_with
 from policy.showo import Showo
 from policy.weights import CheckpointError
 from rewards.base import RewardError
-from tests.updates import Planner
+from tests.updates import Planner, configs
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -33,11 +33,11 @@ def _model(data) -> Showo:
     return model_with(data[0])
 
 
-def _config(**kw) -> LearnerConfig:
+def _config(**kw):
     base = dict(transition="candidate1", lr=1e-3, warmup_steps=2, total_steps=10, micro_batch_rows=5,
-                reduction="random_k", reduction_k=3, advantage="running", seed=11)
+                selector="random_k", select_k=3, advantage="running", seed=11)
     base.update(kw)
-    return LearnerConfig(**base)
+    return configs(**base)
 
 
 def _state(learner: Learner) -> dict[str, torch.Tensor]:
@@ -59,7 +59,7 @@ def test_zero_stages_0_2_3_give_the_same_update(data):
         # adam_eps 1e-3: Adam would blow the ~1e-10 float noise of exactly-zero gradients (e.g. the key
         # LayerNorm bias, which softmax ignores) up to ±lr, hiding real differences between the stages.
         config = _config(zero_stage=stage, adam_eps=1e-3, extra_deepspeed=Z3_SMALL if stage == 3 else {})
-        learner, planner = Learner(_model(data), config), Planner(config)
+        learner, planner = Learner(_model(data), *config), Planner(config)
         plan = planner.plan(trajs, rewards, prompts)
         state = learner.accumulate_gradients(plan.groups)
         grads = learner.full_gradients()
@@ -90,8 +90,8 @@ def test_zero_stages_0_2_3_give_the_same_update(data):
 
 # ----- weight export -------------------------------------------------------------------------------------------
 def test_weight_buckets_bounded_and_applied(data):
-    learner = Learner(_model(data), _config())
-    Planner(learner.config).train(learner, data[1], data[2], data[3])
+    learner = Learner(_model(data), *_config())
+    Planner(learner.algorithm).train(learner, data[1], data[2], data[3])
     limit = 40_000
     buckets = list(learner.iter_weight_buckets(bucket_bytes=limit))
     assert len(buckets) > 3 and buckets[-1].last and not buckets[0].last
@@ -118,7 +118,7 @@ def test_weight_buckets_bounded_and_applied(data):
 # ----- checkpoints -----------------------------------------------------------------------------------------------
 def _resume_round_trip(data, tmp_path, **kw):
     _, trajs, rewards, prompts = data
-    a, planner = Learner(_model(data), _config(**kw)), Planner(_config(**kw))
+    a, planner = Learner(_model(data), *_config(**kw)), Planner(_config(**kw))
     for _ in range(2):
         planner.train(a, trajs, rewards, prompts)
     # the driver's state (its step and its advantage tracker) rides along in the checkpoint
@@ -127,7 +127,7 @@ def _resume_round_trip(data, tmp_path, **kw):
     assert path.name == "step_000002" and latest_checkpoint(tmp_path / "checkpoints") == path
     tail_a = [planner.train(a, trajs, rewards, prompts) for _ in range(2)]
 
-    b, resumed = Learner(_model(data), _config(**kw)), Planner(_config(**kw))
+    b, resumed = Learner(_model(data), *_config(**kw)), Planner(_config(**kw))
     assert b.resume(tmp_path / "checkpoints") == path
     assert b.step == 2 and b.version == 2 and b.lr == tail_a[0]["lr"]
     assert b.driver_state["counters"] == {"groups_trained": 4}
@@ -169,8 +169,8 @@ def test_save_resume_bit_for_bit_under_zero(data, tmp_path, stage):
 def test_checkpoint_crash_corruption_and_mismatch(data, tmp_path, monkeypatch):
     _, trajs, rewards, prompts = data
     root = tmp_path / "ck"
-    learner = Learner(_model(data), _config())
-    planner = Planner(learner.config)
+    learner = Learner(_model(data), *_config())
+    planner = Planner(learner.algorithm)
     planner.train(learner, trajs, rewards, prompts)
     good = learner.save_checkpoint(root)
     good_files = {p.name: p.read_bytes() for p in good.iterdir() if p.is_file()}
@@ -191,7 +191,7 @@ def test_checkpoint_crash_corruption_and_mismatch(data, tmp_path, monkeypatch):
     (root / "step_000009").mkdir()
     assert latest_checkpoint(root) == good
     with pytest.raises(CheckpointError, match="not a complete"):
-        Learner(_model(data), _config()).resume(root / "step_000009")
+        Learner(_model(data), *_config()).resume(root / "step_000009")
 
     # the next successful save replaces the stale temporary directory
     second = learner.save_checkpoint(root, keep_last=1)
@@ -199,7 +199,7 @@ def test_checkpoint_crash_corruption_and_mismatch(data, tmp_path, monkeypatch):
     assert not good.exists()                               # rotated out, after the new one was in place
 
     # corruption: a truncated weight file and a flipped byte are refused before anything is loaded
-    fresh = Learner(_model(data), _config())
+    fresh = Learner(_model(data), *_config())
     before = _state(fresh)
     weights = second / "pytorch_model.safetensors"
     blob = weights.read_bytes()
@@ -216,7 +216,7 @@ def test_checkpoint_crash_corruption_and_mismatch(data, tmp_path, monkeypatch):
 
     # mismatch: another model size
     from benchmarks.tiny_models import tiny_showo_config
-    other = Learner(random_showo(seed=1, config=tiny_showo_config(hidden=32)), _config())
+    other = Learner(random_showo(seed=1, config=tiny_showo_config(hidden=32)), *_config())
     with pytest.raises(CheckpointError, match="does not match"):
         other.resume(second)
     with pytest.raises(CheckpointError, match="no complete"):
@@ -227,13 +227,13 @@ def test_checkpoint_crash_corruption_and_mismatch(data, tmp_path, monkeypatch):
 @pytest.mark.parametrize("stage", [0, 2])
 def test_nonfinite_guard_skips_counts_and_raises(data, tmp_path, stage):
     _, trajs, rewards, prompts = data
-    learner = Learner(_model(data), _config(zero_stage=stage, max_consecutive_nonfinite=3, reduction="all"))
-    planner = Planner(learner.config)
+    learner = Learner(_model(data), *_config(zero_stage=stage, max_consecutive_nonfinite=3, selector="all"))
+    planner = Planner(learner.algorithm)
     planner.train(learner, trajs, rewards, prompts)
     ckpt = learner.save_checkpoint(tmp_path / "ck")
-    poisoned = [tr.behaviour_step_logprob("candidate1").clone() for tr in trajs]
+    poisoned = [behaviour_logprob(tr, "candidate1").clone() for tr in trajs]
     poisoned[1][2, 1] = float("nan")                      # one recorded behaviour log-prob is NaN
-    clean = [tr.behaviour_step_logprob("candidate1") for tr in trajs]
+    clean = [behaviour_logprob(tr, "candidate1") for tr in trajs]
 
     def bad_step():
         return planner.train(learner, trajs, rewards, prompts, behaviour=poisoned)
@@ -259,11 +259,11 @@ def test_nonfinite_guard_skips_counts_and_raises(data, tmp_path, stage):
 
 def test_nan_reward_raises_in_the_driver_before_any_update(data):
     _, trajs, rewards, prompts = data
-    learner = Learner(_model(data), _config(reward_name="hps"))
+    learner = Learner(_model(data), *_config(reward_name="hps"))
     before = _state(learner)
     bad = [rewards[0], torch.tensor([0.1, float("nan"), 0.3])]
     with pytest.raises(RewardError, match=r"'hps'.*sample 1 of group 1") as e:
-        Planner(learner.config).train(learner, trajs, bad, prompts)
+        Planner(learner.algorithm).train(learner, trajs, bad, prompts)
     assert e.value.reward == "hps" and e.value.sample == 1
     for k, v in _state(learner).items():
         assert torch.equal(v, before[k])
@@ -271,8 +271,8 @@ def test_nan_reward_raises_in_the_driver_before_any_update(data):
 
 def test_all_groups_filtered_is_a_no_signal_step(data):
     _, trajs, _, prompts = data
-    learner = Learner(_model(data), _config(advantage="group", filter_min_std=1e-3))
-    m = Planner(learner.config).train(learner, trajs, [torch.ones(3), torch.ones(3)], prompts)
+    learner = Learner(_model(data), *_config(advantage="group", filter_min_std=1e-3))
+    m = Planner(learner.algorithm).train(learner, trajs, [torch.ones(3), torch.ones(3)], prompts)
     assert m["no_signal_skipped"] == 1 and m["kept_groups"] == 0 and m["dropped_groups"] == 2
     assert learner.step == 0 and m["nonfinite_skipped"] == 0
 
@@ -281,9 +281,9 @@ def test_gradient_checkpointing_same_gradients(data):
     _, trajs, rewards, prompts = data
     grads = []
     for ckpt in (False, True):
-        learner = Learner(_model(data), _config(gradient_checkpointing=ckpt, advantage="group"))
+        learner = Learner(_model(data), *_config(gradient_checkpointing=ckpt, advantage="group"))
         assert learner.policy.gradient_checkpointing is ckpt
-        state = learner.accumulate_gradients(Planner(learner.config).plan(trajs, rewards, prompts).groups)
+        state = learner.accumulate_gradients(Planner(learner.algorithm).plan(trajs, rewards, prompts).groups)
         grads.append(learner.full_gradients())
         learner.apply_update(state)
     _assert_close(grads[1], grads[0], rel=1e-6)
@@ -299,9 +299,9 @@ def test_few_steps_raise_high_advantage_and_lower_low_advantage_logprobs(transit
     trajs, prompts = sample_groups(model, num_groups=1, group_size=4, steps=4, seed=4)
     rewards = [torch.tensor([1.0, 0.0, 0.2, 0.9])]
     before = policy_step_logprobs(model, trajs[0], transition).sum(-1)
-    learner = Learner(model, LearnerConfig(transition=transition, lr=1e-4, warmup_steps=1, micro_batch_rows=8,
+    learner = Learner(model, *configs(transition=transition, lr=1e-4, warmup_steps=1, micro_batch_rows=8,
                                            stale_logprobs="recorded"))
-    planner = Planner(learner.config)
+    planner = Planner(learner.algorithm)
     for i in range(3):
         m = planner.train(learner, trajs, rewards, prompts)
         assert m["nonfinite_skipped"] == 0
@@ -324,8 +324,8 @@ def test_stale_trajectories_take_their_ratio_against_recomputed_logprobs(data):
     _, trajs, rewards, prompts = data
     figures = {}
     for mode in ("recompute", "recorded"):
-        learner = Learner(_model(data), _config(stale_logprobs=mode, reduction="all"))
-        planner = Planner(learner.config)
+        learner = Learner(_model(data), *_config(stale_logprobs=mode, selector="all"))
+        planner = Planner(learner.algorithm)
         first = planner.train(learner, trajs, rewards, prompts)          # on-policy: version 0 sampled them
         assert first["stale_rows"] == 0 and first["on_policy_ratio_dev"] < 1e-5
         figures[mode] = planner.train(learner, trajs, rewards, prompts)  # now one version stale

@@ -1,5 +1,5 @@
-"""The Mask-GRPO objective: ratios against RECORDED behaviour log-probs, per-row clipping, k3 KL, averaging,
-and step reduction."""
+"""The Mask-GRPO objective (`algorithm.losses.clipped`): ratios against RECORDED behaviour log-probs, per-row
+clipping, k3 KL, averaging, and trained steps."""
 from __future__ import annotations
 
 import math
@@ -7,11 +7,19 @@ import math
 import pytest
 import torch
 
-from cluster.reduction import select_steps
-from learner import Learner, LearnerConfig, mask_grpo_row_loss, policy_step_logprobs
-from learner.loss import k3_kl, scored_terms
+from algorithm.config import AlgorithmConfig
+from algorithm.losses import k3_kl
+from algorithm.losses.clipped import Clipped
+from algorithm.transitions import policy_step_logprobs, transition
+from learner import Learner
+from policy.logprob import RowView, Rows
 from benchmarks.tiny_models import random_showo, sample_groups
-from tests.updates import given
+from tests.updates import configs, given
+
+
+def mask_grpo_row_loss(logp, behaviour, adv, clip_low=0.9, clip_high=1.2, kl_beta=0.0, ref_logp=None):
+    return Clipped(AlgorithmConfig(clip_low=clip_low, clip_high=clip_high, kl_beta=kl_beta))(logp, behaviour, adv,
+                                                                                               ref_logp)
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -90,14 +98,13 @@ def _model(batch):
     return m
 
 
-def _grads(batch, config: LearnerConfig, advantages, behaviour_shift: float = 0.0, behaviour=None):
+def _grads(batch, config, advantages, behaviour_shift: float = 0.0, behaviour=None, steps=None):
     model = _model(batch)
     trajs = batch[1]
     if behaviour is None:
-        behaviour = policy_step_logprobs(model, trajs[0], config.transition) - behaviour_shift
-    learner = Learner(model, config)
-    state = learner.accumulate_gradients([given(trajs[0], advantages, behaviour,
-                                                steps=select_steps(trajs[0].num_steps, config))])
+        behaviour = policy_step_logprobs(model, trajs[0], config[1].transition) - behaviour_shift
+    learner = Learner(model, *config)
+    state = learner.accumulate_gradients([given(trajs[0], advantages, behaviour, steps=steps)])
     grads = learner.full_gradients()
     metrics = learner.apply_update(state).metrics()
     return grads, metrics, learner
@@ -117,7 +124,7 @@ def test_stale_behaviour_ratio_is_recorded_not_detached_current(batch):
     """Behaviour log-probs recorded log 2 lower than the current policy: ratio 2 everywhere (defect 3 would
     give 1). With A > 0 every row is clipped (zero gradient); with A < 0 the gradient is twice the on-policy
     one."""
-    cfg = LearnerConfig(transition="candidate2", micro_batch_rows=3, warmup_steps=1)
+    cfg = configs(transition="candidate2", micro_batch_rows=3, warmup_steps=1)
     adv_pos, adv_neg = torch.tensor([1.0, 0.5]), torch.tensor([-1.0, -0.5])
     g_pos, m_pos, _ = _grads(batch, cfg, adv_pos, behaviour_shift=math.log(2.0))
     assert m_pos["ratio_mean"] == pytest.approx(2.0, rel=1e-5)
@@ -132,7 +139,7 @@ def test_stale_behaviour_ratio_is_recorded_not_detached_current(batch):
 
 
 def test_ratio_below_range_with_positive_advantage_is_not_clipped(batch):
-    cfg = LearnerConfig(transition="candidate1", micro_batch_rows=8, warmup_steps=1)
+    cfg = configs(transition="candidate1", micro_batch_rows=8, warmup_steps=1)
     adv = torch.tensor([1.0, 1.0])
     g_on, _, _ = _grads(batch, cfg, adv)
     g_low, m_low, _ = _grads(batch, cfg, adv, behaviour_shift=-math.log(2.0))   # ratio 0.5
@@ -143,18 +150,18 @@ def test_ratio_below_range_with_positive_advantage_is_not_clipped(batch):
 
 
 def test_kl_beta_zero_builds_no_reference_model(batch):
-    _, metrics, learner = _grads(batch, LearnerConfig(kl_beta=0.0, warmup_steps=1), torch.tensor([1.0, -1.0]))
+    _, metrics, learner = _grads(batch, configs(kl_beta=0.0, warmup_steps=1), torch.tensor([1.0, -1.0]))
     assert learner.reference is None
     assert "kl" not in metrics
     with pytest.raises(ValueError, match="kl_beta"):
-        Learner(_model(batch), LearnerConfig(kl_beta=0.0), reference=_model(batch))
+        Learner(_model(batch), *configs(kl_beta=0.0), reference=_model(batch))
 
 
 def test_kl_against_frozen_reference_hand_checked(batch):
-    cfg = LearnerConfig(transition="candidate2", kl_beta=0.5, lr=5e-3, warmup_steps=1, micro_batch_rows=8)
+    cfg = configs(transition="candidate2", kl_beta=0.5, lr=5e-3, warmup_steps=1, micro_batch_rows=8)
     model = _model(batch)
     trajs = batch[1]
-    learner = Learner(model, cfg)
+    learner = Learner(model, *cfg)
     ref = learner.reference
     assert ref is not None and ref is not learner.policy
     assert all(not p.requires_grad for p in ref.parameters())
@@ -177,30 +184,40 @@ def test_kl_against_frozen_reference_hand_checked(batch):
 def test_token_average_rescales_sequence_average(batch):
     trajs = batch[1]
     adv = torch.tensor([1.0, -0.5])
-    g_seq, m_seq, _ = _grads(batch, LearnerConfig(transition="candidate2", loss_average="sequence"), adv)
-    g_tok, m_tok, _ = _grads(batch, LearnerConfig(transition="candidate2", loss_average="token"), adv)
+    g_seq, m_seq, _ = _grads(batch, configs(transition="candidate2", loss_average="sequence"), adv)
+    g_tok, m_tok, _ = _grads(batch, configs(transition="candidate2", loss_average="token"), adv)
     t, m = trajs[0].num_steps, trajs[0].batch_size
-    terms = scored_terms(trajs[0], "candidate2", torch.arange(t)).sum().item()
+    terms = transition("candidate2").num_terms(RowView.of(trajs[0], Rows.grid(torch.arange(m), torch.arange(t)))
+                                               ).sum().item()
     assert terms == m * trajs[0].num_image_tokens          # candidate 2 scores every token exactly once
     _assert_close(_flat(g_tok), _flat(g_seq) * (t * m / terms))
     assert m_tok["loss"] == pytest.approx(m_seq["loss"] * t * m / terms, rel=1e-5)
 
 
-# ----- reduction -----------------------------------------------------------------------------------------------
-def test_select_steps():
-    assert select_steps(50, LearnerConfig(reduction="first_k", reduction_k=25)).tolist() == list(range(25))
-    assert select_steps(8, LearnerConfig(reduction="first_k", reduction_k=25)).tolist() == list(range(8))
-    assert select_steps(10, LearnerConfig(reduction="every_n", reduction_n=3)).tolist() == [0, 3, 6, 9]
-    assert select_steps(6, LearnerConfig(reduction="all")).tolist() == list(range(6))
-    cfg = LearnerConfig(reduction="random_k", reduction_k=5)
-    a, b, c = select_steps(50, cfg, seed=7), select_steps(50, cfg, seed=7), select_steps(50, cfg, seed=8)
-    assert torch.equal(a, b) and not torch.equal(a, c)
-    assert a.numel() == 5 and a.unique().numel() == 5 and torch.equal(a, a.sort().values)
-    assert 0 <= int(a.min()) and int(a.max()) < 50
-
-
-def test_learner_trains_only_selected_steps(batch):
-    cfg = LearnerConfig(transition="candidate1", reduction="first_k", reduction_k=2, micro_batch_rows=3)
-    _, metrics, _ = _grads(batch, cfg, torch.tensor([1.0, -1.0]))
+# ----- trained steps ---------------------------------------------------------------------------------------------
+def test_learner_trains_only_the_given_rows(batch):
+    cfg = configs(transition="candidate1", micro_batch_rows=3)
+    _, metrics, _ = _grads(batch, cfg, torch.tensor([1.0, -1.0]), steps=torch.arange(2))
     assert metrics["rows"] == 2 * 2                # 2 rollouts × first 2 of 4 steps
     assert metrics["micro_batches"] == 2           # 3 rows per micro-batch: one rollout (2 steps) each
+
+
+def test_any_rows_train_with_per_row_advantages(batch):
+    """A train mask that is no rectangle (sample 0 at steps 0-2, sample 1 at step 3) with per-(sample, step)
+    advantages: exactly those rows train, whatever the micro-batching, and advantages outside them change nothing."""
+    from learner import GroupUpdate
+    traj = batch[1][0]
+    train = torch.tensor([[True, True, True, False], [False, False, False, True]])
+    adv = torch.tensor([[1.0, -0.5, 0.25, 9.0], [7.0, 7.0, 7.0, -1.0]])
+    other = torch.where(train, adv, torch.full_like(adv, -3.0))
+
+    def run(advantages, rows_per_pass):
+        learner = Learner(_model(batch), *configs(transition="candidate1", micro_batch_rows=rows_per_pass))
+        stats = learner.accumulate_gradients([GroupUpdate(traj, advantages, train)])
+        return learner.full_gradients(), stats
+    grads, stats = run(adv, 2)
+    # runs of at most 2 rows, packed: (0: steps 0, 1), (0: step 2 + 1: step 3)
+    assert stats.rows == 4 and stats.micro_batches == 2 and stats.learner_tokens == 4 * traj.num_image_tokens
+    for advantages, rows in ((adv, 64), (other, 2)):
+        again, _ = run(advantages, rows)
+        _assert_close(_flat(again), _flat(grads))

@@ -11,7 +11,7 @@ from learner.memory import CPU_ROWS, MAX_AUTO_ROWS, MEMORY_SHARE, MicroBatchPlan
 from benchmarks.tiny_models import tiny_showo_config
 from tests.helpers.learner import fixed_batch, model_with
 from policy.showo import ShowoConfig
-from tests.updates import Planner
+from tests.updates import Planner, configs
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -66,9 +66,9 @@ def batch():
     return fixed_batch()
 
 
-def _gradients(batch, config: LearnerConfig) -> tuple[Learner, dict[str, torch.Tensor], float]:
+def _gradients(batch, config) -> tuple[Learner, dict[str, torch.Tensor], float]:
     state, trajs, rewards, prompts = batch
-    learner = Learner(model_with(state), config)
+    learner = Learner(model_with(state), *config)
     stats = learner.accumulate_gradients(Planner(config).plan(trajs, rewards, prompts).groups)
     return learner, learner.full_gradients(), stats.micro_batches
 
@@ -76,12 +76,12 @@ def _gradients(batch, config: LearnerConfig) -> tuple[Learner, dict[str, torch.T
 def test_learner_follows_the_plan_from_free_memory(batch, monkeypatch, capsys):
     """Free memory for 3 recomputed rows and fewer than 16 plain ones: the learner turns checkpointing on, cuts
     the 4 trained steps of each rollout into runs of 2 rows, and its gradients equal those of that fixed config."""
-    kw = dict(transition="candidate1", reduction="all", advantage="group", seed=11)
-    fixed, fixed_grads, fixed_chunks = _gradients(batch, LearnerConfig(micro_batch_rows=2, gradient_checkpointing=True, **kw))
+    kw = dict(transition="candidate1", selector="all", advantage="group", seed=11)
+    fixed, fixed_grads, fixed_chunks = _gradients(batch, configs(micro_batch_rows=2, gradient_checkpointing=True, **kw))
     cfg = tiny_showo_config()                            # the fixed batch's model
     free = int(3.5 * cfg.activation_bytes_per_row(True) / MEMORY_SHARE)
     monkeypatch.setattr(engine, "free_bytes", lambda device: free)
-    auto, auto_grads, auto_chunks = _gradients(batch, LearnerConfig(micro_batch_rows=0, gradient_checkpointing=None, **kw))
+    auto, auto_grads, auto_chunks = _gradients(batch, configs(micro_batch_rows=0, gradient_checkpointing=None, **kw))
     assert (auto.micro_batch_plan.rows, auto.micro_batch_plan.checkpointing) == (3, True)
     assert auto.policy.gradient_checkpointing and fixed.policy.gradient_checkpointing
     assert auto_chunks == fixed_chunks == 2 * 3 * 2           # 6 rollouts x 4 steps in even runs of 2 (not 3 + 1)
@@ -92,9 +92,9 @@ def test_learner_follows_the_plan_from_free_memory(batch, monkeypatch, capsys):
 
 
 def test_auto_on_the_cpu_is_the_cpu_default(batch):
-    kw = dict(transition="candidate2", reduction="all", advantage="group", seed=11)
-    auto, auto_grads, _ = _gradients(batch, LearnerConfig(micro_batch_rows=0, gradient_checkpointing=None, **kw))
-    _, grads, _ = _gradients(batch, LearnerConfig(micro_batch_rows=CPU_ROWS, **kw))
+    kw = dict(transition="candidate2", selector="all", advantage="group", seed=11)
+    auto, auto_grads, _ = _gradients(batch, configs(micro_batch_rows=0, gradient_checkpointing=None, **kw))
+    _, grads, _ = _gradients(batch, configs(micro_batch_rows=CPU_ROWS, **kw))
     assert (auto.micro_batch_plan.rows, auto.micro_batch_plan.checkpointing) == (CPU_ROWS, False)
     for k, g in grads.items():
         assert torch.equal(auto_grads[k], g), k

@@ -8,9 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from learner import Learner, LearnerConfig, policy_step_logprobs
+from algorithm.transitions import policy_step_logprobs
+from learner import Learner
 from tests.reference_trajectories import load_reference_trajectories
-from tests.updates import given
+from tests.updates import configs, given
 
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -20,8 +21,8 @@ VARIANTS = {"ar_style": "ar_style", "candidate2": "candidate2", "candidate1": "c
 
 def _learner_gradients(model, traj, transition: str, micro_batch_rows: int, zero_stage: int = 0):
     behaviour = policy_step_logprobs(model, traj, transition)
-    learner = Learner(model, LearnerConfig(transition=transition, zero_stage=zero_stage,
-                                           micro_batch_rows=micro_batch_rows, warmup_steps=1))
+    learner = Learner(model, *configs(transition=transition, zero_stage=zero_stage,
+                                      micro_batch_rows=micro_batch_rows, warmup_steps=1))
     state = learner.accumulate_gradients([given(traj, torch.tensor([0.75]), behaviour)])
     grads = learner.full_gradients()
     metrics = learner.apply_update(state).metrics()

@@ -19,7 +19,7 @@ from benchmarks.tiny_models import random_showo
 from tests.helpers.learner import fixed_batch, model_with
 from policy.showo import Showo, write_pretrained
 from policy.weights import CheckpointError
-from tests.updates import Planner
+from tests.updates import Planner, configs
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -32,11 +32,11 @@ def data():
     return fixed_batch()
 
 
-def _config(lora: LoraSettings = LORA, **kw) -> LearnerConfig:
+def _config(lora: LoraSettings = LORA, **kw):
     base = dict(transition="candidate2", lr=3e-2, warmup_steps=0, total_steps=10, micro_batch_rows=6,
                 advantage="group", seed=3, lora=lora)
     base.update(kw)
-    return LearnerConfig(**base)
+    return configs(**base)
 
 
 def _logits(model: Showo, trajs) -> torch.Tensor:
@@ -46,8 +46,8 @@ def _logits(model: Showo, trajs) -> torch.Tensor:
 
 
 def _trained(data, steps: int = 1, **kw) -> Learner:
-    learner = Learner(model_with(data[0]), _config(**kw))
-    planner = Planner(learner.config)
+    learner = Learner(model_with(data[0]), *_config(**kw))
+    planner = Planner(learner.algorithm)
     for _ in range(steps):
         planner.train(learner, data[1], data[2], data[3])
     return learner
@@ -82,7 +82,7 @@ def test_settings_are_checked_with_the_fix_named():
 # ----- the adapted model ---------------------------------------------------------------------------------------------
 def test_zero_B_starts_as_the_base_and_only_adapters_train(data):
     base = model_with(data[0])
-    learner = Learner(model_with(data[0]), _config())
+    learner = Learner(model_with(data[0]), *_config())
     assert torch.equal(_logits(learner.policy, data[1]), _logits(base, data[1]))           # B = 0: exactly the base
     adapters = adapter_parameters(learner.policy)
     assert len(adapters) == 2 * 6 * base.config.phi.num_hidden_layers                       # A and B of 6 layers each
@@ -90,7 +90,7 @@ def test_zero_B_starts_as_the_base_and_only_adapters_train(data):
     assert {id(p) for p in opt_params} == {id(p) for _, p in adapters}                      # AdamW state: adapters only
     assert trainable_numel(learner.policy) == sum(p.numel() for _, p in adapters)           # what the planner reserves
     before = {k: v.clone() for k, v in learner.policy.state_dict().items()}
-    Planner(learner.config).train(learner, data[1], data[2], data[3])
+    Planner(learner.algorithm).train(learner, data[1], data[2], data[3])
     after = learner.policy.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(".lora_" in k for k in changed)                                  # the base is untouched
@@ -122,16 +122,16 @@ def test_kl_reference_is_the_base_with_adapters_off(data, stage):
     with gathered, adapters_disabled(learner.policy):
         assert torch.equal(_logits(learner.policy, data[1]), _logits(model_with(data[0]), data[1]))
     assert all(p.requires_grad for _, p in adapter_parameters(learner.policy))   # still trainable afterwards
-    stats = learner.train_step(Planner(learner.config).plan(data[1], data[2], data[3]).groups)
+    stats = learner.train_step(Planner(learner.algorithm).plan(data[1], data[2], data[3]).groups)
     assert stats.has_reference and stats.kl_sum > 0                   # the adapted policy has moved off the base
 
 
 def test_gradient_checkpointing_gives_the_same_adapter_gradients(data):
     grads = []
     for checkpointing in (False, True):
-        learner = Learner(model_with(data[0]), _config(gradient_checkpointing=checkpointing))
-        Planner(learner.config).train(learner, data[1], data[2], data[3])     # B != 0: A gets gradients too
-        learner.accumulate_gradients(Planner(learner.config).plan(data[1], data[2], data[3]).groups)
+        learner = Learner(model_with(data[0]), *_config(gradient_checkpointing=checkpointing))
+        Planner(learner.algorithm).train(learner, data[1], data[2], data[3])     # B != 0: A gets gradients too
+        learner.accumulate_gradients(Planner(learner.algorithm).plan(data[1], data[2], data[3]).groups)
         grads.append(learner.full_gradients())
     assert grads[0].keys() == grads[1].keys() and all(is_adapter_name(k) for k in grads[0])
     for k, g in grads[0].items():
@@ -248,17 +248,17 @@ def test_rollout_copy_equals_the_learner_after_a_collective_sync(data):
 def test_resume_with_lora_is_bit_for_bit(data, tmp_path, stage):
     _, trajs, rewards, prompts = data
     kw = dict(zero_stage=stage, extra_deepspeed=Z3_SMALL if stage == 3 else {})
-    a, planner = Learner(model_with(data[0]), _config(**kw)), Planner(_config(**kw))
+    a, planner = Learner(model_with(data[0]), *_config(**kw)), Planner(_config(**kw))
     for _ in range(2):
         planner.train(a, trajs, rewards, prompts)
-    a.driver_state = {"step": 2, "tracker": planner.tracker.state_dict()}
+    a.driver_state = {"step": 2, "tracker": planner.state_dict()}
     path = a.save_checkpoint(tmp_path / "checkpoints")
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["lora"]["rank"] == LORA.rank
     tail_a = [planner.train(a, trajs, rewards, prompts) for _ in range(2)]
-    b, resumed = Learner(model_with(data[0]), _config(**kw)), Planner(_config(**kw))
+    b, resumed = Learner(model_with(data[0]), *_config(**kw)), Planner(_config(**kw))
     assert b.resume(path) == path and b.step == 2
-    resumed.tracker.load_state_dict(b.driver_state["tracker"])
+    resumed.load_state_dict(b.driver_state["tracker"])
     resumed.step = 2
     tail_b = [resumed.train(b, trajs, rewards, prompts) for _ in range(2)]
     sa, sb = a.gathered_adapters(), b.gathered_adapters()
@@ -272,12 +272,12 @@ def test_resume_with_other_adapters_or_without_lora_fails_naming_the_fix(data, t
     ck = _trained(data, 1).save_checkpoint(tmp_path / "lora")
     with pytest.raises(CheckpointError, match=r"holds LoRA adapters \(rank 4\) but learner.lora is off: resume with "
                                               r"learner.lora.rank=4 learner.lora.alpha=8"):
-        Learner(model_with(data[0]), _config(lora=LoraSettings())).resume(ck)
+        Learner(model_with(data[0]), *_config(lora=LoraSettings())).resume(ck)
     with pytest.raises(CheckpointError, match=r"adapters of rank 4 .* the learner is set to rank 8"):
-        Learner(model_with(data[0]), _config(lora=LoraSettings(rank=8, alpha=8.0))).resume(ck)
+        Learner(model_with(data[0]), *_config(lora=LoraSettings(rank=8, alpha=8.0))).resume(ck)
     full = _trained(data, 1, lora=LoraSettings()).save_checkpoint(tmp_path / "full")
     with pytest.raises(CheckpointError, match=r"trained every weight \(no LoRA adapters\) but learner.lora.rank=4"):
-        Learner(model_with(data[0]), _config()).resume(full)
+        Learner(model_with(data[0]), *_config()).resume(full)
     from cluster.config import ConfigError, load_config
     from cluster.preflight import verify_resume_lora
     with pytest.raises(ConfigError, match=r"holds LoRA adapters \(rank 4\) but learner.lora is off"):

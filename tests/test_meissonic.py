@@ -13,14 +13,14 @@ import torch
 from safetensors import safe_open
 
 from cluster.config import load_config, section
-from learner import Learner, LearnerConfig
+from learner import Learner
 from learner.lora import adapter_parameters
 from policy.factory import PolicyConfig, build_model, load_policy
-from policy.logprob import all_transition_logprobs
+from algorithm.transitions import all_transition_logprobs, behaviour_logprob
 from policy.sampler import SamplerConfig, UnmaskingSampler
-from policy.trajectory import TRANSITIONS
+from algorithm.transitions import TRANSITION_NAMES as TRANSITIONS
 from policy.weights import CheckpointError
-from tests.updates import Planner
+from tests.updates import Planner, configs
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny_meissonic.yaml")
@@ -55,7 +55,7 @@ def test_meissonic_sampler_records_what_the_learner_recomputes(guidance):
         recomputed = all_transition_logprobs(policy.model, traj)
         sub = all_transition_logprobs(policy.model, traj, torch.tensor([1, 3]), prefix_reuse=False)
     for t in TRANSITIONS:
-        torch.testing.assert_close(recomputed[t].logprob, traj.behaviour_step_logprob(t), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(recomputed[t].logprob, behaviour_logprob(traj, t), rtol=1e-5, atol=1e-4)
         torch.testing.assert_close(sub[t].logprob, recomputed[t].logprob[:, [1, 3]], rtol=1e-5, atol=1e-4)
     # a sample is the same alone as in a batch (per-sample seeds)
     sampler = UnmaskingSampler(policy.model, SamplerConfig(steps=4, guidance_scale=guidance))
@@ -79,9 +79,9 @@ def _learner(state, **kw):
     model = _policy().model
     model.load_state_dict(state)
     base = dict(transition="candidate1", lr=1e-3, warmup_steps=0, total_steps=10, micro_batch_rows=5,
-                reduction="random_k", reduction_k=3, adam_eps=1e-3, seed=11)
-    config = LearnerConfig(**{**base, **kw})
-    return Learner(model, config), Planner(config)
+                selector="random_k", select_k=3, adam_eps=1e-3, seed=11)
+    config = configs(**{**base, **kw})
+    return Learner(model, *config), Planner(config)
 
 
 @pytest.mark.slow

@@ -34,14 +34,15 @@ def _last_line(text: str) -> str:
 @pytest.fixture(scope="module")
 def saved_checkpoints(tmp_path_factory):
     """Two complete learner checkpoints of the tiny model (no Ray): steps 1 and 2."""
-    from learner import Learner, LearnerConfig
+    from learner import Learner
+    from tests.updates import configs
     from benchmarks.tiny_models import random_showo, sample_groups
     from tests.updates import Planner
     root = tmp_path_factory.mktemp("ck") / "checkpoints"
     model = random_showo(seed=3)
     trajs, prompts = sample_groups(model, 2, 3, 4, seed=1)
-    config = LearnerConfig(transition="candidate2", lr=1e-3, warmup_steps=1)
-    learner, planner = Learner(model, config), Planner(config)
+    config = configs(transition="candidate2", lr=1e-3, warmup_steps=1)
+    learner, planner = Learner(model, *config), Planner(config)
     rewards = [torch.tensor([1.0, 0.0, 0.5]), torch.tensor([0.2, 0.9, 0.4])]
     paths = []
     for _ in range(2):
@@ -360,7 +361,8 @@ def test_root_cause_of_an_actor_error():
 # ---------------------------------------------------------------------------------------------- 6. full disk
 
 def test_full_disk_is_named_and_leaves_no_debris(saved_checkpoints, tmp_path, monkeypatch):
-    from learner import Learner, LearnerConfig
+    from learner import Learner
+    from tests.updates import configs
     from benchmarks.tiny_models import random_showo
     from policy.files import DiskFullError, atomic_write_text
     from policy.weights import CheckpointError
@@ -375,7 +377,7 @@ def test_full_disk_is_named_and_leaves_no_debris(saved_checkpoints, tmp_path, mo
     atomic_write_text(tmp_path / "config.yaml", "ok")
 
     root = _copy_root(saved_checkpoints, tmp_path)
-    learner = Learner(random_showo(seed=3), LearnerConfig(transition="candidate2"))
+    learner = Learner(random_showo(seed=3), *configs(transition="candidate2"))
     learner.step = 7
 
     def short_write(*a, **k):            # what safetensors says when the disk fills under it

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from learner import Learner, LearnerConfig
+from learner import Learner
 from tests.helpers.learner import fixed_batch, model_with
 from policy.files import sha256_file
 from policy.weights import CheckpointError
-from tests.updates import Planner
+from tests.updates import Planner, configs
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -26,10 +26,10 @@ def data():
     return fixed_batch()
 
 
-def _config(**kw) -> LearnerConfig:
+def _config(**kw):
     base = dict(transition="candidate1", lr=1e-3, warmup_steps=2, total_steps=10, micro_batch_rows=5, seed=11)
     base.update(kw)
-    return LearnerConfig(**base)
+    return configs(**base)
 
 
 # ----- 1. a checkpoint is data ----------------------------------------------------------------------------------
@@ -85,15 +85,15 @@ class Unpickling:
 def test_a_checkpoint_whose_files_are_replaced_by_pickles_is_refused_and_runs_nothing(data, tmp_path, stage,
                                                                                       monkeypatch):
     _, trajs, rewards, prompts = data
-    learner = Learner(model_with(data[0]), _config(zero_stage=stage))
-    Planner(learner.config).train(learner, trajs, rewards, prompts)
+    learner = Learner(model_with(data[0]), *_config(zero_stage=stage))
+    Planner(learner.algorithm).train(learner, trajs, rewards, prompts)
     good = learner.save_checkpoint(tmp_path / "ck")
     files = sorted(json.loads((good / "manifest.json").read_text())["files"])
     assert "engine/rank000.safetensors" in files and "engine/rank000.json" in files
     assert "trainer_state.json" in files and "pytorch_model.safetensors" in files
     assert not [f for f in files if not f.endswith((".json", ".safetensors"))]      # nothing but data is written
 
-    fresh = Learner(model_with(data[0]), _config(zero_stage=stage))
+    fresh = Learner(model_with(data[0]), *_config(zero_stage=stage))
     marker = tmp_path / "PWNED"
     for rel in files:                                  # every file a resume reads, one at a time
         ck = tmp_path / f"tampered_{rel.replace('/', '_')}" / good.name
@@ -115,14 +115,14 @@ def test_a_checkpoint_whose_files_are_replaced_by_pickles_is_refused_and_runs_no
 def test_an_old_format_checkpoint_with_a_pickled_engine_state_is_not_resumed(data, tmp_path):
     from learner.checkpoint import pick_resume_checkpoint
     _, trajs, rewards, prompts = data
-    learner = Learner(model_with(data[0]), _config())
-    Planner(learner.config).train(learner, trajs, rewards, prompts)
+    learner = Learner(model_with(data[0]), *_config())
+    Planner(learner.algorithm).train(learner, trajs, rewards, prompts)
     ck = learner.save_checkpoint(tmp_path / "checkpoints")
     manifest = json.loads((ck / "manifest.json").read_text())
     manifest["format"] = "maskgrpo-learner-checkpoint/1"
     (ck / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="earlier version .* policy.init="):
-        Learner(model_with(data[0]), _config()).resume(ck)
+        Learner(model_with(data[0]), *_config()).resume(ck)
     with pytest.raises(CheckpointError, match="earlier version"):
         pick_resume_checkpoint(tmp_path / "checkpoints")   # an old checkpoint is not "damaged": never renamed
     assert ck.is_dir()
@@ -213,8 +213,8 @@ def test_an_lr_that_cannot_train_fails_at_load(value):
 def test_an_update_that_leaves_non_finite_weights_stops_before_anything_is_saved_or_synced(data, tmp_path, stage):
     from learner import NonFiniteUpdateError, latest_checkpoint
     _, trajs, rewards, prompts = data
-    learner = Learner(model_with(data[0]), _config(zero_stage=stage, grad_clip=0.0))
-    planner = Planner(learner.config)
+    learner = Learner(model_with(data[0]), *_config(zero_stage=stage, grad_clip=0.0))
+    planner = Planner(learner.algorithm)
     planner.train(learner, trajs, rewards, prompts)
     good = learner.save_checkpoint(tmp_path / "ck")
     for group in learner.engine.optimizer.param_groups:      # what learner.lr=inf did before the config refused it
@@ -370,8 +370,8 @@ def test_a_local_ray_instance_listens_on_loopback_only(tmp_path):
 def test_train_resume_auto_refuses_a_tampered_checkpoint_before_anything_starts(data, tmp_path, capsys):
     from cluster.cli import main as cli_main
     _, trajs, rewards, prompts = data
-    learner = Learner(model_with(data[0]), _config())
-    Planner(learner.config).train(learner, trajs, rewards, prompts)
+    learner = Learner(model_with(data[0]), *_config())
+    Planner(learner.algorithm).train(learner, trajs, rewards, prompts)
     out = tmp_path / "run"
     ck = learner.save_checkpoint(out / "checkpoints")
     marker = tmp_path / "PWNED"

@@ -4,9 +4,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from policy.logprob import transition_logprobs
+from algorithm.transitions import behaviour_logprob, transition_logprobs
 from policy.sampler import SamplerConfig, UnmaskingSampler, masked_counts
-from policy.trajectory import TRANSITIONS, Trajectory
+from algorithm.transitions import TRANSITION_NAMES as TRANSITIONS
+from policy.trajectory import Trajectory
 
 PROMPTS = [[1, 2, 3], [40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58], []]
 
@@ -69,7 +70,7 @@ def test_recorded_behaviour_logprobs_equal_recomputed(tiny_showo, transition, gu
     traj = _sample(tiny_showo, guidance=guidance)
     with torch.no_grad():
         current = transition_logprobs(tiny_showo, traj, transition).logprob
-    torch.testing.assert_close(current, traj.behaviour_step_logprob(transition), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(current, behaviour_logprob(traj, transition), rtol=1e-4, atol=1e-4)
     # a subset of steps scores the same values
     steps = torch.tensor([0, 3, 5])
     with torch.no_grad():

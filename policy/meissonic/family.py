@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from policy.family import Condition, Conditioner, ImageDecoder, MaskedModel, PolicyFamily
+from policy.family import Condition, Conditioner, ImageDecoder, MaskedModel, PolicyFamily, repeat_each
 from policy.files import atomic_write_json
 from policy.hub import is_hub_id, resolve_path
 from policy.weights import CheckpointError, load_strict, read_state_dict, save_state_dict
@@ -140,8 +140,9 @@ class MeissonicPolicy(MeissonicTransformer, MaskedModel):
     def context(self, parts: Sequence[tuple[Condition, int]], inference: bool, reuse: bool = True) -> Condition:
         if len(parts) == 1 and parts[0][0]["pooled"].shape[0] == 1:        # one row: a view, not r copies
             c, r = parts[0]
-            return {k: v.expand(r, *v.shape[1:]) for k, v in c.items()}
-        return {k: torch.cat([c[k].repeat_interleave(r, 0) for c, r in parts]) for k in ("pooled", "hidden")}
+            n = r if isinstance(r, int) else int(r.sum())                  # host counts: no device read
+            return {k: v.expand(n, *v.shape[1:]) for k, v in c.items()}
+        return {k: torch.cat([repeat_each(c[k], r) for c, r in parts]) for k in ("pooled", "hidden")}
 
     def logits(self, context: Condition, codes: torch.Tensor, steps: torch.Tensor | int, num_steps: int) -> torch.Tensor:
         rows, g = codes.shape[0], self.arch.grid_size
