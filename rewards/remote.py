@@ -38,6 +38,10 @@ RETRY_STATUS = {408, 429, 500, 502, 503, 504}   # answers worth another try; any
 ANSWER_BYTES_PER_IMAGE = 64 << 10                # a larger answer is refused (a server cannot fill our memory)
 
 _try = threading.local()      # the deadline of the try running on this thread, and the answer bytes it received
+# (url, body digest) -> (until when, how its budget ran out): requests whose whole budget just ran out, so that the
+# reward pool's retry of the same call in this process (any reward actor of a local backend) is not sent again
+_spent: dict[tuple[str, str], tuple[float, str]] = {}
+_spent_lock = threading.Lock()
 
 
 def _left(timeout: Optional[float], expired: type[Exception]) -> Optional[float]:
@@ -170,7 +174,6 @@ class RemoteReward(Reward):
         self._client = None
         self._pool: Optional[ThreadPoolExecutor] = None
         self._lock = threading.Lock()
-        self._spent: dict[str, tuple[float, str]] = {}      # body digest -> (expiry, how its budget ran out)
 
     @property
     def budget_s(self) -> float:
@@ -178,7 +181,7 @@ class RemoteReward(Reward):
         return (self.retries + 1) * self.timeout_s + self.backoff_s * (2 ** self.retries - 1)
 
     def __getstate__(self) -> dict:     # the HTTP client and threads are made again where it is unpickled
-        return {**self.__dict__, "_client": None, "_pool": None, "_lock": None, "_spent": {}}
+        return {**self.__dict__, "_client": None, "_pool": None, "_lock": None}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -252,10 +255,10 @@ class RemoteReward(Reward):
         import httpcore
         digest = hashlib.sha256(body).hexdigest()
         start = time.monotonic()
-        with self._lock:
-            for d in [d for d, (expiry, _) in self._spent.items() if expiry < start]:
-                del self._spent[d]
-            spent = self._spent.get(digest)
+        with _spent_lock:
+            for k in [k for k, (until, _) in _spent.items() if until < start]:
+                del _spent[k]
+            spent = _spent.get((self.url, digest))
         if spent is not None:      # the pool's retry of a request whose whole budget just ran out: not again
             raise self._fail(f"{spent[1]} [this request already had its {self.budget_s:g} s; not sent again]")
         call_deadline = start + self.budget_s
@@ -293,8 +296,8 @@ class RemoteReward(Reward):
             except ProtocolError as e:
                 raise self._fail(f"answered garbage ({e}): {answer[:120]!r}") from None
         message = self._give_up(tries, gave)
-        with self._lock:
-            self._spent[digest] = (time.monotonic() + self.budget_s, message)
+        with _spent_lock:
+            _spent[(self.url, digest)] = (time.monotonic() + self.budget_s, message)
         raise self._fail(message)
 
     def _score(self, images: torch.Tensor, prompts: list[str], metadata: list[dict]) -> RewardOutput:

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import rewards.remote as remote_module
 from rewards.base import RewardError, build_rewards
 from tests.helpers.net import RawServer, http_answer
 
@@ -19,6 +20,7 @@ TOKEN = "client-test-token-91c2"
 @pytest.fixture(autouse=True)
 def token_env(monkeypatch):
     monkeypatch.setenv("MASKGRPO_REWARD_TOKEN", TOKEN)
+    monkeypatch.setattr(remote_module, "_spent", {})     # requests spent by an earlier test (a port reused)
 
 
 def images(n: int = 2) -> tuple[torch.Tensor, list[str], list[dict]]:
