@@ -23,10 +23,40 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-def main(argv=None) -> int:
+def run_or_load(base: str, overrides: list[str], out: Path) -> dict:
+    """One training run of `base` with `overrides` into `out`, summarised in ``out/summary.json`` (read back when it
+    exists, so an interrupted study continues where it stopped): the evaluations before and after, each role's
+    busy share, the wall minutes and CPU seconds of the whole run (this process and its children), the training
+    reward's first and last 10 steps, and the run's compute (``metrics.jsonl``'s token counters summed)."""
+    import resource
     from cluster.config import load_config
     from cluster.metrics import read_metrics
     from cluster.train import train
+    summary_path = out / "summary.json"
+    if summary_path.exists():
+        return json.loads(summary_path.read_text())
+    cfg = load_config(base, list(overrides) + [f"output_dir={out}"])
+
+    def cpu() -> float:
+        return sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                   for f in ("ru_utime", "ru_stime"))
+    t0, c0 = time.perf_counter(), cpu()
+    result = train(cfg)
+    summary = {k: result[k] for k in ("eval_start", "eval_end", "busy_share")}
+    summary["minutes"] = (time.perf_counter() - t0) / 60
+    summary["cpu_seconds"] = cpu() - c0
+    records = read_metrics(out)
+    rewards = [r["reward_mean"] for r in records]
+    summary["train_reward_first10"] = float(np.mean(rewards[:10]))
+    summary["train_reward_last10"] = float(np.mean(rewards[-10:]))
+    summary["train_step_seconds"] = float(sum(r.get("step_seconds", 0.0) for r in records))
+    for key in ("rollout_tokens", "learner_tokens", "compute_tokens"):
+        summary[key] = float(sum(r.get(key, 0.0) for r in records))
+    atomic_write_json(summary_path, summary)
+    return summary
+
+
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/ablations.yaml")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: the file's)")
@@ -43,22 +73,10 @@ def main(argv=None) -> int:
         before, after, extras = [], [], []
         for seed in seeds:
             out = Path(args.root) / slug(name) / f"seed{seed}"
-            extra = list(spec.common) + list(overrides) + [f"seed={seed}", f"output_dir={out}"]
+            extra = list(spec.common) + list(overrides) + [f"seed={seed}"]
             if args.max_steps:   # a shorter run with a complete learning-rate schedule
                 extra += [f"max_steps={args.max_steps}", f"learner.total_steps={args.max_steps}"]
-            cfg = load_config(spec.base, extra)
-            summary_path = out / "summary.json"
-            if summary_path.exists():
-                summary = json.loads(summary_path.read_text())
-            else:
-                t0 = time.perf_counter()
-                summary = train(cfg)
-                summary = {k: summary[k] for k in ("eval_start", "eval_end", "busy_share")}
-                summary["minutes"] = (time.perf_counter() - t0) / 60
-                rewards = [r["reward_mean"] for r in read_metrics(out)]
-                summary["train_reward_first10"] = float(np.mean(rewards[:10]))
-                summary["train_reward_last10"] = float(np.mean(rewards[-10:]))
-                atomic_write_json(summary_path, summary)
+            summary = run_or_load(spec.base, extra, out)
             before.append(summary["eval_start"])
             after.append(summary["eval_end"])
             extras.append(summary)

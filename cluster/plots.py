@@ -42,7 +42,8 @@ def reward_curve_data(output_dir: str | Path) -> dict[str, Any]:
     """The series `reward_curve` plots, from ``metrics.jsonl`` and ``eval/step_*.json``:
 
     ``steps``, ``reward_mean``, ``reward_std`` (per training step; NaN where missing), ``moving_average`` and its
-    window ``window``; ``eval_steps``, ``eval_overall`` and ``eval_categories`` ({category: accuracies at
+    window ``window``; ``compute``: the run's compute up to the end of each step (cumulative ``compute_tokens``,
+    image-token positions; empty for runs that did not count it); ``eval_steps``, ``eval_overall`` and ``eval_categories`` ({category: accuracies at
     eval_steps}, NaN where a report lacks the category), evaluations sorted by step; ``eval_metrics`` ({metric:
     {"mean", "lo", "hi"} at eval_steps}: the metrics of rewards without verdicts), and ``eval_groups`` ({group:
     means at eval_steps} of the first of them, ``eval_primary``).
@@ -52,11 +53,13 @@ def reward_curve_data(output_dir: str | Path) -> dict[str, Any]:
     mean = np.array([_float(r.get("reward_mean")) for r in records], dtype=float)
     std = np.array([_float(r.get("reward_std")) for r in records], dtype=float)
     window = max(1, len(mean) // 10)
+    tokens = [r.get("compute_tokens") for r in records]
+    compute = np.cumsum([float(t) for t in tokens]) if tokens and all(t is not None for t in tokens) else np.array([])
     reports = [json.loads(p.read_text()) for p in Path(output_dir).glob("eval/step_*.json")]
     reports.sort(key=lambda r: r.get("step", 0))
     names = sorted({c for r in reports for c in r.get("categories", {})},
                    key=lambda c: (GENEVAL_TAGS.index(c) if c in GENEVAL_TAGS else len(GENEVAL_TAGS), c))
-    return {"steps": steps, "reward_mean": mean, "reward_std": std, "window": window,
+    return {"steps": steps, "reward_mean": mean, "reward_std": std, "window": window, "compute": compute,
             "moving_average": moving_average(mean, window),
             # the evaluation at step s scores the policy after s updates
             "eval_steps": np.array([float(r.get("step", 0)) for r in reports]),
@@ -114,6 +117,13 @@ def reward_curve_figure(data: dict[str, Any]):
                      linewidth=2, capsize=4, label=f"held-out {name} (95 % interval)")
     top.set_ylabel("reward / accuracy" if verdicts or not data.get("eval_metrics") else "reward / held-out score")
     top.set_title("training reward and held-out score")
+    compute = data.get("compute", np.array([]))
+    if len(compute) == len(steps) and len(steps) > 1 and bool(np.all(np.diff(compute) > 0)):
+        # the same curves against compute: step s ends after compute[s] image-token positions
+        to_compute = lambda s: np.interp(s, steps, compute)                          # noqa: E731
+        to_step = lambda c: np.interp(c, compute, steps)                             # noqa: E731
+        axis = top.secondary_xaxis("top", functions=(to_compute, to_step))
+        axis.set_xlabel("compute (image-token positions: rollout + 3 × learner)")
     top.grid(alpha=0.3)
     top.legend(loc="best", fontsize="small")
     if not verdicts and data.get("eval_primary") and len(data["eval_steps"]):

@@ -295,7 +295,8 @@ def progress_line(record: dict[str, Any]) -> str:
             f"ratio_max {record.get('learner/ratio_max', 0.0):.2f} "
             + (f"on-policy |r-1| {on_policy:.1e} " if on_policy is not None and on_policy == on_policy else "")
             + f"grad {record.get('learner/grad_norm', 0.0):.2f} | groups {int(record.get('kept_groups', 0))}/"
-            f"{record['groups']} | {record['images_per_second']:.1f} img/s | stale {record['staleness_mean']:.1f}")
+            f"{record['groups']} | {record['images_per_second']:.1f} img/s | stale {record['staleness_mean']:.1f}"
+            + (f" | compute {record['compute_tokens'] / 1e3:.0f}k tok" if "compute_tokens" in record else ""))
 
 
 def _print_outcome(cfg: DictConfig, summary: dict[str, Any]) -> None:
