@@ -231,7 +231,8 @@ class RemoteReward(Reward):
         if isinstance(e, httpcore.ConnectTimeout):
             return _Gave("connect", f"{name}: could not connect within {timeout_s:g} s")
         if isinstance(e, httpcore.TimeoutException):
-            what = "sent nothing back" if not received else f"had sent {received} bytes of its answer"
+            what = "sent nothing back" if not received else \
+                f"had sent {received} byte{'s' if received > 1 else ''} of its answer"
             return _Gave("slow", f"{name}: the answer was not complete within {timeout_s:g} s (the server {what})")
         return _Gave("closed", f"{name}: {clip(str(e), 120)}" if str(e) else name)
 

@@ -47,7 +47,7 @@ def test_a_server_dripping_its_answer_is_cut_off_at_each_try_deadline():
         assert took < 2 * 3 + 0.2 + 0.5, took                     # (retries + 1) · timeout_s + backoff
         assert len(srv.requests) == 2 and max(srv.ended) - t0 < 2 * 3 + 0.2 + 0.5
         assert srv.url in msg and "\n" not in msg and "no answer after 2 tries within 3 s each" in msg
-        assert "ReadTimeout" in msg and "had sent 1 bytes of its answer" in msg and "did not answer in time" in msg
+        assert "ReadTimeout" in msg and "had sent 1 byte of its answer" in msg and "did not answer in time" in msg
         # the reward pool's retry of the same request in this process: refused at once, not another full budget
         t0 = time.monotonic()
         with pytest.raises(RewardError, match="already had its 6.2 s; not sent again"):
