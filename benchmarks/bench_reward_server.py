@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -58,8 +59,9 @@ def clip_spec(model: str, d: Path) -> dict:
 
 
 def _free_port() -> int:
-    from tests.helpers.net import free_port
-    return free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _serve(spec: dict, d: Path, token: str, max_batch: int, repo: Path = REPO) -> tuple[subprocess.Popen, str]:
@@ -137,7 +139,8 @@ def peak_memory(serve: Callable[[], tuple[subprocess.Popen, str]], token: str, s
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="ViT-B-32",
-                    help="open_clip architecture (random weights), 'tiny', or 'constant' (no model: the server alone)")
+                    help="open_clip architecture (random weights), 'tiny', or 'constant' (no model: the server alone; "
+                         "tests.helpers.rewards:ConstantReward of this checkout)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--size", type=int, default=256, help="image side in pixels")
     ap.add_argument("--iters", type=int, default=5, help="timed batches per round (one more warms up)")

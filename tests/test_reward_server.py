@@ -306,6 +306,16 @@ def test_a_garbage_answer_is_named(token_env):
         httpd.shutdown()
 
 
+def test_the_benchmark_prints_throughput_and_peak_memory_per_body(capsys):
+    from benchmarks.bench_reward_server import main
+    assert main(["--model", "constant", "--batch", "2", "--size", "32", "--iters", "1", "--rounds", "1",
+                 "--memory-mb", "0.05"]) == 0
+    out = capsys.readouterr().out
+    assert "share:" in out and "# peak memory of the server" in out
+    row = out.strip().splitlines()[-1].split()
+    assert row[0] == "0.05" and float(row[-1]) >= 0        # body MB, bytes, growth MiB, x body
+
+
 # ---------------------------------------------------------------------------------------------- training
 
 def _train(config: Path, out: Path, *overrides: str, token: str = TOKEN) -> subprocess.Popen:
