@@ -1,10 +1,16 @@
 """A CI-sized version of the default run (configs/default.yaml): pretraining, then Mask-GRPO through the real
 Ray actors (rollout worker, reward actor with the GenEval engine on the shapes world, DeepSpeed learner rank).
 
-Seed 0, the default run's reward (GenEval partial credit, zero for any object beyond those asked for), 40 RL steps
-instead of 150. The training reward must rise by more than random variation explains: the gain of the mean reward
-of the last 8 steps over the first 8 is compared with the standard error of that difference, computed from the
-per-step reward spreads the run itself logs. (The held-out gain of the full run is measured in the README.)
+Seed 0, the default run's reward (GenEval partial credit, zero for any object beyond those asked for): the first 40
+of its 150 RL steps, on its own learning-rate schedule. The training reward must rise by more than random variation
+explains: the gain of the mean reward of the last 8 steps over the first 8 is compared with the standard error of
+that difference, computed from the per-step reward spreads the run itself logs. (The held-out gain of the full run
+is measured in the README.)
+
+On the four-shape world (configs/default.yaml since issue 30) a 40-step schedule (learner.total_steps=40, this
+test until then) gained 0.041 against 3 SE = 0.043: its learning rate decays before the reward moves. The first 40
+steps of the default schedule gained 7.2, 11.9 and 7.1 SE on seeds 0, 1, 2 (the four-shape runs of
+docs/experiments.md), and 9.5, 11.5, 14.3 SE on the three-shape world.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ import pytest
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 CI_OVERRIDES = [
-    "max_steps=40", "learner.total_steps=40", "save_every=0", "eval.every=0", "eval.samples_per_prompt=4",
+    "max_steps=40", "save_every=0", "eval.every=0", "eval.samples_per_prompt=4",
     "logging.sample_every=0", "seed=0",
 ]
 STEPS = 40
