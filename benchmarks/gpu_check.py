@@ -390,7 +390,7 @@ def end_to_end(report: "Report", args, pcfg, device: torch.device, zero_stage: i
                          and rec["learner/on_policy_outside_clip"] <= 0.01,
                          f"loss {rec['loss']:.4g}, outside {rec['learner/on_policy_outside_clip']:.2%}")
             learner = trainer.backend.obj(trainer.learner.ranks[0]).learner
-            worker = trainer.backend.obj(next(iter(trainer.rollouts.workers.values())))
+            worker = trainer.backend.obj(next(iter(trainer.fleet.workers.values())))
             ok, detail = params_equal(learner.policy, worker.model)
             report.check("end to end: rollout copy equals the learner's weights after the hand-over", ok, detail)
             fresh = worker.rollout(trainer._requests(trainer.step))[1]

@@ -42,7 +42,6 @@ class Backend(Protocol):
     def call(self, actor: Any, method: str, *args: Any, num_returns: int = 1) -> Any: ...
     def get(self, futures: Any, timeout: Optional[float] = None) -> Any: ...
     def wait(self, futures: Sequence[Any], timeout: Optional[float] = None) -> tuple[list[Any], list[Any]]: ...
-    def put(self, value: Any) -> Any: ...
     def kill(self, actor: Any, restart: bool = False) -> None: ...
     def obj(self, actor: Any) -> Any: ...
     def task(self, fn: Any, *args: Any, scheduling: Any = None) -> Any: ...
@@ -113,9 +112,6 @@ class LocalBackend:
     def wait(self, futures: Sequence[Any], timeout: Optional[float] = None) -> tuple[list[Any], list[Any]]:
         return list(futures), []
 
-    def put(self, value: Any) -> LocalFuture:
-        return LocalFuture(value)
-
     def kill(self, actor: Any, restart: bool = False) -> None:
         pass
 
@@ -178,9 +174,6 @@ class RayBackend:
 
     def wait(self, futures: Sequence[Any], timeout: Optional[float] = None) -> tuple[list[Any], list[Any]]:
         return self._ray.wait(list(futures), num_returns=len(futures), timeout=timeout)
-
-    def put(self, value: Any) -> Any:
-        return self._ray.put(value)
 
     def kill(self, actor: Any, restart: bool = False) -> None:
         try:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .config import ConfigError, load_config
-from .errors import RUN_FAILURES, keep_remote_errors, log_failure, one_line
+from .errors import RUN_FAILURES, Interrupted, keep_remote_errors, log_failure, one_line
 from .preflight import OutputDirInUse
 from .prompts import PromptFileError, read_prompts
 
@@ -77,7 +77,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return _run(args)
     except KeyboardInterrupt as e:
-        from .train import Interrupted
         if isinstance(e, Interrupted) and e.checkpoint and e.consistent:
             where = f"saved checkpoint {e.checkpoint}"
         elif isinstance(e, Interrupted) and e.checkpoint:

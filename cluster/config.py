@@ -26,7 +26,7 @@ from policy.family import family
 from policy.files import atomic_write_text
 from policy.hub import is_hub_id
 from policy.sampler import SamplerConfig
-from rewards.base import reward_names
+from rewards.base import reward_class, reward_names
 
 from .prompts import PromptFileError, read_prompts
 
@@ -337,12 +337,11 @@ class RunConfig:
             except PromptFileError as e:
                 problems.append(f"data.{key}: {e}")
                 continue
-            uses_geneval = any(isinstance(r, dict) and r.get("name") == "geneval" for r in rewards)
-            bare = [i for i, it in enumerate(items) if "include" not in it.metadata.get("geneval", it.metadata)]
-            if uses_geneval and bare:
-                problems.append(f"data.{key}={value!r}: the geneval reward needs GenEval metadata (tag, include) for "
-                                f"every prompt, and {len(bare)} of {len(items)} have none (e.g. line {bare[0] + 1}): use "
-                                f"a GenEval .jsonl (data/geneval/evaluation_metadata.jsonl) or another reward")
+            for spec in rewards:            # each reward says what it needs of the prompts (GenEval: its clauses)
+                problem = isinstance(spec, dict) and reward_class(spec).prompt_problem(
+                    [it.prompt for it in items], [it.metadata for it in items])
+                if problem:
+                    problems.append(f"data.{key}={value!r}: {problem}")
         problems += _policy_problems(self.policy, self.learner.lora)
         tree = self.algorithm.tree_spec
         if tree is not None:

@@ -59,6 +59,17 @@ def eval_prompts(cfg: DictConfig) -> list[PromptItem]:
     return items
 
 
+EVAL_STEP, GENERATE_STEP = -1, -2     # the sample-seed streams of the held-out evaluation and `maskgrpo generate`
+
+
+def sample_seeds(seed: int, step: int, slot: int, n: int) -> list[int]:
+    """The one way to seed a sample: the `n` sampler seeds of group `slot` at `step` of a run with `seed`
+    (distinct across steps, slots and samples, for slots below 10 007 and n up to 101). Training steps count from 0; the held-out
+    evaluation (`EVAL_STEP`, slot = prompt) and `maskgrpo generate` (`GENERATE_STEP`) draw from their own steps."""
+    base = (seed * 1_000_003 + step) * 10_007 + slot
+    return [int(base * 101 + g) % (2**62) for g in range(n)]
+
+
 class PromptSchedule:
     """Which prompts step s trains on, from the step alone (no state), so a resumed run draws the same prompts.
 
@@ -108,6 +119,5 @@ class PromptSchedule:
         return [self._draw(k) for k in range(start, start + self.per_step)]
 
     def seeds(self, step: int, slot: int, group_size: int) -> list[int]:
-        """Per-sample sampler seeds of group `slot` of step `step` (distinct across steps, slots and samples)."""
-        base = (self.seed * 1_000_003 + step) * 10_007 + slot
-        return [int(base * 101 + g) % (2**62) for g in range(group_size)]
+        """Per-sample sampler seeds of group `slot` of step `step`."""
+        return sample_seeds(self.seed, step, slot, group_size)

@@ -2,15 +2,21 @@
 drives three role groups — rollout, reward, learner — that run on Ray or in this process (`cluster.backend`).
 
 Trajectories never pass through the driver: rollout workers return them as futures that the driver hands to
-reward actors and learner ranks and forgets. Per step (`Trainer.train_step`, every caller's one step):
+reward actors and learner ranks and forgets. `Trainer.train_step` (every caller's one step) reads as its stages:
 
-    rollouts (batched per worker)  →  rewards (each worker's groups scored as soon as they exist; the call is
-    submitted with the rollout)  →  advantages, filtering, trained steps (`plan_update`: the algorithm lives here)
-    →  update (learner ranks only compute)  →  weight hand-over to the rollout group  →  the step's metrics
+    fleet       workers that became ready since the last step join, with the current weights (`cluster.fleet`)
+    dispatch    this step's groups, one batched rollout call per worker (`RolloutGroup.dispatch`)
+    rewards     each rollout call's groups are scored the moment they exist (`RewardGroup.score_rollouts`)
+    gather      wait for each worker's groups and their rewards; a lost worker's groups and stale ones are
+                dispatched and scored again (`RolloutGroup.gather`)
+    plan        advantages, filtering, trained steps: the algorithm (`algorithm.plan.Planner`)
+    update      the learner ranks compute (`LearnerGroup.train`)
+    hand-over   the new weights to the rollout workers (`LearnerGroup.sync_to`)
 
-`cluster.max_staleness = n > 0` launches the rollouts (and their rewards) of the next n steps before the current
+`cluster.max_staleness = n > 0` dispatches the rollouts (and their rewards) of the next n steps before the current
 update, so sampling overlaps training; a trajectory more than n versions older than the learner is dropped and
-re-sampled.
+re-sampled. The weight version has one owner, the learner (`LearnerGroup.version`); the driver, the fleet and the
+hand-over read it. Every wait goes through `cluster.waiting.Wait` (deadline, liveness watch, message).
 """
 from __future__ import annotations
 
@@ -38,9 +44,25 @@ from .metrics import MetricsLogger
 from .preflight import StartupError, root_cause
 from .reward_group import RewardGroup
 from .errors import FleetError, LearnerFailure
+from .fleet import RolloutFleet
 from .rollout_group import GroupResult, PendingRollout, RolloutGroup, RolloutStats
 from .step_metrics import StepMetrics
 from .timeline import Timeline
+from .waiting import Wait
+
+
+class _LearnerWeights:
+    """The fleet's view of the current learner's weights (the learner group is rebuilt after a rank's loss)."""
+
+    def __init__(self, trainer: "Trainer"):
+        self.trainer = trainer
+
+    @property
+    def version(self) -> int:
+        return self.trainer.learner.version
+
+    def export(self) -> Any:
+        return self.trainer.learner.handover.export()
 
 
 class Trainer:
@@ -54,8 +76,9 @@ class Trainer:
         self.prompts = train_prompts(cfg)
         self.schedule = prompt_schedule(cfg, self.prompts)
         self.learner = LearnerGroup(self.backend, cfg)
-        self.rollouts = RolloutGroup(self.backend, cfg, weights=lambda: self.learner.handover.export(),
-                                     watch=lambda: self.learner.check_alive("the wait for rollouts and rewards"))
+        self.fleet = RolloutFleet(self.backend, cfg, weights=_LearnerWeights(self),
+                                  watch=lambda: self.learner.check_alive("the wait for rollouts and rewards"))
+        self.rollouts = RolloutGroup(self.backend, cfg, self.fleet)
         self.learner_restarts = 0
         self.rewards = RewardGroup.from_config(self.backend, cfg)
         self._eval_rewards: Optional[RewardGroup] = None
@@ -71,7 +94,8 @@ class Trainer:
 
     @property
     def version(self) -> int:
-        return self.rollouts.version
+        """The weight version: the learner's, read (its one owner; the workers hold it after each hand-over)."""
+        return self.learner.version
 
     @property
     def last_checkpoint(self) -> Optional[str]:
@@ -81,20 +105,26 @@ class Trainer:
         """Wait until every actor has built its model; one that fails while starting (e.g. unreadable weights)
         stops the run with its own error as the message, not as a later 'actor died'."""
         roles = ([("learner rank", i, f) for i, f in enumerate(self.learner.ready())] +
-                 [("rollout worker", i, f) for i, f in self.rollouts.ready().items()] +
+                 [("rollout worker", i, f) for i, f in self.fleet.ready().items()] +
                  [("reward actor", i, f) for i, f in enumerate(self.rewards.ready())])
         waiting = {id(f): (role, i, f) for role, i, f in roles}
-        limit, t0 = self.cfg.cluster.actor_start_s, time.monotonic()
+        limit = self.cfg.cluster.actor_start_s
 
         def missing() -> bool:      # rollout workers beyond num_rollout_workers may join later
             return any(role != "rollout worker" for role, _, _ in waiting.values()) or \
-                len(self.rollouts.workers) < self.rollouts.start_workers
-        said = 0.0
-        while waiting and missing():
-            left = limit - (time.monotonic() - t0)
-            # short waits: rollout workers beyond the start count may stay pending while the rest are ready
-            done, _ = self.backend.wait([f for _, _, f in waiting.values()],
-                                        timeout=max(0.1, min(self.cfg.cluster.poll_s, left)))
+                len(self.fleet.workers) < self.fleet.start_workers
+
+        def too_slow(elapsed: float) -> StartupError:
+            self.shutdown()
+            names = ", ".join(f"{role} {i}" for role, i, _ in waiting.values())
+            return StartupError(f"{names} did not start within cluster.actor_start_s={limit:g} s: most often the "
+                                f"cluster has no free CPUs/GPUs left for them (other jobs hold them: see `ray "
+                                f"status`); free them, lower cluster.cpus_per_actor / *_gpus, or raise "
+                                f"cluster.actor_start_s for a slow model load")
+        wait = Wait("the actors to start (pending resources or loading the model; `ray status` shows which)",
+                    self.cfg.cluster.poll_s, limit, expired=too_slow, say_every_s=30.0)
+        for timeout in (wait.polls() if waiting and missing() else ()):
+            done, _ = self.backend.wait([f for _, _, f in waiting.values()], timeout=timeout)
             for f in done:
                 role, i, _ = waiting.pop(id(f))
                 try:
@@ -105,26 +135,14 @@ class Trainer:
                 if role == "reward actor":
                     self.rewards.note_pid(i, value)
                 elif role == "rollout worker":
-                    self.rollouts.admit(i, value)
+                    self.fleet.admit(i, value)
             if not (waiting and missing()):
                 break
-            names = ", ".join(f"{role} {i}" for role, i, _ in waiting.values())
-            elapsed = time.monotonic() - t0
-            if elapsed >= limit:
-                self.shutdown()
-                raise StartupError(f"{names} did not start within cluster.actor_start_s={limit:g} s: most often the "
-                                   f"cluster has no free CPUs/GPUs left for them (other jobs hold them: see `ray "
-                                   f"status`); free them, lower cluster.cpus_per_actor / *_gpus, or raise "
-                                   f"cluster.actor_start_s for a slow model load")
-            if elapsed - said >= 30.0:
-                said = elapsed
-                print(f"[maskgrpo] still waiting for {names} to start ({elapsed:.0f} s; pending resources or loading "
-                      f"the model; `ray status` shows which)", flush=True)
-        self.rollouts.started()
-        if self.rollouts.joining:
-            print(f"[maskgrpo] {len(self.rollouts.workers)} rollout workers in service; "
-                  f"{len(self.rollouts.joining)} more join when resources allow (cluster.max_rollout_workers="
-                  f"{self.rollouts.max_workers})", flush=True)
+        self.fleet.started()
+        if self.fleet.joining:
+            print(f"[maskgrpo] {len(self.fleet.workers)} rollout workers in service; "
+                  f"{len(self.fleet.joining)} more join when resources allow (cluster.max_rollout_workers="
+                  f"{self.fleet.max_workers})", flush=True)
 
     # ----- one training step ---------------------------------------------------------------------------------------
     def train_step(self) -> StepMetrics:
@@ -138,24 +156,27 @@ class Trainer:
 
     def _train_step(self) -> StepMetrics:
         step, t_step, stats = self.step, time.perf_counter(), RolloutStats()
-        self._launch_ahead()
+        self.fleet.admit_joined()               # fleet: workers ready since the last step join, weights first
+        for s in self._steps_to_launch():       # this step's rollouts; with staleness n also the next n steps'
+            launched = self.rollouts.dispatch(self._requests(s))              # dispatch
+            self.rewards.score_rollouts(launched)    # rewards: a call's groups are scored the moment they exist
+            self.inflight[s] = launched
         t0 = time.perf_counter()
-        groups = self.rollouts.gather(self.inflight.pop(step), stats, max_staleness=self.cfg.cluster.max_staleness,
-                                      rewards=self.rewards)
+        groups = self.rollouts.gather(self.inflight.pop(step), self.rewards, stats, self.version,   # gather
+                                      self.cfg.cluster.max_staleness)
         groups = [g for g in groups if g.meta.group_id not in self.accepted_groups]   # never train twice
         wait_s = time.perf_counter() - t0        # rollouts and their (streamed) rewards, as far as not done yet
         self._record_spans(groups)
         staleness = [self.version - g.meta.policy_version for g in groups]
-        rewards = [g.scores.rewards for g in groups]
-        plan = self.planner.plan([self._outcome(g) for g in groups], [g.trajectory for g in groups], step)
+        plan = self.planner.plan([self._outcome(g) for g in groups], [g.trajectory for g in groups], step)  # plan
         t0 = time.perf_counter()
-        update, per_rank = self.learner.train(plan)
+        update, per_rank = self.learner.train(plan)                                                      # update
         learner_s = time.perf_counter() - t0
         self.accepted_groups.update(g.meta.group_id for g in groups)
         for r, part in enumerate(per_rank):
             self.timeline.add("learner", f"rank {r}", f"update {step}", part.started, part.finished)
-        with self.timeline.measure("weight_sync", "learner -> workers", f"sync v{self.version + 1}"):
-            sync = self.learner.sync_to(self.rollouts)
+        with self.timeline.measure("weight_sync", "learner -> workers", f"sync v{self.version}"):
+            sync = self.learner.sync_to(self.fleet)                                                   # hand-over
         self.counters["groups_trained"] += len(groups)
         self.counters["groups_reissued"] += stats.reissued
         self.counters["groups_stale_dropped"] += stats.stale_dropped
@@ -163,13 +184,14 @@ class Trainer:
         self.last_groups = groups
         labels = list(groups[0].scores.components) if groups else []
         return StepMetrics(
-            step=step, version=self.version, group_size=self.cfg.data.group_size, rewards=rewards,
+            step=step, version=self.version, group_size=self.cfg.data.group_size,
+            rewards=[g.scores.rewards for g in groups],
             components={k: [g.scores.components[k] for g in groups] for k in labels}, update=update,
             plan=plan.metrics(), staleness=staleness,
             rollout_spans=[(g.meta.started, g.meta.finished) for g in groups],
             reward_spans=[g.scores.span for g in groups], wait_seconds=wait_s, learner_seconds=learner_s,
             sync=sync, reissued=stats.reissued, stale_dropped=stats.stale_dropped,
-            step_seconds=time.perf_counter() - t_step, rollout_workers=len(self.rollouts.workers),
+            step_seconds=time.perf_counter() - t_step, rollout_workers=len(self.fleet.workers),
             rollout_tokens=stats.rollout_tokens)
 
     # ----- learner loss --------------------------------------------------------------------------------------------
@@ -217,14 +239,10 @@ class Trainer:
         return GroupOutcome(g.meta.group_id, g.meta.prompt, g.scores.rewards, self.cfg.sampler.steps, self.tree,
                             {k: torch.tensor(v) for k, v in g.meta.signals.items()})
 
-    def _launch_ahead(self) -> None:
-        """Put this step's rollouts (and with staleness n the next n steps') in flight, with their reward calls."""
+    def _steps_to_launch(self) -> list[int]:
+        """The steps whose rollouts are not in flight yet: this one, and with staleness n the next n."""
         last = min(self.step + self.cfg.cluster.max_staleness, self.cfg.max_steps - 1)
-        todo = [s for s in range(self.step, last + 1) if s not in self.inflight]
-        if todo:
-            self.rollouts.resync_restarted()   # a worker restarted since the last sync gets the weights first
-        for s in todo:
-            self.inflight[s] = self.rollouts.dispatch(self._requests(s), rewards=self.rewards)
+        return [s for s in range(self.step, last + 1) if s not in self.inflight]
 
     def _record_spans(self, groups: list[GroupResult]) -> None:
         for g in groups:
@@ -234,7 +252,7 @@ class Trainer:
 
     def sync_weights(self) -> dict[str, Any]:
         """Hand the learner's weights to the rollout group (at start and after a resume)."""
-        return self.learner.sync_to(self.rollouts).metrics()
+        return self.learner.sync_to(self.fleet).metrics()
 
     # ----- state ---------------------------------------------------------------------------------------------------
     def driver_state(self) -> dict[str, Any]:
@@ -292,7 +310,7 @@ class Trainer:
 
     def shutdown(self) -> None:
         self.metrics.close()
-        self.rollouts.shutdown()
+        self.fleet.shutdown()
         self.rewards.shutdown()
         if self._eval_rewards not in (None, self.rewards):
             self._eval_rewards.shutdown()

@@ -8,6 +8,7 @@ import re
 import time
 import traceback
 from pathlib import Path
+from typing import Optional
 
 from learner.engine import NonFiniteUpdateError
 from policy.files import DiskFullError
@@ -16,6 +17,14 @@ from rewards.base import RewardError
 
 from .metrics import MetricsFileError
 from .preflight import StartupError
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C: the run stopped; `checkpoint` is where it can continue from (None: nothing saved yet)."""
+
+    def __init__(self, step: int, checkpoint: Optional[str], consistent: bool = True):
+        super().__init__(step, checkpoint)
+        self.step, self.checkpoint, self.consistent = step, checkpoint, consistent
 
 
 class LearnerFailure(RuntimeError):

@@ -18,21 +18,22 @@ from learner.checkpoint import checkpoint_step
 from policy.factory import build_decoder
 from policy.files import atomic_write_json, unused_path
 from policy.images import save_captioned_grid
-from rewards.base import PromptScores, Reward, reward_class
+from rewards.base import PromptScores, reward_class
 
 from .config import ConfigError, plain, section, world_kwargs
-from .data import eval_prompts
+from .data import EVAL_STEP, eval_prompts, sample_seeds
 from .intervals import format_interval, mean_interval, paired_change
 from .preflight import StartupError, prepare_output_dir, root_cause, verify_policy_init
 from .ray_session import backend_session
+from .fleet import RolloutFleet
 from .reward_group import RewardGroup
 from .rollout_group import RolloutGroup, RolloutStats
 
 
 def eval_requests(cfg: DictConfig) -> list[GroupRequest]:
     k = cfg.eval.samples_per_prompt
-    return [GroupRequest(group_id=-(i + 1), step=-1, prompt_index=i, prompt=it.prompt, metadata=it.metadata,
-                         seeds=[(cfg.seed + 7919) * 100_003 + i * 101 + j for j in range(k)])
+    return [GroupRequest(group_id=-(i + 1), step=EVAL_STEP, prompt_index=i, prompt=it.prompt, metadata=it.metadata,
+                         seeds=sample_seeds(cfg.seed, EVAL_STEP, i, k))
             for i, it in enumerate(eval_prompts(cfg))]
 
 
@@ -57,8 +58,9 @@ def evaluate(cfg: DictConfig, rollouts: RolloutGroup, rewards: RewardGroup, step
     ``accuracy``/``objects`` per prompt); without one the report has none of them."""
     k = cfg.eval.samples_per_prompt
     overrides = {"guidance_scale": float(cfg.eval.guidance_scale)}
-    groups = rollouts.gather(rollouts.dispatch(eval_requests(cfg), overrides, rewards=rewards), RolloutStats(),
-                             overrides, rewards=rewards)
+    pending = rollouts.dispatch(eval_requests(cfg), overrides)
+    rewards.score_rollouts(pending)                   # streamed: each worker's groups scored as they exist
+    groups = rollouts.gather(pending, rewards, RolloutStats())
     tags = [str(g.meta.metadata.get("tag", "all")) for g in groups]
     per_prompt: list[dict[str, Any]] = [{"prompt": g.meta.prompt, "tag": t} for g, t in zip(groups, tags)]
     classes = {spec.get("label") or spec.get("name"): reward_class(spec) for spec in eval_reward_specs(cfg)}
@@ -69,7 +71,8 @@ def evaluate(cfg: DictConfig, rollouts: RolloutGroup, rewards: RewardGroup, step
         prompts = [PromptScores(g.meta.prompt, t, g.scores.components[label].tolist(),
                                 {key[len(label) + 1:]: v.tolist() for key, v in g.scores.details.items()
                                  if key.startswith(label + "/")}) for g, t in zip(groups, tags)]
-        summary = classes.get(label, Reward).summarize_evaluation(label, prompts)
+        # a component the config does not name came from a reward server: its label is the server's reward name
+        summary = (classes.get(label) or reward_class(label)).summarize_evaluation(label, prompts)
         for name, (values, aggregate) in summary.metrics.items():
             metrics[name] = {**mean_interval(values, tags, aggregate), "images": sum(len(p.scores) for p in prompts),
                              "aggregate": aggregate, "reward": label, "verdicts": summary.verdicts is not None
@@ -221,7 +224,8 @@ def evaluate_command(cfg: DictConfig, checkpoint: Optional[str] = None, prompts:
     step = checkpoint_step(init) if init.is_dir() else 0
     out = unused_path(report_path(cfg.output_dir, step))
     with backend_session(cfg) as (backend, _):
-        rollouts = RolloutGroup(backend, cfg)
+        fleet = RolloutFleet(backend, cfg)
+        rollouts = RolloutGroup(backend, cfg, fleet)
         rewards = RewardGroup.from_config(backend, cfg, eval_reward_specs(cfg))
         try:
             decoder = build_decoder(section(cfg, "policy"), "cpu", world_kwargs(cfg))
@@ -231,7 +235,7 @@ def evaluate_command(cfg: DictConfig, checkpoint: Optional[str] = None, prompts:
                 raise
             raise StartupError(f"evaluation of policy.init={str(cfg.policy.init)!r} failed: {root_cause(e)}") from None
         finally:
-            rollouts.shutdown()
+            fleet.shutdown()
             rewards.shutdown()
     print(format_table(report, f"{'GenEval' if 'overall' in report else 'held-out evaluation'} ({cfg.policy.init})"))
     print(f"reward mean {report['reward_mean']:.4f}; report {out}, image grids in {out.with_suffix('')}")

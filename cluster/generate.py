@@ -14,6 +14,7 @@ from policy.images import save_captioned_grid
 from policy.sampler import UnmaskingSampler
 
 from .config import ConfigError, section, world_kwargs
+from .data import GENERATE_STEP, sample_seeds
 from .preflight import prepare_output_dir
 
 
@@ -25,7 +26,7 @@ def generate(cfg: DictConfig, prompts: list[str], num_images: int = 1, out_name:
     policy = load_policy(section(cfg, "policy"), device, world=world_kwargs(cfg))
     sampler_cfg = section(cfg, "sampler")
     sampler = UnmaskingSampler(policy.model.eval(), sampler_cfg)
-    seeds = [cfg.seed * 1_000_003 + i for i in range(len(prompts) * num_images)]
+    seeds = [x for i in range(len(prompts)) for x in sample_seeds(cfg.seed, GENERATE_STEP, i, num_images)]
     null = policy.null_condition(sampler_cfg.negative_prompt)
     with tqdm(total=sampler_cfg.steps, desc="unmasking", unit="step", disable=not cfg.logging.progress) as bar:
         traj = sampler.sample(policy.condition(prompts), seeds, group_size=num_images, null_condition=null,

@@ -10,8 +10,7 @@ builds a new group and resumes it from the last checkpoint.
 """
 from __future__ import annotations
 
-import time
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from omegaconf import DictConfig
 
@@ -24,7 +23,11 @@ from .backend import ActorSpec, Backend
 from .config import plain, role_device, section
 from .errors import LearnerFailure
 from .preflight import StartupError, root_cause
+from .waiting import Wait, wait_all
 from .weight_handover import SyncStats, WeightHandover
+
+if TYPE_CHECKING:
+    from .fleet import RolloutFleet
 
 
 class LearnerGroup:
@@ -53,7 +56,7 @@ class LearnerGroup:
             num_cpus=c.cpus_per_actor, num_gpus=c.learner_gpus, scheduling=self.reservation.scheduling(i)))
             for i in range(n)]
         self.handover = WeightHandover(self, c)
-        self.version = 0                   # the weight version of the last update (or resume)
+        self.version = 0                   # the weight version of the last update (or resume): its one owner
         self.last_checkpoint: Optional[str] = None
 
     # ----- calls ---------------------------------------------------------------------------------------------------
@@ -66,17 +69,13 @@ class LearnerGroup:
 
     def get(self, futures: Any, what: str, timeout: Optional[float] = None) -> Any:
         """Wait for learner calls, checking every cluster.poll_s that every rank is alive; a dead rank raises
-        LearnerFailure."""
-        listed = futures if isinstance(futures, list) else [futures]
-        t0 = time.monotonic()
+        LearnerFailure, and so does a wait past `timeout` seconds."""
+        wait = Wait(what, self.cfg.cluster.poll_s, timeout, lambda: self.check_alive(what),
+                    lambda s: LearnerFailure(f"the learner ranks did not finish {what} within {s:.0f} s (a rank "
+                                             f"stuck loading or in a collective): see the ranks' logs"))
         try:
-            while True:
-                left = None if timeout is None else timeout - (time.monotonic() - t0)
-                step = self.cfg.cluster.poll_s if left is None else max(0.0, min(self.cfg.cluster.poll_s, left))
-                done, _ = self.backend.wait(listed, timeout=step)
-                if len(done) == len(listed) or (left is not None and left <= step):
-                    return self.backend.get(futures, timeout=0 if len(done) < len(listed) else None)
-                self.check_alive(what)
+            wait_all(self.backend, futures if isinstance(futures, list) else [futures], wait)
+            return self.backend.get(futures)
         except self.backend.actor_errors as e:
             raise self._failure(what, root_cause(e)) from e
 
@@ -118,7 +117,7 @@ class LearnerGroup:
     def location(self) -> DeviceLocation:
         return self.get(self.call_rank0("location"), "the weight sync")
 
-    def sync_to(self, rollouts) -> SyncStats:
+    def sync_to(self, rollouts: "RolloutFleet") -> SyncStats:
         """Hand the current weights to every rollout worker (path chosen, retried and logged by the hand-over)."""
         return self.handover.sync(rollouts)
 

@@ -32,6 +32,7 @@ from policy.hub import resolve_path
 from policy.weights import CheckpointError, find_weight_files
 
 from .config import ConfigError, plain, rollout_range, section
+from .waiting import Wait
 
 
 class StartupError(RuntimeError):
@@ -307,17 +308,17 @@ def check_cluster_resources(cfg: DictConfig, wait_s: float, read: Optional[Calla
     Nodes that an autoscaler adds late (or resources other jobs release) are waited for up to `wait_s` seconds.
     `read()` returns (free resources, GPUs per node[, nodes as `placement_problems` takes them])."""
     read = read or _ray_resources
-    deadline = time.monotonic() + wait_s
-    while True:
+    problems: list[str] = []
+
+    def too_small(elapsed: float) -> StartupError:
+        return StartupError(f"the Ray cluster is too small for this config (waited {wait_s:g} s for more nodes, "
+                            f"cluster.resource_wait_s):\n  - " + "\n  - ".join(problems))
+    for timeout in Wait("nodes with room for the run", poll_s, wait_s, expired=too_small, say_every_s=60.0).polls():
         total, node_gpus, *rest = read()
         problems = resource_problems(cfg, total, node_gpus) + (placement_problems(cfg, rest[0]) if rest else [])
         if not problems:
             return
-        if time.monotonic() >= deadline:
-            raise StartupError("the Ray cluster is too small for this config (waited "
-                               f"{wait_s:g} s for more nodes, cluster.resource_wait_s):\n  - "
-                               + "\n  - ".join(problems))
-        time.sleep(poll_s)
+        time.sleep(timeout)
 
 
 def check_local_resources(cfg: DictConfig) -> None:

@@ -4,6 +4,7 @@ whose spec carries a Ray `runtime_env` get actor pools of their own, started in 
 
     group = RewardGroup.from_config(backend, cfg)            # cluster.num_reward_actors actors per environment
     pending = group.submit(items, trajectory_futures)        # starts when the trajectories exist
+    group.score_rollouts(rollouts_in_flight)                 # the same, for each rollout call's groups
     results = group.result(pending)                          # list[RewardResult], one per group
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence
 
 from omegaconf import DictConfig
 
@@ -21,6 +22,10 @@ from rewards.worker import RewardResult, RewardWorker
 from .backend import ActorSpec, Backend
 from .config import plain, reward_specs, role_device, section, world_kwargs
 from .errors import RewardGroupError
+from .waiting import Wait
+
+if TYPE_CHECKING:
+    from .rollout_group import PendingRollout
 
 
 @dataclass
@@ -148,6 +153,14 @@ class RewardGroup:
             return parts[0]
         return [merge_results(per_pool) for per_pool in zip(*parts)]
 
+    def score_rollouts(self, pending: Sequence["PendingRollout"]) -> None:
+        """Submit the scoring of each rollout call's groups (`pending[i].score`); a call starts the moment its
+        trajectories exist, so groups are scored as their worker finishes, while the driver does other work."""
+        for p in pending:
+            items = [{"prompts": [r.prompt] * r.group_size, "metadata": [r.metadata] * r.group_size}
+                     for r in p.requests]
+            p.score = self.submit(items, p.trajectories)
+
     def score_groups(self, items: Sequence[Mapping[str, Any]]) -> list[RewardResult]:
         """Score groups (blocking, with one retry per pool)."""
         return self.result(self.submit(items))
@@ -180,7 +193,7 @@ class RewardPool:
 
     def __init__(self, backend: Backend, actors: Sequence[Any], labels: Optional[Sequence[str]] = None,
                  timeout_s: Optional[float] = None, restart_timeout_s: float = 120.0,
-                 spec: Optional[ActorSpec] = None):
+                 spec: Optional[ActorSpec] = None, poll_s: float = 0.5):
         if not actors:
             raise ValueError("a RewardPool needs at least one actor")
         self.backend = backend
@@ -188,6 +201,7 @@ class RewardPool:
         self.labels = list(labels) if labels is not None else None
         self.timeout_s = timeout_s
         self.restart_timeout_s = restart_timeout_s
+        self.poll_s = poll_s               # how often a wait for a restarting actor asks again
         self.spec = spec                   # how to start a replacement for an actor gone for good
         self._next = itertools.count()
         self.retries = 0
@@ -254,24 +268,26 @@ class RewardPool:
                                              f"{retry.actor}): {type(second).__name__}: {second}") from second
 
     def _wait_ready(self, i: int) -> None:
-        """Wait (up to ``restart_timeout_s``) while actor `i` is restarting after its process died."""
-        deadline, replaced = time.monotonic() + self.restart_timeout_s, False
-        while time.monotonic() < deadline:
+        """Wait (up to ``restart_timeout_s``) while actor `i` is restarting after its process died; one dead for
+        good is replaced once. At the limit the wait ends quietly: the retry on it reports the failure."""
+        ping, replaced = self.out.get(i) or self.backend.call(self.actors[i], "ping"), False
+        for timeout in Wait(f"reward actor {i} to restart", self.poll_s, self.restart_timeout_s).polls():
+            if not self.backend.wait([ping], timeout=timeout)[0]:
+                continue
             try:
-                pid = self.backend.get(self.out.get(i) or self.backend.call(self.actors[i], "ping"),
-                                       timeout=max(deadline - time.monotonic(), 0.1))
-                self.note_pid(i, pid)
+                self.note_pid(i, self.backend.get(ping))
                 self.out.pop(i, None)
                 return
             except self.backend.dead_errors:    # dead for good (restarts used up)
                 if self.spec is None or replaced:
                     return                      # nothing (more) to start in its place: let the retry report it
                 self._replace(i)
-                replaced = True
-            except Exception:                   # still restarting, or the wait timed out: ask again
+                replaced, ping = True, self.out[i]
+            except Exception:                   # still restarting: ask again, after a breath
+                time.sleep(min(self.poll_s, 0.2))
+                ping = self.backend.call(self.actors[i], "ping")
                 if i in self.out:
-                    self.out[i] = self.backend.call(self.actors[i], "ping")
-                time.sleep(0.2)
+                    self.out[i] = ping
 
     # ----- elasticity: an actor whose process or node is gone leaves the rotation at once; it comes back when
     # Ray has restarted it (on any node with room, e.g. one that joined), or a new actor replaces one whose

@@ -24,7 +24,7 @@ from policy.weights import CheckpointError
 
 from .config import Backend, ConfigError, save_resolved
 from .driver import Trainer
-from .errors import LearnerFailure
+from .errors import Interrupted, LearnerFailure
 from .evaluate import eval_scalars, format_before_after, format_table, report_path
 from .metrics import truncate_metrics
 from .plots import reward_curve
@@ -91,14 +91,6 @@ def keep_history(cfg: DictConfig, step: int) -> None:
             timeline.unlink()
         else:
             os.replace(timeline, kept)
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C: the run stopped; `checkpoint` is where it can continue from (None: nothing saved yet)."""
-
-    def __init__(self, step: int, checkpoint: Optional[str], consistent: bool = True):
-        super().__init__(step, checkpoint)
-        self.step, self.checkpoint, self.consistent = step, checkpoint, consistent
 
 
 class InterruptGuard:
@@ -185,7 +177,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         print(f"[maskgrpo] warning: {note}", flush=True)
     resume = _resume_path(cfg)
     if resume is not None:
-        verify_resume_lora(cfg, resume)
         verify_resume_lora(cfg, resume)
         done = checkpoint_step(resume)
         if done >= cfg.max_steps:

@@ -15,10 +15,11 @@ from typing import TYPE_CHECKING, Any, Optional
 from actors.weight_sync import SyncPath, choose_sync_path
 
 from .errors import FleetError, LearnerFailure
+from .waiting import Wait, wait_all
 
 if TYPE_CHECKING:
     from .learner_group import LearnerGroup
-    from .rollout_group import RolloutGroup
+    from .fleet import RolloutFleet
 
 
 @dataclass
@@ -47,20 +48,23 @@ class WeightHandover:
         self._group_epoch = 0
         self._group_ready = False
 
-    def export(self) -> tuple[int, Any]:
-        """(version, a future of the weight buckets in host memory), for workers that came back without them."""
-        return self.learner.version, self.learner.export(self.bucket_bytes, self.weight_dtype)
+    @property
+    def version(self) -> int:
+        """The version of the weights handed over: the learner's (the one owner of the version)."""
+        return self.learner.version
 
-    def sync(self, rollouts: "RolloutGroup") -> SyncStats:
+    def export(self) -> Any:
+        """A future of the weight buckets in host memory, for workers that join without them."""
+        return self.learner.export(self.bucket_bytes, self.weight_dtype)
+
+    def sync(self, rollouts: "RolloutFleet") -> SyncStats:
         """Publish the learner's weights to every rollout worker. A failed collective broadcast (a member died or
         timed out) falls back to the object store for this sync; a worker that dies during the transfer is
-        waited for (the backend restarts it) and served again."""
+        dropped from the fleet (`RolloutFleet.statuses`) and the transfer is tried again."""
         t0 = time.perf_counter()
-        rollouts.version = self.learner.version = self.learner.get(self.learner.call_rank0("version"),
-                                                                   "the weight sync")
         nbytes, fallback, mode = 0.0, False, SyncPath.object_store
         for attempt in range(3):
-            status = rollouts.wait_ready()
+            status = rollouts.statuses()
             self._check_workers(status)
             mode = SyncPath.object_store if fallback else self.path
             try:
@@ -108,7 +112,7 @@ class WeightHandover:
         self.path, self.collective_backend = path, backend
         self._configured = self.cluster_cfg.weight_sync
 
-    def _transfer(self, mode: SyncPath, rollouts: "RolloutGroup") -> float:
+    def _transfer(self, mode: SyncPath, rollouts: "RolloutFleet") -> float:
         """Move the weights by `mode`; returns the bytes sent."""
         get, learner, dtype, size = self._get, self.learner, self.weight_dtype, self.bucket_bytes
         if mode == SyncPath.in_process:
@@ -133,21 +137,18 @@ class WeightHandover:
 
     def _get(self, futures: list[Any]) -> list[Any]:
         """Wait for a transfer's calls (learner and workers) up to cluster.sync_timeout_s, checking every
-        cluster.poll_s that the learner ranks are alive (a dead rank: LearnerFailure, not a fallback)."""
-        t0, limit, poll = time.monotonic(), self.cluster_cfg.sync_timeout_s, self.cluster_cfg.poll_s
-        while True:
-            done, _ = self.backend.wait(futures, timeout=poll)
-            if len(done) == len(futures):
-                return self.backend.get(futures)
-            for f in done:                   # a member that failed fails the transfer now, not at its timeout
-                self.backend.get(f)
-            self.learner.check_alive("the weight sync")
-            if time.monotonic() - t0 > limit:
-                raise FleetError(f"a weight transfer to the rollout workers did not finish within "
+        cluster.poll_s that the learner ranks are alive (a dead rank: LearnerFailure, not a fallback); a member
+        that failed fails the transfer at once, not at the deadline."""
+        limit = self.cluster_cfg.sync_timeout_s
+        wait_all(self.backend, futures, Wait(
+            "the weight hand-over", self.cluster_cfg.poll_s, limit, lambda: self.learner.check_alive("the weight sync"),
+            lambda s: FleetError(f"a weight transfer to the rollout workers did not finish within "
                                  f"cluster.sync_timeout_s={limit:g} s (a slow network or a stuck worker: `ray "
-                                 f"status`); raise cluster.sync_timeout_s or set cluster.weight_sync=object_store")
+                                 f"status`); raise cluster.sync_timeout_s or set cluster.weight_sync=object_store")),
+                 fail_fast=True)
+        return self.backend.get(futures)
 
-    def _form_group(self, rollouts: "RolloutGroup") -> None:
+    def _form_group(self, rollouts: "RolloutFleet") -> None:
         self._group_epoch += 1
         ids = sorted(rollouts.workers)
         learner = self.learner

@@ -168,6 +168,12 @@ class Reward(ABC):
         """Score one micro-batch of uint8 [b,H,W,3] images."""
 
     @classmethod
+    def prompt_problem(cls, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> Optional[str]:
+        """What makes these prompts unusable for this reward (e.g. GenEval without its clauses), or None. The
+        config checks every prompt file against every reward with it before any actor starts."""
+        return None
+
+    @classmethod
     def summarize_evaluation(cls, label: str, prompts: Sequence[PromptScores]) -> EvaluationSummary:
         """The reward's held-out metrics from its scores of every prompt's images: here one, named `label`, the
         mean score of each prompt averaged over prompts. A reward with more to say (GenEval: strict verdicts,

@@ -352,6 +352,15 @@ class GenEvalReward(Reward):
                             details={"strict": strict, "fraction": frac, "objects": objects})
 
     @classmethod
+    def prompt_problem(cls, prompts: Sequence[str], metadata: Sequence[Mapping[str, Any]]) -> Optional[str]:
+        bare = [i for i, m in enumerate(metadata) if "include" not in m.get("geneval", m)]
+        if not bare:
+            return None
+        return (f"the geneval reward needs GenEval metadata (tag, include) for every prompt, and {len(bare)} of "
+                f"{len(metadata)} have none (e.g. line {bare[0] + 1}): use a GenEval .jsonl "
+                f"(data/geneval/evaluation_metadata.jsonl) or another reward")
+
+    @classmethod
     def summarize_evaluation(cls, label: str, prompts: Sequence[PromptScores]) -> EvaluationSummary:
         """Beside the score's metric (`label`), GenEval's strict verdicts (the ``strict`` detail): the metric
         ``<label>/strict`` (each prompt's accuracy; overall the mean of the categories' accuracies, GenEval's

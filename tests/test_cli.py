@@ -52,7 +52,8 @@ def test_generate_writes_codes_prompts_and_a_captioned_grid(tmp_path, capsys):
     assert codes.shape == (6, 16) and codes.dtype == torch.long                  # 2 prompts x 3 images, 4x4 tokens
     assert int(codes.min()) >= 0 and int(codes.max()) < 64                       # every token committed, in the codebook
     assert saved["prompts"] == PROMPTS and saved["num_images"] == 3
-    assert saved["seeds"] == list(range(6))                                      # seed 0: seed * 1_000_003 + i
+    from cluster.data import GENERATE_STEP, sample_seeds
+    assert saved["seeds"] == sample_seeds(0, GENERATE_STEP, 0, 3) + sample_seeds(0, GENERATE_STEP, 1, 3)
     assert json.loads((tmp_path / "a" / "generate" / "prompts.json").read_text()) == PROMPTS
     # the grid: a row per prompt, captioned, the decoded codes at 16x (256 px)
     cfg = load_config(TINY, [])
@@ -63,7 +64,7 @@ def test_generate_writes_codes_prompts_and_a_captioned_grid(tmp_path, capsys):
     # same config and seed: the same codes; another seed: other codes
     assert torch.equal(_generate(tmp_path / "b")["codes"], codes)
     other = _generate(tmp_path / "c", "seed=1")
-    assert other["seeds"] == [1_000_003 + i for i in range(6)] and not torch.equal(other["codes"], codes)
+    assert other["seeds"] == sample_seeds(1, GENERATE_STEP, 0, 3) + sample_seeds(1, GENERATE_STEP, 1, 3) and not torch.equal(other["codes"], codes)
 
 
 def test_generate_needs_a_prompt(tmp_path, capsys):

@@ -161,7 +161,7 @@ def trainer(local_ray, tmp_path_factory):
 
 def _digests(ray, tr):
     learner = ray.get(tr.learner.ranks[0].digest.remote())
-    workers = ray.get([w.digest.remote() for w in tr.rollouts.workers.values()])
+    workers = ray.get([w.digest.remote() for w in tr.fleet.workers.values()])
     return learner, workers
 
 
@@ -179,7 +179,7 @@ def test_weights_reach_every_worker_collective_and_object_store(local_ray, train
         assert workers == [learner] * 2, mode                                   # every worker holds them
         assert rec["sync_collective"] == float(mode == "collective")
         assert rec["sync_bytes"] > 0
-        statuses = tr.rollouts.wait_ready()
+        statuses = tr.fleet.statuses()
         assert {s["version"] for s in statuses.values()} == {tr.version}
     tr.cfg.cluster.weight_sync = "collective"
 
@@ -223,29 +223,31 @@ def test_killed_rollout_worker_loses_and_duplicates_no_group(local_ray, trainer)
     ray, tr = local_ray, trainer
     start_step, trained0, reissued0 = tr.step, tr.counters["groups_trained"], tr.counters["groups_reissued"]
     ids: list[int] = []
-    victim = tr.rollouts.workers[0]
+    victim = tr.fleet.workers[0]
     old_pid = ray.get(victim.ready.remote())["pid"]
     # Put the step's rollouts in flight with worker 0's queued behind a sleep, then kill worker 0.
     victim.__ray_call__.remote(lambda self: time.sleep(3))
-    tr._launch_ahead()
+    for s in tr._steps_to_launch():              # the step's dispatch and rewards stages
+        tr.inflight[s] = tr.rollouts.dispatch(tr._requests(s))
+        tr.rewards.score_rollouts(tr.inflight[s])
     assert {p.worker for p in tr.inflight[tr.step]} == {0, 1}
     ray.kill(victim, no_restart=False)           # rollout workers are not restarted: the fleet replaces them
     recs = _run_steps(tr, 1, ids)
     assert recs[0]["groups_reissued"] >= 1 and recs[0]["groups"] == PPS
-    assert 0 not in tr.rollouts.workers                                         # dropped, its groups re-issued
+    assert 0 not in tr.fleet.workers                                         # dropped, its groups re-issued
     t0 = time.monotonic()
-    while len(tr.rollouts.workers) < 2 and time.monotonic() - t0 < 300:         # the replacement joins
+    while len(tr.fleet.workers) < 2 and time.monotonic() - t0 < 300:         # the replacement joins
         recs += _run_steps(tr, 1, ids)
-    newest = tr.rollouts.workers[max(tr.rollouts.workers)]
-    assert len(tr.rollouts.workers) == 2 and ray.get(newest.ready.remote())["pid"] != old_pid
+    newest = tr.fleet.workers[max(tr.fleet.workers)]
+    assert len(tr.fleet.workers) == 2 and ray.get(newest.ready.remote())["pid"] != old_pid
     recs += _run_steps(tr, 1, ids)
     learner, workers = _digests(ray, tr)
     assert workers == [learner] * 2                                             # with the current weights
     assert recs[-1]["sync_collective"] == 1.0                                   # in a re-formed sync group
     # Another one dies: the run goes on with the one left (cluster.min_rollout_workers: 1) in the same step.
-    ray.kill(tr.rollouts.workers[min(tr.rollouts.workers)], no_restart=True)
+    ray.kill(tr.fleet.workers[min(tr.fleet.workers)], no_restart=True)
     recs += _run_steps(tr, 2, ids)
-    assert len(tr.rollouts.workers) >= 1
+    assert len(tr.fleet.workers) >= 1
     steps = tr.step - start_step
     assert tr.counters["groups_trained"] - trained0 == steps * PPS == len(ids) == len(set(ids))
     assert all(r["kept_groups"] + r["dropped_groups"] == PPS for r in recs)                      # each group trained once

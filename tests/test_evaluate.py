@@ -117,11 +117,11 @@ class FakeRollouts:
         self.overrides, self.label = None, label
         self.backend = SimpleNamespace(get=lambda futures: futures)
 
-    def dispatch(self, requests, overrides, rewards=None):
-        self.overrides, self.pool = overrides, rewards
+    def dispatch(self, requests, overrides):
+        self.overrides = overrides
         return requests
 
-    def gather(self, requests, stats, overrides, rewards=None):
+    def gather(self, requests, rewards, stats):
         """Each group with its (streamed) scores, as the real rollout group returns them."""
         from actors.types import GroupMeta
         from cluster.rollout_group import GroupResult
@@ -135,6 +135,16 @@ class FakeRollouts:
                             label=self.label)
             out.append(GroupResult(meta, SimpleNamespace(final_codes=codes), scores))
         return out
+
+
+class FakeRewards:
+    """Records that the evaluation submitted the scoring of its rollouts before gathering them (streaming)."""
+
+    def __init__(self, rollouts):
+        self.rollouts = rollouts
+
+    def score_rollouts(self, pending):
+        self.rollouts.pool = "scored before the gather"
 
 
 def decode(codes):
@@ -156,14 +166,14 @@ def _evaluate(tmp_path, monkeypatch, rewards_cfg, rollouts):
                         or real(images, path, captions, nrow, scale=scale, **marks))
     cfg = OmegaConf.create({"seed": 0, "output_dir": str(tmp_path), "rewards": rewards_cfg,
                             "eval": {"samples_per_prompt": 3, "guidance_scale": 2.5, "rewards": []}})
-    return ev.evaluate(cfg, rollouts, "the reward group", step=7, decoder=decode), {c[0]: c[1:] for c in calls}
+    return ev.evaluate(cfg, rollouts, FakeRewards(rollouts), step=7, decoder=decode), {c[0]: c[1:] for c in calls}
 
 
 def test_evaluate_report_numbers_and_captioned_grids(tmp_path, monkeypatch):
     rollouts = FakeRollouts()
     report, by_name = _evaluate(tmp_path, monkeypatch, [{"name": "geneval", "detector": {"name": "shapes"}}], rollouts)
 
-    assert rollouts.overrides == {"guidance_scale": 2.5} and rollouts.pool == "the reward group"   # streamed
+    assert rollouts.overrides == {"guidance_scale": 2.5} and rollouts.pool == "scored before the gather"
     # accuracies by hand: single_object (2 + 0) / 6, counting 2 / 3, colors (3 + 1) / 6; overall = their mean
     assert report["categories"] == pytest.approx({"single_object": 2 / 6, "counting": 2 / 3, "colors": 4 / 6})
     assert list(report["categories"]) == ["single_object", "counting", "colors"]      # GenEval's order
@@ -220,6 +230,17 @@ def test_evaluate_without_a_geneval_reward_reports_metrics_and_no_verdicts(tmp_p
     images, captions, nrow, marks = by_name["colors.png"]
     assert marks == {"scores": pytest.approx(REWARDS[3] + REWARDS[4]), "score_name": "pickscore"}
     assert json.loads((tmp_path / "eval" / "step_000007.json").read_text()) == json.loads(json.dumps(report))
+
+
+def test_a_reward_servers_geneval_component_gets_geneval_verdicts(tmp_path, monkeypatch):
+    """Behind a reward server the config names only `remote`; the server's component labelled geneval (with its
+    geneval/strict details) is summarized by GenEval, so the report has the same overall and categories."""
+    local, _ = _evaluate(tmp_path / "local", monkeypatch, [{"name": "geneval", "detector": {"name": "shapes"}}],
+                         FakeRollouts())
+    remote, _ = _evaluate(tmp_path / "remote", monkeypatch,
+                          [{"name": "remote", "url": "http://127.0.0.1:1/score", "label": "server"}], FakeRollouts())
+    assert remote["overall"] == pytest.approx(local["overall"]) and remote["categories"] == local["categories"]
+    assert remote["metrics"]["geneval/strict"]["verdicts"] and "overall" in local
 
 
 # ---------------------------------------------------------------------------------------------- reward curve

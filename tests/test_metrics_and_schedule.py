@@ -121,6 +121,11 @@ def test_schedule_seeds_are_distinct():
     other = PromptSchedule(94, 8, seed=1)
     mine = set(seeds)
     assert not any(x in mine for step in range(200) for slot in range(8) for x in other.seeds(step, slot, 8))
+    # the one formula also seeds the evaluation and `generate`, from their own steps: no training sample repeats
+    from cluster.data import EVAL_STEP, GENERATE_STEP, sample_seeds
+    for stream in (EVAL_STEP, GENERATE_STEP):
+        held_out = [x for i in range(553) for x in sample_seeds(0, stream, i, 4)]
+        assert len(set(held_out)) == len(held_out) and not mine & set(held_out)
 
 
 # ---------------------------------------------------------------------------------------------- metrics

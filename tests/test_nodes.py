@@ -69,22 +69,22 @@ def test_roles_placed_rollout_node_lost_mid_step_and_a_joined_node_used(ray_clus
         backend = tr.backend
         # roles land where the config says
         assert backend.node(tr.learner.ranks[0]) == _node_id(learner_node)
-        assert sorted(tr.rollouts.nodes.values()) == sorted(_node_id(n) for n in rollout_nodes)
+        assert sorted(tr.fleet.nodes.values()) == sorted(_node_id(n) for n in rollout_nodes)
         assert backend.node(tr.rewards.actors[0]) == ray_cluster.head_node.node_id
         normal = [tr.train_step().step_seconds for _ in range(2)]
 
         # kill a rollout node as the step dispatches its rollouts, before the driver knows: its worker's groups
         # are sent to a worker Ray has marked dead. (Killing the node just after the dispatch raced the tiny
         # rollout, which the orphaned worker process could still finish: then nothing was lost to re-issue.)
-        victim_id = min(tr.rollouts.workers)
-        victim_node = next(n for n in rollout_nodes if _node_id(n) == tr.rollouts.nodes[victim_id])
+        victim_id = min(tr.fleet.workers)
+        victim_node = next(n for n in rollout_nodes if _node_id(n) == tr.fleet.nodes[victim_id])
         real_dispatch = tr.rollouts.dispatch
 
         def dispatch_then_kill(*args, **kwargs):
-            if victim_id in tr.rollouts.workers:
+            if victim_id in tr.fleet.workers:
                 ray_cluster.remove_node(victim_node, allow_graceful=False)
                 t0 = time.monotonic()
-                while backend.alive(tr.rollouts.workers[victim_id]) and time.monotonic() - t0 < 60:
+                while backend.alive(tr.fleet.workers[victim_id]) and time.monotonic() - t0 < 60:
                     time.sleep(0.1)
             return real_dispatch(*args, **kwargs)
 
@@ -95,8 +95,8 @@ def test_roles_placed_rollout_node_lost_mid_step_and_a_joined_node_used(ray_clus
         rec = hit.to_json()
         assert rec["groups"] == PPS and rec["groups_reissued"] >= 1
         assert sorted(g.meta.group_id for g in tr.last_groups) == [step * PPS + k for k in range(PPS)]
-        assert victim_id not in tr.rollouts.workers and len(tr.rollouts.workers) == 1
-        assert len(tr.rollouts.joining) == 1               # a replacement waits for a node with room
+        assert victim_id not in tr.fleet.workers and len(tr.fleet.workers) == 1
+        assert len(tr.fleet.joining) == 1               # a replacement waits for a node with room
         print(f"\nnormal steps {normal[0]:.2f} s, {normal[1]:.2f} s; the step that lost a rollout node "
               f"{hit.step_seconds:.2f} s (Ray health checks every 1 s, dead after 5 missed)")
         recs = [tr.train_step().to_json() for _ in range(1)]
@@ -105,17 +105,17 @@ def test_roles_placed_rollout_node_lost_mid_step_and_a_joined_node_used(ray_clus
         # a node joins: the queued worker starts on it, gets the current weights and samples from the next step
         new_node = ray_cluster.add_node(**ROLLOUT_NODE)
         t0 = time.monotonic()
-        while len(tr.rollouts.workers) < 2 and time.monotonic() - t0 < 300:
+        while len(tr.fleet.workers) < 2 and time.monotonic() - t0 < 300:
             recs.append(tr.train_step().to_json())
-        assert len(tr.rollouts.workers) == 2, "the joined node got no rollout worker"
-        joined = max(tr.rollouts.workers)
-        assert tr.rollouts.nodes[joined] == _node_id(new_node)
+        assert len(tr.fleet.workers) == 2, "the joined node got no rollout worker"
+        joined = max(tr.fleet.workers)
+        assert tr.fleet.nodes[joined] == _node_id(new_node)
         step = tr.step
         recs.append(tr.train_step().to_json())
-        assert {g.meta.worker_id for g in tr.last_groups} == set(tr.rollouts.workers)    # both sample
+        assert {g.meta.worker_id for g in tr.last_groups} == set(tr.fleet.workers)    # both sample
         assert {g.meta.policy_version for g in tr.last_groups} == {tr.version - 1}     # with the current weights
         learner = ray.get(tr.learner.ranks[0].digest.remote())
-        assert ray.get([w.digest.remote() for w in tr.rollouts.workers.values()]) == [learner] * 2
+        assert ray.get([w.digest.remote() for w in tr.fleet.workers.values()]) == [learner] * 2
         assert sorted(g.meta.group_id for g in tr.last_groups) == [step * PPS + k for k in range(PPS)]
         assert tr.counters["groups_trained"] == tr.step * PPS                              # each group once
     finally:
@@ -167,7 +167,7 @@ def test_learner_node_lost_is_rebuilt_from_the_checkpoint_and_the_run_finishes(r
 
 def test_placement_keys_reach_the_actor_specs_and_the_preflight_names_missing_nodes(tmp_path):
     from cluster.preflight import StartupError, check_cluster_resources, placement_problems
-    from cluster.rollout_group import rollout_spec
+    from cluster.fleet import rollout_spec
     cfg = placed_cfg(tmp_path, "cluster.min_rollout_workers=2", "cluster.max_rollout_workers=4")   # start: 2
     spec = rollout_spec(cfg, 0)
     assert spec.resources == {"rollout": 1.0} and spec.labels == {"role": "rollout"} and spec.max_restarts == 0
@@ -266,7 +266,7 @@ def test_a_weight_transfer_that_fails_because_the_learner_died_is_a_learner_fail
             raise ActorGone("At least one of the input arguments for this task could not be computed")
         return 10.0
 
-    rollouts = SimpleNamespace(version=0, wait_ready=lambda: {0: {"dtype": "float32", "pid": 1}})
+    rollouts = SimpleNamespace(statuses=lambda: {0: {"dtype": "float32", "pid": 1}})
     for dead, expected in ((True, [SyncPath.collective]), (False, [SyncPath.collective, SyncPath.object_store])):
         learner, tries[:] = Learner(), []
         learner.dead = dead

@@ -140,12 +140,12 @@ def test_weight_buckets_pickle_with_cpu_buffers_and_move():
 
 
 def test_steps_checked_on_the_host():
-    assert checked_steps(None, 4, torch.device("cpu")).tolist() == [0, 1, 2, 3]
-    assert checked_steps([1, 3], 4, torch.device("cpu")).tolist() == [1, 3]
+    assert checked_steps(None, 4).tolist() == [0, 1, 2, 3]
+    assert checked_steps([1, 3], 4).tolist() == [1, 3]
     with pytest.raises(ValueError, match=r"steps must lie in \[0, 4\)"):
-        checked_steps(torch.tensor([0, 4]), 4, torch.device("cpu"))
+        checked_steps(torch.tensor([0, 4]), 4)
     with pytest.raises(ValueError, match="1-D"):
-        checked_steps(torch.tensor([[0]]), 4, torch.device("cpu"))
+        checked_steps(torch.tensor([[0]]), 4)
 
 
 def test_model_built_on_meta_has_the_real_layout():

@@ -78,7 +78,8 @@ def test_ctrl_c_during_the_update_saves_a_consistent_checkpoint_and_resume_repea
     continues at the next step: max_steps updates in all, versions without a gap, one metrics line per step."""
     import ray
     from cluster.learner_group import LearnerGroup
-    from cluster.train import Interrupted, train
+    from cluster.errors import Interrupted
+    from cluster.train import train
     real = LearnerGroup.get
     fired = []
 
@@ -151,7 +152,7 @@ def test_interrupt_guard_defers_then_raises_and_a_second_ctrl_c_stops_at_once():
 
 def test_ctrl_c_ends_with_the_checkpoint_and_the_resume_command(monkeypatch, capsys, tmp_path):
     import cluster.train as train_mod
-    from cluster.train import Interrupted
+    from cluster.errors import Interrupted
 
     def stopped(cfg):
         raise Interrupted(7, str(tmp_path / "checkpoints" / "step_000007"))
