@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=None, help="port (default: reward_server.port, 8377)")
     s.add_argument("--token-file", default=None, help="file holding the bearer token (else $MASKGRPO_REWARD_TOKEN)")
     s.add_argument("overrides", nargs="*", help="key=value overrides, e.g. reward_server.max_batch=32")
-    s = sub.add_parser("export", help="merge a LoRA checkpoint into Show-o weights (policy.init opens them)",
+    s = sub.add_parser("export",
+                       help="merge a LoRA checkpoint into the family's released layout (policy.init opens it)",
                        epilog=EPILOG)
     s.add_argument("--checkpoint", required=True, help="a LoRA training checkpoint (runs/x/checkpoints/step_N)")
     s.add_argument("--out", required=True, help="a new directory for pytorch_model.safetensors + config.json")
@@ -117,7 +118,7 @@ def _run(args: argparse.Namespace) -> int:
         from pathlib import Path
         path = args.config or (str(run_config_of(Path(args.checkpoint))) if args.overrides else None)
         out = export_merged(load_config(path, args.overrides) if path else None, args.checkpoint, args.out)
-        print(f"wrote {out} (merged LoRA weights in the Show-o layout: policy.init={out} opens them)")
+        print(f"wrote {out} (merged LoRA weights in the family's released layout: policy.init={out} opens them)")
         return 0
     if args.command == "serve-reward" and (refused := _serve_reward_refusal(args)):
         print(f"maskgrpo serve-reward: {refused}", file=sys.stderr)

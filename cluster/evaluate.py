@@ -212,7 +212,8 @@ def evaluate_command(cfg: DictConfig, checkpoint: Optional[str] = None, prompts:
         path = Path(checkpoint).expanduser()
         if not path.exists():
             raise ConfigError(f"--checkpoint {checkpoint!r} does not exist: give a checkpoint directory (e.g. "
-                              f"runs/default/checkpoints/step_000150) or a Show-o release directory")
+                              f"runs/default/checkpoints/step_000150) or a released model directory (Show-o, "
+                              f"Meissonic)")
         cfg.policy.init = str(path)   # a training checkpoint holds config.json + pytorch_model.safetensors
     if prompts is not None:
         cfg.data.eval_prompts = prompts
