@@ -2,10 +2,10 @@
 backend (every role in this process, no Ray), with each batch launched `--staleness` steps before it is trained,
 so the learning dynamics are seen without the distributed machinery.
 
-    python -m benchmarks.stale_updates --staleness 1 learner.stale_logprobs=recorded      # the old behaviour
+    python -m benchmarks.stale_updates --staleness 1 algorithm.stale_logprobs=recorded      # the old behaviour
     python -m benchmarks.stale_updates --staleness 1                                      # the fix (recompute)
-    python -m benchmarks.stale_updates --staleness 1 learner.stale_logprobs=recorded learner.clip_low=1e-6 \\
-        learner.clip_high=1e6                                                             # no clip
+    python -m benchmarks.stale_updates --staleness 1 algorithm.stale_logprobs=recorded algorithm.clip_low=1e-6 \\
+        algorithm.clip_high=1e6                                                             # no clip
 
 It runs `cluster.driver.Trainer.train_step` (`cluster.backend=local`, `cluster.max_staleness=--staleness`) and
 prints one JSON line: the training reward of the first and last 10 steps, the share of clipped rows, the largest
