@@ -1,6 +1,6 @@
 """The efficiency frontier: held-out gain against compute for the recipes of configs/efficiency.yaml.
 
-    python -m benchmarks.efficiency [--config configs/efficiency.yaml] [--seeds 0,1,2] [--only NAME]
+    python -m benchmarks.efficiency [--config configs/efficiency.yaml] [--seeds 0,1,2] [--only NAME] [--cached]
                                     [--root runs/efficiency] [--doc docs/efficiency.md]
 
 Every (variant, seed) is a full training run (`benchmarks.ablations.run_or_load`: cached in
@@ -35,10 +35,10 @@ def interval(values: list[float]) -> tuple[float, float]:
     return float(v.mean()), T_95.get(len(v) - 1, 1.96) * float(v.std(ddof=1)) / math.sqrt(len(v))
 
 
-def summarise(name: str, runs: list[dict]) -> dict:
+def summarise(name: str, runs: list[dict], seeds: list[int]) -> dict:
     gains = [r["eval_end"]["overall"] - r["eval_start"]["overall"] for r in runs]
     mean, half = interval(gains)
-    return {"name": name, "seeds": len(runs), "gain": mean, "gain_ci": half, "gains": gains,
+    return {"name": name, "seeds": len(runs), "seed_ids": seeds, "gain": mean, "gain_ci": half, "gains": gains,
             "before": float(np.mean([r["eval_start"]["overall"] for r in runs])),
             "after": float(np.mean([r["eval_end"]["overall"] for r in runs])),
             **{k: float(np.mean([r[k] for r in runs])) for k in ("compute_tokens", "rollout_tokens", "learner_tokens",
@@ -47,12 +47,12 @@ def summarise(name: str, runs: list[dict]) -> dict:
 
 def table(rows: list[dict]) -> str:
     ref = rows[0]
-    lines = ["| recipe | held-out before → after | gain (95 % CI) | compute (M tokens) | share of default | "
+    lines = ["| recipe | seeds | held-out before → after | gain (95 % CI) | compute (M tokens) | share of default | "
              "rollout / learner (M) | train wall s | run CPU s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ci = f" ± {r['gain_ci']:.3f}" if math.isfinite(r["gain_ci"]) else ""
-        lines.append(f"| {r['name']} | {r['before']:.3f} → {r['after']:.3f} | {r['gain']:+.3f}{ci} | "
+        lines.append(f"| {r['name']} | {','.join(map(str, r['seed_ids']))} | {r['before']:.3f} → {r['after']:.3f} | {r['gain']:+.3f}{ci} | "
                      f"{r['compute_tokens'] / 1e6:.2f} | {r['compute_tokens'] / ref['compute_tokens']:.0%} | "
                      f"{r['rollout_tokens'] / 1e6:.2f} / {r['learner_tokens'] / 1e6:.2f} | "
                      f"{r['train_step_seconds']:.0f} | {r['cpu_seconds']:.0f} |")
@@ -88,6 +88,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default=None, help="comma-separated seeds (default: the file's)")
     ap.add_argument("--only", default=None, help="run only variants whose name contains this")
     ap.add_argument("--root", default="runs/efficiency")
+    ap.add_argument("--cached", action="store_true",
+                    help="run nothing: summarise the (variant, seed) runs already cached under --root")
     ap.add_argument("--doc", default="docs/efficiency.md", help="where the results go ('' for none)")
     args = ap.parse_args(argv)
     spec = OmegaConf.load(args.config)
@@ -96,9 +98,14 @@ def main(argv=None) -> int:
     for name, overrides in spec.variants.items():
         if args.only and args.only not in name:
             continue
-        runs = [run_or_load(spec.base, list(spec.common) + list(overrides) + [f"seed={seed}"],
-                            Path(args.root) / slug(name) / f"seed{seed}") for seed in seeds]
-        rows.append(summarise(name, runs))
+        dirs = {seed: Path(args.root) / slug(name) / f"seed{seed}" for seed in seeds}
+        if args.cached:
+            dirs = {seed: d for seed, d in dirs.items() if (d / "summary.json").exists()}
+            if not dirs:
+                continue
+        runs = [run_or_load(spec.base, list(spec.common) + list(overrides) + [f"seed={seed}"], d)
+                for seed, d in dirs.items()]
+        rows.append(summarise(name, runs, list(dirs)))
         print(table(rows), flush=True)
     if args.doc and rows:
         doc = Path(args.doc)

@@ -63,11 +63,18 @@ EVAL_STEP, GENERATE_STEP = -1, -2     # the sample-seed streams of the held-out 
 
 
 def sample_seeds(seed: int, step: int, slot: int, n: int) -> list[int]:
-    """The one way to seed a sample: the `n` sampler seeds of group `slot` at `step` of a run with `seed`
-    (distinct across steps, slots and samples, for slots below 10 007 and n up to 101). Training steps count from 0; the held-out
-    evaluation (`EVAL_STEP`, slot = prompt) and `maskgrpo generate` (`GENERATE_STEP`) draw from their own steps."""
-    base = (seed * 1_000_003 + step) * 10_007 + slot
-    return [int(base * 101 + g) % (2**62) for g in range(n)]
+    """The one way to seed a sample: the `n` sampler seeds of group `slot` at `step` of a run with `seed`, each
+    `stream base + 101 slot + sample` (distinct across steps, slots and samples for n up to 101). Training steps
+    count from 0 (slots below 10 007); the held-out evaluation (`EVAL_STEP`, slot = prompt index) keeps the base it
+    has had since the first release, so every evaluation table stays comparable; `maskgrpo generate`
+    (`GENERATE_STEP`) has its own."""
+    if step == EVAL_STEP:
+        base = (seed + 7919) * 100_003
+    elif step == GENERATE_STEP:
+        base = (2**40 + seed) * 100_003
+    else:
+        base = (seed * 1_000_003 + step) * 10_007 * 101
+    return [int(base + slot * 101 + g) % (2**62) for g in range(n)]
 
 
 class PromptSchedule:

@@ -126,6 +126,9 @@ def test_schedule_seeds_are_distinct():
     for stream in (EVAL_STEP, GENERATE_STEP):
         held_out = [x for i in range(553) for x in sample_seeds(0, stream, i, 4)]
         assert len(set(held_out)) == len(held_out) and not mine & set(held_out)
+    # the evaluation's seeds are those of every earlier release (its tables stay comparable), training's too
+    assert sample_seeds(3, EVAL_STEP, 5, 4) == [(3 + 7919) * 100_003 + 5 * 101 + j for j in range(4)]
+    assert sample_seeds(3, 17, 5, 4) == [((3 * 1_000_003 + 17) * 10_007 + 5) * 101 + j for j in range(4)]
 
 
 # ---------------------------------------------------------------------------------------------- metrics
