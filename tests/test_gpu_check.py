@@ -52,6 +52,25 @@ def test_gpu_check_tiny_on_cpu_without_ray(tmp_path):
 
 
 @pytest.mark.integration
+def test_gpu_check_tiny_meissonic_on_cpu_without_ray(tmp_path):
+    """`--family meissonic`: the same stages on a tiny Meissonic (the GPU check's Meissonic-1024 path in fp32)."""
+    out = tmp_path / "gpu_check.json"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run([sys.executable, "-c", BLOCKED_RUN, "--tiny", "--family", "meissonic", "--device", "cpu",
+                           "--json", str(out), "--micro-batch-rows", "4"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "ALL CHECKS PASSED" in proc.stdout, (proc.stdout + proc.stderr)[-6000:]
+    report = json.loads(out.read_text())
+    names = [name for name, _, _ in report["checks"]]
+    assert report["ok"] and all(ok for _, ok, _ in report["checks"])
+    for expected in [f"same weights, before any update: {t}" for t in ("candidate1", "candidate2", "ar_style")] + [
+            "rollout copy equals the learner's weights after apply", "ZeRO 0 + KL: the weights changed",
+            "end to end: rollout copy equals the learner's weights after the hand-over", "no Ray imported"]:
+        assert any(n.startswith(expected) for n in names), (expected, names)
+    assert report["figures"]["e2e_metrics"]["step"] == 1
+
+
+@pytest.mark.integration
 def test_gpu_check_tiny_with_lora_hands_over_only_the_adapters(tmp_path):
     """`--lora-rank`: the end-to-end stage (the product's step) trains adapters and hands over only them; on a GPU
     this is the bf16 / CUDA path of LoRA, on the CPU here the same code in fp32."""
