@@ -200,6 +200,27 @@ def test_meissonic_model_by_hub_id_loads_offline_from_the_cache(tmp_path, monkey
         verify_policy_init(load_config(TINY, ["policy.init=MeissonFlow/Missing"]))
 
 
+def test_showo_model_by_hub_id_loads_offline_from_the_cache(tmp_path, monkeypatch):
+    """The other family the same way: `policy.init: showlab/show-o-512x512` (Show-o's released layout) resolves
+    through the cache offline; a missing id fails at load naming itself."""
+    show_o_tiny = str(REPO / "configs" / "tiny.yaml")
+    released = tmp_path / "released"
+    model = build_model(section(load_config(show_o_tiny, []), "policy"))
+    with torch.no_grad():                        # weights no random initialisation gives, so loading is what matches
+        for p in model.parameters():
+            p.add_(0.5)
+    model.save_pretrained(released)
+    _hub_cache(tmp_path / "hub", "showlab/show-o-512x512", released)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    by_id = build_model(section(load_config(show_o_tiny, ["policy.init=showlab/show-o-512x512"]), "policy"))
+    local = build_model(section(load_config(show_o_tiny, [f"policy.init={released}"]), "policy"))
+    for (n, p), (_, q), (_, r) in zip(by_id.named_parameters(), local.named_parameters(), model.named_parameters()):
+        assert torch.equal(p, q) and torch.equal(p, r), n
+    with pytest.raises(CheckpointError, match=r"showlab/show-o-missing.*not in the Hugging Face cache"):
+        build_model(section(load_config(show_o_tiny, ["policy.init=showlab/show-o-missing"]), "policy"))
+
+
 def test_meissonic_1024_config_names_only_its_placeholders_and_samples_as_the_release(tmp_path, monkeypatch):
     """configs/meissonic_1024.yaml: the Hub id is a valid policy.init (resolved at load), the /data/ reward and
     prompt placeholders are the only problems reported; it samples as the release's inference.py."""
