@@ -25,7 +25,6 @@ three-shape world's stratified split, "two" and "four" are trained with two shap
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any, Optional
 
