@@ -110,7 +110,8 @@ def main(argv=None) -> int:
     if args.doc and rows:
         doc = Path(args.doc)
         png = plot(rows, doc.with_suffix(".png"))
-        commands = f"python -m benchmarks.efficiency --config {args.config} --seeds {','.join(map(str, seeds))}"
+        commands = (f"python -m benchmarks.efficiency --config {args.config} --seeds {','.join(map(str, seeds))}"
+                    + (" --cached" if args.cached else ""))
         atomic_write_text(doc.with_name(doc.stem + "_table.md"),
                           f"<!-- written by `{commands}` on {platform.machine()} ({platform.node()}) -->\n\n"
                           + table(rows) + f"\n\n![gain against compute]({png.name})\n")
