@@ -100,3 +100,26 @@ def test_trees_sample_the_same_with_one_and_three_workers_and_count_their_comput
         assert r["compute_tokens"] == r["rollout_tokens"] + 3 * r["learner_tokens"]
     plain = _run(tmp_path / "plain")                                          # the paper's group, every step
     assert all(r["rollout_tokens"] == p * g * t * n and r["learner_tokens"] == p * g * t * n for r in plain)
+
+
+def test_the_efficient_config_is_the_frontiers_best_recipe_at_under_40_percent_of_the_default_compute():
+    """configs/efficient.yaml is the default run plus the frontier's row (configs/efficiency.yaml), and by the configs'
+    shapes (image-token positions per step: the tree's rollout P·(k + G·(T − k))·N, the learner's trained rows × N,
+    compute = rollout + 3 × learner) it costs 38 % of the default's."""
+    from omegaconf import OmegaConf
+    default = load_config(str(REPO / "configs" / "default.yaml"), [])
+    efficient = load_config(str(REPO / "configs" / "efficient.yaml"), [])
+    row = OmegaConf.load(REPO / "configs" / "efficiency.yaml").variants["G 8, tree at 2, every step after, lr 6e-4"]
+    assert OmegaConf.to_container(load_config(str(REPO / "configs" / "default.yaml"), list(row)).algorithm) == \
+        OmegaConf.to_container(efficient.algorithm)
+    assert efficient.learner.lr == 6.0e-4 and efficient.data.group_size == 8
+
+    def compute(cfg):
+        P, G, T = cfg.data.prompts_per_step, cfg.data.group_size, cfg.sampler.steps
+        N = cfg.world.grid_size ** 2
+        k = cfg.algorithm.tree.branch_steps[0] if cfg.algorithm.tree.branch_steps else 0
+        trained = T - k if cfg.algorithm.selector in ("all", "after_branch") else cfg.algorithm.select_k
+        trained = min(trained, cfg.algorithm.select_k) if cfg.algorithm.selector == "after_branch" else trained
+        return P * (k + G * (T - k)) * N + 3 * P * G * trained * N
+    assert compute(default) == 65536                   # the default run's compute_tokens per step (metrics.jsonl)
+    assert compute(efficient) / compute(default) == pytest.approx(24832 / 65536) and 24832 / 65536 < 0.40
