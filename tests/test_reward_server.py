@@ -322,7 +322,8 @@ def _train(config: Path, out: Path, *overrides: str, token: str = TOKEN) -> subp
     env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "RAY_DEDUP_LOGS": "0",
            "MASKGRPO_REWARD_TOKEN": token}
     return subprocess.Popen([sys.executable, "-m", "cluster.cli", "train", "--config", str(config),
-                             f"output_dir={out}", "max_steps=6", "save_every=1", "eval.at_start=false", *overrides],
+                             f"output_dir={out}", "max_steps=6", "save_every=1", "eval.at_start=false",
+                             "cluster.backend=local", *overrides],                # the client is what is tested
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
