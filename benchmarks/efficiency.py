@@ -62,13 +62,13 @@ def table(rows: list[dict]) -> str:
 def plot(rows: list[dict], path: Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(8, 5), dpi=100, layout="constrained")
+    fig = Figure(figsize=(11, 5), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     for i, r in enumerate(rows):
         err = r["gain_ci"] if math.isfinite(r["gain_ci"]) else 0.0
-        ax.errorbar(r["compute_tokens"] / 1e6, r["gain"], yerr=err, marker="o", capsize=4, color=f"C{i % 10}",
-                    label=r["name"])
+        ax.errorbar(r["compute_tokens"] / 1e6, r["gain"], yerr=err, marker="osD^v"[i // 10 % 5], capsize=4,
+                    color=f"C{i % 10}", label=r["name"])     # colour and marker: distinct for up to 50 recipes
     ref = rows[0]
     ax.axhspan(ref["gain"] - (ref["gain_ci"] if math.isfinite(ref["gain_ci"]) else 0.0),
                ref["gain"] + (ref["gain_ci"] if math.isfinite(ref["gain_ci"]) else 0.0), color="C0", alpha=0.1,
@@ -78,7 +78,7 @@ def plot(rows: list[dict], path: Path) -> Path:
     ax.set_ylabel("held-out gain (overall after − before)")
     ax.set_title("held-out gain against compute (mean ± 95 % CI over seeds)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="x-small", loc="best")
+    ax.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.01, 0.5))
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
