@@ -23,6 +23,13 @@ class StepSelector:
         config seed, the training step and the group id: reproducible, resumable, independent of the ranks)."""
         raise NotImplementedError
 
+    def signal(self, group: GroupOutcome, name: str) -> torch.Tensor:
+        """The sampler's per-step signal `name` [G, T] of `group`, or an error naming the selector and the group."""
+        if not group.signals or name not in group.signals:
+            raise ValueError(f"algorithm.selector={self.name} needs the sampler's per-step {name.replace('_', '-')} "
+                             f"of group {group.group_id} (recorded by policy.sampler; sent in the group's metadata)")
+        return group.signals[name]
+
 
 def steps_mask(steps: torch.Tensor, num_steps: int) -> torch.Tensor:
     """bool [T] from step indices."""

@@ -12,9 +12,6 @@ from . import SELECTORS, StepSelector, top_k_per_row
 @SELECTORS.register("certainty_change")
 class CertaintyChange(StepSelector):
     def select(self, group, owner: torch.Tensor, seed: int) -> torch.Tensor:
-        if not group.signals or "self_certainty" not in group.signals:
-            raise ValueError(f"algorithm.selector=certainty_change needs the sampler's per-step self-certainty of "
-                             f"group {group.group_id} (sent in the group's metadata)")
-        s = group.signals["self_certainty"].double()
+        s = self.signal(group, "self_certainty").double()
         change = torch.cat([torch.zeros_like(s[:, :1]), (s[:, 1:] - s[:, :-1]).abs()], dim=1)
         return top_k_per_row(change, owner, self.config.select_k)

@@ -11,7 +11,4 @@ from . import SELECTORS, StepSelector, top_k_per_row
 @SELECTORS.register("entropy")
 class HighestEntropy(StepSelector):
     def select(self, group, owner: torch.Tensor, seed: int) -> torch.Tensor:
-        if not group.signals or "self_certainty" not in group.signals:
-            raise ValueError(f"algorithm.selector=entropy needs the sampler's per-step self-certainty of group "
-                             f"{group.group_id} (recorded by policy.sampler; sent in the group's metadata)")
-        return top_k_per_row(-group.signals["self_certainty"], owner, self.config.select_k)
+        return top_k_per_row(-self.signal(group, "self_certainty"), owner, self.config.select_k)
