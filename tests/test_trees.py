@@ -118,8 +118,7 @@ def test_the_efficient_config_is_the_frontiers_best_recipe_at_under_40_percent_o
         P, G, T = cfg.data.prompts_per_step, cfg.data.group_size, cfg.sampler.steps
         N = cfg.world.grid_size ** 2
         k = cfg.algorithm.tree.branch_steps[0] if cfg.algorithm.tree.branch_steps else 0
-        trained = T - k if cfg.algorithm.selector in ("all", "after_branch") else cfg.algorithm.select_k
-        trained = min(trained, cfg.algorithm.select_k) if cfg.algorithm.selector == "after_branch" else trained
+        trained = {"all": T - k, "after_branch": min(T - k, cfg.algorithm.select_k)}[cfg.algorithm.selector]
         return P * (k + G * (T - k)) * N + 3 * P * G * trained * N
     assert compute(default) == 65536                   # the default run's compute_tokens per step (metrics.jsonl)
     assert compute(efficient) / compute(default) == pytest.approx(24832 / 65536) and 24832 / 65536 < 0.40
